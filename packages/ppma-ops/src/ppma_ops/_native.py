@@ -1,0 +1,55 @@
+"""Loading the compiled library.
+
+Importing ``ppma_ops._C`` registers the ``torch.ops.ppma.*`` kernels. A missing or broken
+library never breaks ``import ppma_ops``: the reason is kept and reported, and the public
+functions use the pure-PyTorch reference instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+FORCE_REFERENCE_ENV = "PPMA_OPS_FORCE_REFERENCE"
+
+_load_error: str | None = None
+try:
+    from . import _C  # noqa: F401  (registers the native kernels)
+except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+    _C = None
+    _load_error = f"{type(exc).__name__}: {exc}"
+
+
+def native_available() -> bool:
+    """True when the compiled kernels are loaded and not disabled by PPMA_OPS_FORCE_REFERENCE."""
+    return _C is not None and os.environ.get(FORCE_REFERENCE_ENV, "") in ("", "0")
+
+
+@functools.cache
+def _registered(op_name: str) -> bool:
+    return _C is not None and hasattr(torch.ops.ppma, op_name)
+
+
+def has_native_op(op_name: str) -> bool:
+    """True when ``torch.ops.ppma.<op_name>`` has a native kernel and native use is allowed."""
+    return native_available() and _registered(op_name)
+
+
+def native_load_error() -> str | None:
+    """Why the compiled library could not be loaded (None when it was)."""
+    return _load_error
+
+
+def warn_if_unavailable() -> None:
+    if _C is None:
+        warnings.warn(
+            "ppma_ops: the native library could not be loaded "
+            f"({_load_error}); using the pure-PyTorch reference ops, which are slower and "
+            "materialise N×N masks. Rebuild with `pip install --no-build-isolation "
+            "packages/ppma-ops` against the installed torch.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,129 @@
+"""Pure-PyTorch reference implementations of every ppma_ops op.
+
+Written the way the authors' code computes them: the N×N log-mask is materialised and the
+softmaxes are ordinary full softmaxes. Straightforward, differentiable by autograd, and
+O(N²) in memory — the test oracle for the fused kernels and the fallback where the native
+library is unavailable or an exportable graph is wanted.
+
+Shapes (row-major tokens, u = i·W + j):
+    q, k:                (B, heads, H, W, d)
+    v, x:                (B, heads, H, W, c)
+    log_alpha, log_beta: (B, heads, H, W), entries ≤ 0
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "log_polyline_mask",
+    "polyline_attention",
+    "criss_cross_attention",
+    "polyline_scan",
+]
+
+
+def _row_col_log_masks(
+    log_alpha: torch.Tensor, log_beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1-D log-masks of DESIGN §1, from cumsums kept in at least float32.
+
+    Returns log_A (B, h, H, W, W) with log_A[i, j, l] = −|Ca[i, j] − Ca[i, l]| and
+    log_B (B, h, W, H, H) with log_B[l, i, k] = −|Cb[i, l] − Cb[k, l]|.
+    """
+    acc = torch.promote_types(log_alpha.dtype, torch.float32)
+    ca = torch.cumsum(log_alpha.to(acc), dim=-1)  # along each row (W)
+    cb = torch.cumsum(log_beta.to(acc), dim=-2)  # along each column (H)
+    log_a = -(ca.unsqueeze(-1) - ca.unsqueeze(-2)).abs()
+    cbt = cb.transpose(-1, -2)  # (B, h, W, H)
+    log_b = -(cbt.unsqueeze(-1) - cbt.unsqueeze(-2)).abs()
+    return log_a, log_b
+
+
+def log_polyline_mask(log_alpha: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
+    """log L (V2H path) as a dense (B, heads, N, N) tensor, N = H·W.
+
+    log L[(i,j),(k,l)] = −|Ca[i,j] − Ca[i,l]| − |Cb[i,l] − Cb[k,l]| (query (i,j), key (k,l)).
+    """
+    *lead, h, w = log_alpha.shape
+    log_a, log_b = _row_col_log_masks(log_alpha, log_beta)
+    # (…, i, j, l) + (…, i, k, l) → (…, i, j, k, l), the upstream H×H×W×W intermediate.
+    row_term = log_a.unsqueeze(-2)  # (…, i, j, 1, l)
+    col_term = log_b.permute(*range(len(lead)), -2, -1, -3).unsqueeze(-3)  # (…, i, 1, k, l)
+    return (row_term + col_term).reshape(*lead, h * w, h * w)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, h, H, W, c) → (B, h, N, c)."""
+    return t.flatten(2, 3)
+
+
+def polyline_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Vanilla polyline attention (DESIGN §2.3): ½·softmax(S + M)V + ½·softmax(S + Mᵀ)V.
+
+    Returns (B, heads, H, W, c).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = log_polyline_mask(log_alpha, log_beta)
+    acc = mask.dtype
+    s = scale * (_flat(q).to(acc) @ _flat(k).to(acc).transpose(-1, -2))
+    attn = 0.5 * torch.softmax(s + mask, dim=-1) + 0.5 * torch.softmax(
+        s + mask.transpose(-1, -2), dim=-1
+    )
+    out = attn @ _flat(v).to(acc)
+    return out.unflatten(2, q.shape[2:4]).to(v.dtype)
+
+
+def criss_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Criss-cross polyline attention (DESIGN §2.4): ½·Cc(R(V)) + ½·R(Cc(V)).
+
+    R applies softmax(Q_i K_iᵀ + log A_i) along each row i, Cc applies
+    softmax(Q_{:,l} K_{:,l}ᵀ + log B_l) along each column l. Returns (B, heads, H, W, c).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    log_a, log_b = _row_col_log_masks(log_alpha, log_beta)
+    acc = log_a.dtype
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    row_attn = torch.softmax(scale * qf @ kf.transpose(-1, -2) + log_a, dim=-1)  # (B,h,H,W,W)
+    qc, kc = qf.transpose(2, 3), kf.transpose(2, 3)  # (B, h, W, H, d)
+    col_attn = torch.softmax(scale * qc @ kc.transpose(-1, -2) + log_b, dim=-1)  # (B,h,W,H,H)
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return row_attn @ x
+
+    def cols(x: torch.Tensor) -> torch.Tensor:
+        return (col_attn @ x.transpose(2, 3)).transpose(2, 3)
+
+    out = 0.5 * cols(rows(vf)) + 0.5 * rows(cols(vf))
+    return out.to(v.dtype)
+
+
+def polyline_scan(
+    x: torch.Tensor,
+    log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
+    *,
+    transpose: bool = False,
+) -> torch.Tensor:
+    """y = L·x (or Lᵀ·x) with the dense polyline mask. x: (B, heads, H, W, c) → same shape."""
+    mask = log_polyline_mask(log_alpha, log_beta)
+    if transpose:
+        mask = mask.transpose(-1, -2)
+    y = torch.exp(mask) @ _flat(x).to(mask.dtype)
+    return y.unflatten(2, x.shape[2:4]).to(x.dtype)

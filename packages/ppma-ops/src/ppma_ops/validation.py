@@ -1,0 +1,87 @@
+"""Argument checks shared by the reference and native entry points.
+
+Errors name the offending argument so a user can see which tensor is wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_spatial_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
+    *,
+    check_values: bool = True,
+) -> None:
+    """Validate attention arguments.
+
+    q, k: (B, heads, H, W, d); v: (B, heads, H, W, d_v); log_alpha, log_beta: (B, heads, H, W).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 5:
+            raise ValueError(f"{name} must have shape (B, heads, H, W, d), got {tuple(t.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:4] != q.shape[:4]:
+        raise ValueError(
+            f"v must have shape (B, heads, H, W, d_v) matching q's {tuple(q.shape[:4])}, "
+            f"got {tuple(v.shape)}"
+        )
+    check_log_decays(log_alpha, log_beta, q.shape[:4], check_values=check_values)
+    check_same_kind(q=q, k=k, v=v, log_alpha=log_alpha, log_beta=log_beta)
+
+
+def check_log_decays(
+    log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
+    grid_shape: torch.Size | tuple[int, ...],
+    *,
+    check_values: bool = True,
+) -> None:
+    """log_alpha, log_beta: (B, heads, H, W), all entries ≤ 0 and not NaN."""
+    for name, t in (("log_alpha", log_alpha), ("log_beta", log_beta)):
+        if tuple(t.shape) != tuple(grid_shape):
+            raise ValueError(
+                f"{name} must have shape (B, heads, H, W) = {tuple(grid_shape)}, "
+                f"got {tuple(t.shape)}"
+            )
+        # Values are only inspected on real (non-fake, non-traced) tensors.
+        if check_values and _is_concrete(t) and t.numel():
+            if torch.isnan(t).any():
+                raise ValueError(f"{name} contains NaN")
+            if (t > 0).any():
+                raise ValueError(
+                    f"{name} must be <= 0 (log of a decay in (0, 1]); max is {t.max().item():.3g}"
+                )
+
+
+def check_same_kind(**tensors: torch.Tensor) -> None:
+    """All tensors floating point, of one dtype and on one device."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items:
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def _is_concrete(t: torch.Tensor) -> bool:
+    if t.device.type == "meta":
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(t):
+            return False
+    except ImportError:  # pragma: no cover - very old torch
+        pass
+    return not torch.compiler.is_compiling()
