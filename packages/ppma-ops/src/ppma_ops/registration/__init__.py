@@ -1,0 +1,6 @@
+"""Python-side registration of the native ops: fake (meta) kernels and autograd formulas.
+
+One module per op family; each calls ``torch.library.register_fake`` and
+``torch.library.register_autograd`` for the ``torch.ops.ppma.*`` ops its C++ file defines.
+Imported by :mod:`ppma_ops._native` only after the compiled library has loaded.
+"""
