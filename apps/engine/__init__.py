@@ -1,0 +1,104 @@
+"""Training machinery shared by the apps (classification, segmentation).
+
+One concept per module; an app combines them::
+
+    from apps.engine import (DistributedContext, Trainer, TrainerConfig, WarmupSchedule,
+                             build_adamw, init_distributed)
+
+    ctx = init_distributed(device="auto")          # torchrun-aware; gloo on CPU, NCCL on GPU
+    model = ...                                     # plain nn.Module (Trainer wraps it in DDP)
+    optimizer = build_adamw(model, lr=1e-3, weight_decay=0.05)   # no decay on 1-D/A_log/dt_bias
+    schedule = WarmupSchedule(optimizer, total_steps=epochs * len(loader), warmup_steps=200,
+                              decay="cosine")      # or "poly" (power=...) or "constant"
+
+    def train_step(model, batch, device):          # runs under bf16 autocast when amp=True
+        x, y = (t.to(device) for t in batch)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        return loss, {"loss": loss.detach() * len(y), "acc": (logits.argmax(1) == y).sum(),
+                      "count": len(y)}             # sums; Trainer logs train_<k> = sum/count
+
+    def evaluate(model, ctx):                      # EMA weights when EMA is on
+        ...                                        # shard with ShardSampler, then
+        return {"acc": ..., "loss": ...}           # ctx.reduce_sums(...) -> val_acc, val_loss
+
+    trainer = Trainer(model, optimizer, schedule, loader,
+                      TrainerConfig(out_dir=run_dir, epochs=epochs, seed=0, amp=True,
+                                    ema_decay=0.999, grad_clip=1.0, best_metric="val_acc"),
+                      train_step=train_step, evaluate=evaluate, ctx=ctx,
+                      meta={...plain JSON-able description of model/data...})
+    if resume: trainer.resume(run_dir / "last.pt")
+    trainer.fit()                                  # per epoch: last.pt, last.safetensors,
+                                                   # best.pt/.safetensors, metrics.jsonl, curves.png
+    ctx.shutdown()
+
+Modules:
+  seeding      seed_everything, seed_for(seed, *parts), capture/restore_rng_state (tensors only)
+  checkpoint   atomic_write, save/load_training_state (weights_only=True), save/load_weights
+               (safetensors + JSON meta), CheckpointError
+  distributed  init_distributed -> DistributedContext(rank, world_size, device, reduce_sums,
+               barrier, shutdown), wrap_model/unwrap_model, ShardSampler (eval, no padding)
+  schedule     WarmupSchedule / lr_factor: linear warmup + cosine | poly | constant
+  ema          ModelEMA(model, decay) with decay warm-up
+  optimizer    build_adamw / weight_decay_groups
+  progress     progress_bar (tqdm on stderr, main rank, auto-off when not a tty), console
+  metrics_log  MetricsLog: metrics.jsonl, append-only, de-duplicated per epoch on read
+  plots        plot_curves, plot_confusion_matrix (Agg, atomic PNG writes)
+  trainer      Trainer / TrainerConfig: the epoch loop
+"""
+
+from apps.engine.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_training_state,
+    load_weights,
+    save_training_state,
+    save_weights,
+)
+from apps.engine.distributed import (
+    DistributedContext,
+    ShardSampler,
+    init_distributed,
+    unwrap_model,
+    wrap_model,
+)
+from apps.engine.ema import ModelEMA
+from apps.engine.metrics_log import MetricsLog
+from apps.engine.optimizer import build_adamw, weight_decay_groups
+from apps.engine.plots import plot_confusion_matrix, plot_curves
+from apps.engine.progress import console, progress_bar, progress_enabled
+from apps.engine.schedule import WarmupSchedule, lr_factor
+from apps.engine.seeding import capture_rng_state, restore_rng_state, seed_everything, seed_for
+from apps.engine.trainer import Trainer, TrainerConfig, TrainingDiverged
+
+__all__ = [
+    "CheckpointError",
+    "DistributedContext",
+    "MetricsLog",
+    "ModelEMA",
+    "ShardSampler",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingDiverged",
+    "WarmupSchedule",
+    "atomic_write",
+    "build_adamw",
+    "capture_rng_state",
+    "console",
+    "init_distributed",
+    "load_training_state",
+    "load_weights",
+    "lr_factor",
+    "plot_confusion_matrix",
+    "plot_curves",
+    "progress_bar",
+    "progress_enabled",
+    "restore_rng_state",
+    "save_training_state",
+    "save_weights",
+    "seed_everything",
+    "seed_for",
+    "unwrap_model",
+    "weight_decay_groups",
+    "wrap_model",
+]

@@ -1,0 +1,140 @@
+"""Atomic checkpoint files: full training state (torch) and exported weights (safetensors).
+
+Two formats, chosen for what each file is for:
+
+- **Training state** (``last.pt``, ``best.pt``): ``torch.save`` of a dict holding only tensors and
+  plain containers (dict/list/tuple/str/int/float/bool/None), so :func:`load_training_state`
+  reads it with ``torch.load(weights_only=True)`` -- no pickled objects, no code execution.
+  Keys written by :class:`apps.engine.trainer.Trainer`: ``format``, ``model``, ``ema``,
+  ``optimizer``, ``schedule``, ``epoch`` (epochs completed), ``step``, ``best_metric``,
+  ``rng``, ``meta`` (the app's plain-dict description of the model and data).
+- **Weights** (``best.safetensors``, ``last.safetensors``): the state dict used for inference
+  (EMA weights when EMA is on) with a JSON ``meta`` string in the safetensors metadata.
+
+Every write goes to a temporary file in the destination directory, is flushed and fsync-ed,
+then ``os.replace``-d over the destination (atomic on POSIX) and the directory is fsync-ed. A
+process killed at any point leaves either the old file or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = [
+    "TRAINING_STATE_FORMAT",
+    "CheckpointError",
+    "atomic_write",
+    "load_training_state",
+    "load_weights",
+    "save_training_state",
+    "save_weights",
+]
+
+TRAINING_STATE_FORMAT = "ppma-training-state/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or not in the expected format."""
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``, then atomically rename it.
+
+    If ``write`` raises (or the process dies) the previous ``path`` is untouched; the
+    temporary file is removed on exceptions.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def save_training_state(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Atomically ``torch.save`` a training-state dict (tensors and plain containers only)."""
+    return atomic_write(path, lambda f: torch.save(dict(state), f))
+
+
+def load_training_state(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load a file written by :func:`save_training_state` with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise CheckpointError(
+            f"cannot read training checkpoint {path}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint written by this program "
+            f"(expected format {TRAINING_STATE_FORMAT!r})"
+        )
+    return state
+
+
+def save_weights(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, meta: Mapping[str, Any]
+) -> Path:
+    """Atomically write ``state_dict`` as safetensors with ``meta`` (JSON) in the header."""
+    from safetensors.torch import save
+
+    # safetensors refuses shared or non-contiguous storage; inference weights need neither.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    blob = save(tensors, metadata={"meta": json.dumps(dict(meta), sort_keys=True)})
+    return atomic_write(path, lambda f: f.write(blob))
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`save_weights`: ``(state_dict, meta)``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        blob = path.read_bytes()
+        tensors = load(blob)
+        header_len = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + header_len])
+        meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
+    return tensors, meta
