@@ -1,0 +1,27 @@
+"""ppma_models: PPMA-T/S/B vision transformers on the ppma_ops polyline attention.
+
+    >>> from ppma_models import create_model
+    >>> model = create_model("ppma_tiny", num_classes=1000)              # classifier
+    >>> backbone = create_model("ppma_tiny", features_only=True)         # dense NCHW maps
+
+See the package README for checkpoints (the authors' .pth files and our safetensors).
+"""
+
+from __future__ import annotations
+
+from .attention import ATTENTION_IMPLS, CrissCrossAttention, PolylineAttention
+from .config import PPMAConfig
+from .model import PPMA
+from .registry import create_model, get_config, list_models, register_model
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "CrissCrossAttention",
+    "PPMA",
+    "PPMAConfig",
+    "PolylineAttention",
+    "create_model",
+    "get_config",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,61 @@
+"""One PPMA transformer block (DESIGN §2.5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import ATTENTION_BY_KIND
+from .drop_path import DropPath
+from .feedforward import ConvFeedForward
+
+LAYER_NORM_EPS = 1e-6
+
+
+class PPMABlock(nn.Module):
+    """Conditional position encoding, then pre-norm attention and feed-forward residuals.
+
+        x = x + DWConv3×3(x)
+        x = x + DropPath(γ₁ · Attn(LN(x)))
+        x = x + DropPath(γ₂ · FFN(LN(x)))
+
+    γ₁, γ₂ (per-channel layer scale) exist only when ``layer_scale`` is set.
+    x: (B, H, W, C) channels last → same shape.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float,
+        attention_kind: str,
+        *,
+        drop_path: float = 0.0,
+        layer_scale: bool = False,
+        layer_scale_init: float = 1e-6,
+        attention_impl: str = "native",
+    ) -> None:
+        super().__init__()
+        self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.attn_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = ATTENTION_BY_KIND[attention_kind](dim, heads, impl=attention_impl)
+        self.ffn_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.ffn = ConvFeedForward(dim, int(mlp_ratio * dim))
+        self.drop_path = DropPath(drop_path)
+        if layer_scale:
+            self.attn_layer_scale = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+            self.ffn_layer_scale = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+        else:
+            self.attn_layer_scale = None
+            self.ffn_layer_scale = None
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = self.attn(self.attn_norm(x), rotary)
+        if self.attn_layer_scale is not None:
+            y = self.attn_layer_scale * y
+        x = x + self.drop_path(y)
+        y = self.ffn(self.ffn_norm(x))
+        if self.ffn_layer_scale is not None:
+            y = self.ffn_layer_scale * y
+        return x + self.drop_path(y)

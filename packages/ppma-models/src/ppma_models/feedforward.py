@@ -1,0 +1,25 @@
+"""The block's feed-forward network with a depthwise convolution in the hidden layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvFeedForward(nn.Module):
+    """fc1 (C → hidden) → GELU → h + DWConv3×3(h) → fc2 (hidden → C).
+
+    x: (B, H, W, C) channels last → same shape.
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc1(x))
+        h = h + self.dwconv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.fc2(h)

@@ -1,0 +1,77 @@
+"""Rotary position embedding over the flattened row-major token index (DESIGN §2.2).
+
+Despite the "2D" name upstream, token (i, j) of an H×W grid is rotated by the angle
+u·θ_m with u = i·W + j, θ_m = 1 / 10000^{m/(d/2 − 1)} (m = 0..d/2−1), each θ_m used for one
+interleaved pair (x_{2m}, x_{2m+1}) ("rotate every two").
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+def rotary_frequencies(head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """θ repeated per interleaved pair: shape (head_dim,), [θ_0, θ_0, θ_1, θ_1, ...]."""
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary pairs, got {head_dim}")
+    theta = 1.0 / (10000 ** torch.linspace(0, 1, head_dim // 2, dtype=dtype))
+    return theta.repeat_interleave(2)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(x_0, x_1, x_2, x_3, ...) → (−x_1, x_0, −x_3, x_2, ...) along the last dim."""
+    x1 = x[..., 0::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate x (…, H, W, d) by angles whose sin/cos are (H, W, d)."""
+    return x * cos + rotate_every_two(x) * sin
+
+
+class FlatRotaryEmbedding(nn.Module):
+    """sin/cos tables (H, W, d) of the flat-index rotary embedding, cached per grid.
+
+    The tables are computed in float32 (float64 for float64 models), as upstream, and cast
+    to the requested dtype. A small LRU cache keyed on (H, W, device, dtype) avoids
+    recomputing them for every stage call at a fixed input size.
+    """
+
+    def __init__(self, head_dim: int, cache_size: int = 8) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}"
+
+    def _compute(
+        self, height: int, width: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        theta = rotary_frequencies(self.head_dim, acc).to(device)
+        index = torch.arange(height * width, device=device, dtype=acc)
+        angle = (index[:, None] * theta[None, :]).reshape(height, width, self.head_dim)
+        return angle.sin().to(dtype), angle.cos().to(dtype)
+
+    def forward(
+        self, height: int, width: int, *, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (sin, cos), each (H, W, head_dim)."""
+        if torch.compiler.is_compiling() or device.type == "meta":
+            return self._compute(height, width, device, dtype)
+        key = (height, width, device, dtype)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        tables = self._compute(height, width, device, dtype)
+        self._cache[key] = tables
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return tables
