@@ -160,6 +160,18 @@ def test_channels_from_attribute_or_probe():
     declared = ToyBackbone()
     declared.out_channels = (1, 2, 3, 4)
     assert backbone_channels(declared) == [1, 2, 3, 4]
+    timm_like = ToyBackbone()
+    timm_like.feature_info = [{"num_chs": c, "reduction": 4 * 2**i} for i, c in enumerate(DIMS)]
+    timm_like.out_indices = (1, 3)
+    assert backbone_channels(timm_like) == [12, 24]
+
+
+def test_builds_on_a_registered_ppma_backbone():
+    torch.manual_seed(0)
+    model = create_segmentation_model("ppma_nano", 4, channels=8, aux_channels=8).eval()
+    assert backbone_channels(model.backbone) == [32, 64, 128, 256]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 45, 38)).shape == (1, 4, 45, 38)
 
 
 def test_bad_inputs_name_the_argument():

@@ -228,12 +228,17 @@ class SegmentationModel(nn.Module):
 def backbone_channels(backbone: nn.Module, in_chans: int = 3) -> list[int]:
     """Channel count of each map a backbone returns.
 
-    Read from ``feature_info.channels()`` (timm style), ``out_channels`` or ``embed_dims`` when
-    the backbone declares them; otherwise measured with one small forward pass.
+    Read from ``feature_info`` (timm style: an object with ``channels()``, or a per-stage list
+    of dicts with ``num_chs`` together with ``out_indices``), ``out_channels`` or
+    ``embed_dims`` when the backbone declares them; otherwise measured with one small forward pass.
     """
     info = getattr(backbone, "feature_info", None)
     if info is not None and callable(getattr(info, "channels", None)):
         return [int(c) for c in info.channels()]
+    indices = getattr(backbone, "out_indices", None)
+    if isinstance(info, Sequence) and indices is not None and all("num_chs" in i for i in info):
+        # timm-style list of per-stage dicts; the backbone returns the ``out_indices`` stages.
+        return [int(info[i]["num_chs"]) for i in indices]
     for name in ("out_channels", "embed_dims"):
         value = getattr(backbone, name, None)
         if isinstance(value, Sequence) and not isinstance(value, str):

@@ -1,0 +1,221 @@
+"""Command line of the segment app: ``python -m apps.segment {train,eval,predict} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+DESCRIPTION = """\
+Semantic segmentation with a PPMA backbone and a UPerNet head.
+
+Data (--data) is either `scenes` -- built-in scenes of Fashion-MNIST garments pasted onto a
+canvas, 11 classes (background + 10 garments), generated deterministically from the Debian
+package dataset-fashion-mnist -- or a folder with images/ and masks/ (index PNGs with the same
+file stems, optional classes.txt, pixels equal to --ignore-index unlabelled).
+
+examples:
+  python -m apps.segment train --data scenes --out runs/seg --epochs 12
+  torchrun --nproc-per-node 2 -m apps.segment train --data scenes --out runs/seg
+  python -m apps.segment train --data scenes --out runs/seg --resume auto
+  python -m apps.segment eval runs/seg --data scenes
+  python -m apps.segment eval runs/seg --data scenes --canvas 160 --mode slide
+  python -m apps.segment train --data my_folder --val-data my_val_folder --crop 256 \\
+      --backbone ppma_tiny --pretrained upernet_ppma_t.pth --out runs/mine
+  python -m apps.segment predict runs/seg photos/ --out predictions
+"""
+
+
+def _scene_options(p: argparse.ArgumentParser, *, for_eval: bool) -> None:
+    g = p.add_argument_group(
+        "built-in scenes (--data scenes)"
+        + ("; defaults: the layout the checkpoint was trained on" if for_eval else "")
+    )
+    default = (lambda v: None) if for_eval else (lambda v: v)
+    g.add_argument("--canvas", type=int, default=default(64), help="scene side in pixels")
+    g.add_argument("--min-items", type=int, default=default(2), help="fewest garments per scene")
+    g.add_argument("--max-items", type=int, default=default(4), help="most garments per scene")
+    g.add_argument("--min-size", type=int, default=default(20), help="smallest garment side")
+    g.add_argument("--max-size", type=int, default=default(40), help="largest garment side")
+    g.add_argument("--scene-seed", type=int, default=default(0), help="seed of the scene generator")
+    if not for_eval:
+        g.add_argument("--train-scenes", type=int, default=8000, help="training scenes")
+    g.add_argument("--val-scenes", type=int, default=500, help="held-out scenes (test items)")
+    g.add_argument(
+        "--fmnist-dir",
+        default=None,
+        help="directory with the Fashion-MNIST IDX files (default: the Debian package's)",
+    )
+
+
+def _folder_options(p: argparse.ArgumentParser, *, for_eval: bool) -> None:
+    g = p.add_argument_group("folder data (--data DIR)")
+    if not for_eval:
+        g.add_argument("--val-data", default=None, help="held-out folder (images/ + masks/)")
+        g.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.1,
+            help="without --val-data, hold out this fraction of --data (default 0.1)",
+        )
+        g.add_argument(
+            "--num-classes",
+            type=int,
+            default=None,
+            help="number of classes when there is no classes.txt (default: largest id + 1)",
+        )
+        g.add_argument(
+            "--ignore-index", type=int, default=255, help="unlabelled mask value (default 255)"
+        )
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip (and list) mismatched or corrupt pairs instead of stopping",
+    )
+
+
+def _inference_options(p: argparse.ArgumentParser, *, flag: str) -> None:
+    g = p.add_argument_group("inference")
+    g.add_argument(
+        flag,
+        choices=("whole", "slide"),
+        default="whole",
+        help="whole image in one pass, or sliding windows with averaged overlaps",
+    )
+    g.add_argument("--window", type=int, default=None, help="window side (default: the crop)")
+    g.add_argument("--stride", type=int, default=None, help="window stride (default: 2/3 window)")
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    g.add_argument(
+        "--attention",
+        choices=("native", "reference"),
+        default="native",
+        help="masked-attention ops: fused native kernels (default) or the PyTorch reference",
+    )
+    g.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m apps.segment",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict}")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    t = sub.add_parser("train", help="train a model", formatter_class=fmt)
+    t.add_argument("--data", required=True, help="`scenes` or a folder with images/ and masks/")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, curves)")
+    m = t.add_argument_group("model")
+    m.add_argument("--backbone", default="ppma_nano", help="ppma_nano, ppma_tiny, ppma_small, ...")
+    m.add_argument("--pretrained", default=None, help="backbone checkpoint (authors' .pth or ours)")
+    m.add_argument("--channels", type=int, default=128, help="UPerNet channels (512 upstream)")
+    m.add_argument(
+        "--aux-channels", type=int, default=64, help="auxiliary FCN head channels (0: no aux head)"
+    )
+    m.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary loss weight")
+    m.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=12)
+    o.add_argument("--batch-size", type=int, default=16, help="per process")
+    o.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--schedule", choices=("poly", "cosine"), default="poly")
+    o.add_argument("--poly-power", type=float, default=1.0)
+    o.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr")
+    o.add_argument("--warmup-steps", type=int, default=200)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    o.add_argument("--ema-decay", type=float, default=None, help="keep EMA weights (e.g. 0.999)")
+    o.add_argument("--amp", action="store_true", help="bf16 autocast (CPU and CUDA)")
+    o.add_argument("--seed", type=int, default=0)
+    a = t.add_argument_group("augmentation")
+    a.add_argument("--crop", type=int, default=64, help="training crop side")
+    a.add_argument(
+        "--scale-range", type=float, nargs=2, default=(0.75, 1.5), metavar=("LOW", "HIGH")
+    )
+    a.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    ev = t.add_argument_group("evaluation during training")
+    ev.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
+    _inference_options(t, flag="--eval-mode")
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH|auto",
+        help="continue from a last.pt (auto: OUT/last.pt)",
+    )
+    _scene_options(t, for_eval=False)
+    _folder_options(t, for_eval=False)
+    _runtime_options(t)
+
+    e = sub.add_parser("eval", help="mIoU, per-class IoU, pixel accuracy", formatter_class=fmt)
+    e.add_argument("checkpoint", help="run directory (its best.safetensors), .safetensors or .pt")
+    e.add_argument("--data", default="scenes", help="`scenes` (held-out) or a folder")
+    e.add_argument("--out", default=None, help="write eval.json and confusion.png here")
+    e.add_argument("--batch-size", type=int, default=32)
+    _inference_options(e, flag="--mode")
+    _scene_options(e, for_eval=True)
+    _folder_options(e, for_eval=True)
+    _runtime_options(e)
+
+    p = sub.add_parser("predict", help="colour-coded masks and overlays", formatter_class=fmt)
+    p.add_argument("checkpoint", help="run directory (its best.safetensors), .safetensors or .pt")
+    p.add_argument("inputs", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", default="predictions", help="output directory")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask")
+    _inference_options(p, flag="--mode")
+    _runtime_options(p)
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = ["batch_size", "window", "stride", "canvas", "val_scenes", "train_scenes"]
+    positive += ["epochs", "crop", "channels"]
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "lr", 1.0) <= 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if getattr(args, "aux_channels", 0) < 0:
+        parser.error(f"--aux-channels must be >= 0, got {args.aux_channels}")
+    if getattr(args, "grad_clip", None) == 0:
+        args.grad_clip = None
+    if args.command == "train" and args.data != "scenes" and args.data.startswith("-"):
+        parser.error(f"--data expects `scenes` or a folder, got {args.data}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    # Imported here so `--help` answers without loading torch.
+    from apps.engine import CheckpointError
+    from apps.segment.folder import FolderDatasetError
+
+    try:
+        if args.command == "train":
+            from apps.segment.train import run_train
+
+            run_train(args)
+        elif args.command == "eval":
+            from apps.segment.evaluate import run_eval
+
+            run_eval(args)
+        else:
+            from apps.segment.predict import run_predict
+
+            run_predict(args)
+    except (FolderDatasetError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad option values caught by the library's checks
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0

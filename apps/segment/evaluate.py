@@ -1,0 +1,201 @@
+"""Evaluation, for ``python -m apps.segment eval`` and during training.
+
+Logits (whole image or sliding window) → confusion matrix → per-class IoU, mIoU, accuracy.
+
+Each process evaluates its shard (every world_size-th image, no padding), confusion matrices
+and loss sums are then summed over processes, so the scores equal a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from apps.engine import console, init_distributed, plot_confusion_matrix, progress_enabled
+from apps.engine.distributed import DistributedContext, ShardSampler
+from apps.engine.progress import progress_bar
+from apps.segment.data import FolderSource, SegmentationSamples, scene_source
+from apps.segment.folder import scan_folder
+from apps.segment.inference import sliding_window_logits
+from apps.segment.metrics import ConfusionMatrix, SegmentationScores
+from apps.segment.model import ModelSpec, load_meta, load_trained
+from apps.segment.scenes import SceneConfig
+
+__all__ = [
+    "EvalResult",
+    "InferenceMode",
+    "evaluate_segmentation",
+    "format_scores",
+    "predict_logits",
+    "run_eval",
+]
+
+InferenceMode = Literal["whole", "slide"]
+
+
+@dataclass
+class EvalResult:
+    scores: SegmentationScores
+    loss: float  # mean cross-entropy per labelled pixel
+    confusion: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for the training log (keys become ``val_<key>``)."""
+        return {
+            "miou": self.scores.miou,
+            "pixel_acc": self.scores.pixel_accuracy,
+            "loss": self.loss,
+        }
+
+
+def predict_logits(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    num_classes: int,
+    mode: InferenceMode = "whole",
+    window: int = 512,
+    stride: int = 341,
+) -> torch.Tensor:
+    """(B, 3, H, W) → float32 logits (B, classes, H, W)."""
+    if mode == "whole":
+        return model(x).float()
+    if mode == "slide":
+        return sliding_window_logits(model, x, num_classes, window, stride)
+    raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    num_classes: int,
+    ignore_index: int,
+    ctx: DistributedContext | None = None,
+    mode: InferenceMode = "whole",
+    window: int = 512,
+    stride: int = 341,
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """Scores of ``model`` on ``dataset`` (pairs of (3, H, W) tensors and (H, W) masks)."""
+    ctx = ctx or DistributedContext()
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size),
+        num_workers=workers,
+    )
+    confusion = ConfusionMatrix(num_classes, ignore_index)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for x, y in progress_bar(loader, total=len(loader), desc="eval", enabled=progress):
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        logits = predict_logits(model, x, num_classes, mode, window, stride)
+        loss_sum += (
+            F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum").double().cpu()
+        )
+        confusion.update(logits, y)
+    model.train(was_training)
+    confusion.reduce(ctx.all_reduce_sum, ctx.device)
+    loss_total = ctx.reduce_sums({"loss": loss_sum})["loss"]
+    labelled = int(confusion.counts.sum())
+    return EvalResult(
+        confusion.scores(), loss_total / labelled if labelled else float("nan"), confusion.counts
+    )
+
+
+def _eval_dataset(args, spec: ModelSpec, meta_data: dict):
+    """The images to score: held-out scenes (the run's layout unless overridden) or a folder."""
+    if args.data == "scenes":
+        recorded = meta_data.get("scene_config", {}) if meta_data.get("kind") == "scenes" else {}
+        base = SceneConfig(**recorded) if recorded else SceneConfig()
+        overrides = {
+            k: getattr(args, k)
+            for k in ("canvas", "min_items", "max_items", "min_size", "max_size")
+            if getattr(args, k) is not None
+        }
+        config = replace(base, **overrides)
+        seed = args.scene_seed if args.scene_seed is not None else meta_data.get("scene_seed", 0)
+        source = scene_source("test", config, seed + 1, args.val_scenes, args.fmnist_dir)
+        return SegmentationSamples(source), True, {"kind": "scenes", **config.to_dict()}
+    folder = scan_folder(
+        args.data,
+        num_classes=spec.num_classes,
+        ignore_index=spec.ignore_index,
+        skip_bad=args.skip_bad,
+    )
+    if folder.class_names != spec.class_names and (Path(args.data) / "classes.txt").is_file():
+        console(
+            f"warning: {args.data}/classes.txt names {folder.class_names} but the model was "
+            f"trained on {spec.class_names}; scoring by class id"
+        )
+    for problem in folder.skipped:
+        console(f"skipped: {problem}")
+    return SegmentationSamples(FolderSource(folder)), False, {"kind": "folder", "root": args.data}
+
+
+def format_scores(result: EvalResult, class_names: tuple[str, ...]) -> str:
+    width = max(len(n) for n in class_names)
+    lines = [f"{'class':<{width}}  IoU"]
+    for name, iou in zip(class_names, result.scores.per_class_iou, strict=True):
+        lines.append(f"{name:<{width}}  {'  n/a' if math.isnan(iou) else f'{100 * iou:5.1f}'}")
+    lines.append(f"{'mIoU':<{width}}  {100 * result.scores.miou:5.2f}")
+    lines.append(f"{'pixel accuracy':<{width}}  {100 * result.scores.pixel_accuracy:5.2f}")
+    return "\n".join(lines)
+
+
+def run_eval(args) -> EvalResult:
+    """``python -m apps.segment eval``: print per-class IoU, mIoU, pixel accuracy."""
+    ctx = init_distributed(args.device)
+    try:
+        model, spec = load_trained(args.checkpoint, attention=args.attention)
+        meta_data = load_meta(args.checkpoint).get("data", {})
+        dataset, same_size, data_desc = _eval_dataset(args, spec, meta_data)
+        window = args.window or spec.crop
+        stride = args.stride or max(1, (2 * window) // 3)
+        result = evaluate_segmentation(
+            model.to(ctx.device),
+            dataset,
+            num_classes=spec.num_classes,
+            ignore_index=spec.ignore_index,
+            ctx=ctx,
+            mode=args.mode,
+            window=window,
+            stride=stride,
+            batch_size=args.batch_size if same_size else 1,
+            workers=args.workers,
+            progress=progress_enabled(False if args.no_progress else None, ctx.is_main),
+        )
+        if ctx.is_main:
+            print(format_scores(result, spec.class_names))
+            if args.out:
+                out = Path(args.out)
+                out.mkdir(parents=True, exist_ok=True)
+                report = {
+                    **result.scores.as_dict(spec.class_names),
+                    "loss": result.loss,
+                    "mode": args.mode,
+                    "window": window if args.mode == "slide" else None,
+                    "stride": stride if args.mode == "slide" else None,
+                    "images": len(dataset),
+                    "data": data_desc,
+                    "checkpoint": str(args.checkpoint),
+                }
+                (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+                plot_confusion_matrix(
+                    result.confusion.numpy(), list(spec.class_names), out / "confusion.png"
+                )
+                console(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
+        return result
+    finally:
+        ctx.shutdown()
