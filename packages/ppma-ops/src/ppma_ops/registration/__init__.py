@@ -4,3 +4,6 @@ One module per op family; each calls ``torch.library.register_fake`` and
 ``torch.library.register_autograd`` for the ``torch.ops.ppma.*`` ops its C++ file defines.
 Imported by :mod:`ppma_ops._native` only after the compiled library has loaded.
 """
+
+from . import polyline_scan  # noqa: F401
+from . import criss_cross_attention  # noqa: F401

@@ -1,0 +1,264 @@
+// CPU kernels of criss-cross polyline attention (DESIGN §2.4), compiled once per instruction
+// set (CPU_CAPABILITY = DEFAULT / AVX2 / AVX512) like ATen's kernels.
+//
+// Every line (grid row or grid column of one head) is one task: its n×n score tile comes from
+// a tile GEMM, the mask and the softmax are fused into one pass over the tile while it is in
+// cache, and the probabilities are kept for the backward pass (O(N·(H + W)) per head, which is
+// 7× the size of V at 56×56, d 16 — recomputing them would add about a fifth to the backward).
+//
+// Forward, with X₁ = R(V) and X₂ = Cc(V):
+//   rows:     Â_i, X₁ rows = Â_i V_i
+//   columns:  B̂_l, X₂ columns = B̂_l V_l, out columns = ½ B̂_l X₁_l
+//   rows:     out rows += ½ Â_i X₂_i
+// Backward, with g = dout:
+//   columns:  dX₁ = ½ B̂ᵀ g
+//   rows:     dX₂ = ½ Âᵀ g; dÂ = dX₁ Vᵀ + ½ g X₂ᵀ; dV = Âᵀ dX₁; dS → dq, dk, d log_alpha
+//   columns:  dB̂ = ½ g X₁ᵀ + dX₂ Vᵀ; dV += B̂ᵀ dX₂; dS → dq, dk (accumulated), d log_beta
+// Each phase writes disjoint lines, so no atomics are needed and results are bitwise
+// reproducible for any thread count.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "criss_cross_attention_kernel.h"
+#include "criss_cross_math.h"
+#include "tile_gemm.h"
+
+namespace ppma {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Geometry of one head's (H, W, ·) grid: row lines and column lines.
+struct Grid {
+  int64_t BH, H, W, d, c;
+};
+
+// Fused mask + softmax over an n×n tile (leading dimension n) of one line: for every query
+// row x, S[x, :] ← softmax(S[x, :] − |C[x] − C[:]|).
+template <typename T>
+void masked_softmax_tile(T* s, int64_t n, const T* C) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  const int64_t nv = n - n % L;
+  for (int64_t row = 0; row < n; ++row) {
+    T* sr = s + row * n;
+    const Vec cq(C[row]);
+    Vec vmax(-std::numeric_limits<T>::infinity());
+    for (int64_t x = 0; x < nv; x += L) {
+      const Vec v = Vec::loadu(sr + x) - (cq - Vec::loadu(C + x)).abs();
+      v.store(sr + x);
+      vmax = at::vec::maximum(vmax, v);
+    }
+    T m = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); },
+                                     vmax);
+    for (int64_t x = nv; x < n; ++x) {
+      sr[x] += criss_cross::log_mask(C[row], C[x]);
+      m = std::max(m, sr[x]);
+    }
+    const Vec vm(m);
+    Vec vsum(T(0));
+    for (int64_t x = 0; x < nv; x += L) {
+      const Vec e = (Vec::loadu(sr + x) - vm).exp_u20();
+      e.store(sr + x);
+      vsum = vsum + e;
+    }
+    T sum = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
+    for (int64_t x = nv; x < n; ++x) {
+      sr[x] = std::exp(sr[x] - m);
+      sum += sr[x];
+    }
+    const Vec inv(T(1) / sum);
+    for (int64_t x = 0; x < nv; x += L) (Vec::loadu(sr + x) * inv).store(sr + x);
+    for (int64_t x = nv; x < n; ++x) sr[x] *= T(1) / sum;
+  }
+}
+
+// In place over an n×n tile: dp ← p ⊙ (dp − rowsum(p ⊙ dp)), then the tile's contribution to
+// the gradient of its line's cumsum table, dC (n values, overwritten).
+template <typename T>
+void softmax_and_mask_backward_tile(const T* p, T* dp, int64_t n, T* dC) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  const int64_t nv = n - n % L;
+  std::fill(dC, dC + n, T(0));
+  for (int64_t row = 0; row < n; ++row) {
+    const T* pr = p + row * n;
+    T* dr = dp + row * n;
+    Vec vdot(T(0));
+    for (int64_t x = 0; x < nv; x += L) vdot = vdot + Vec::loadu(pr + x) * Vec::loadu(dr + x);
+    T dot = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, vdot);
+    for (int64_t x = nv; x < n; ++x) dot += pr[x] * dr[x];
+    const Vec vd(dot);
+    for (int64_t x = 0; x < nv; x += L) {
+      (Vec::loadu(pr + x) * (Vec::loadu(dr + x) - vd)).store(dr + x);
+    }
+    for (int64_t x = nv; x < n; ++x) dr[x] = pr[x] * (dr[x] - dot);
+    criss_cross::mask_grad_row(dr, n, row, dC);
+  }
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& ca, const at::Tensor& cb, T scale, at::Tensor& out,
+                  at::Tensor& row_probs, at::Tensor& col_probs, at::Tensor& rows_v,
+                  at::Tensor& cols_v) {
+  const Grid g{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
+  const int64_t H = g.H, W = g.W, d = g.d, c = g.c;
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const T* cap = ca.const_data_ptr<T>();
+  const T* cbp = cb.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  T* rp = row_probs.mutable_data_ptr<T>();
+  T* cp = col_probs.mutable_data_ptr<T>();
+  T* x1p = rows_v.mutable_data_ptr<T>();
+  T* x2p = cols_v.mutable_data_ptr<T>();
+  const int64_t rows = g.BH * H, cols = g.BH * W;
+
+  // Rows: Â_i and X₁ = R(V).
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* p = rp + r * W * W;
+      tile_gemm<T>(false, true, W, W, d, scale, qp + r * W * d, d, kp + r * W * d, d, T(0), p, W);
+      masked_softmax_tile<T>(p, W, cap + r * W);
+      tile_gemm<T>(false, false, W, c, W, T(1), p, W, vp + r * W * c, c, T(0), x1p + r * W * c,
+                   c);
+    }
+  });
+  // Columns: B̂_l, X₂ = Cc(V), out = ½ Cc(X₁). Column l of a head has row stride W·d (W·c).
+  at::parallel_for(0, cols, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> C(H);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / W, l = item % W;
+      T* p = cp + item * H * H;
+      const int64_t qo = bh * H * W * d + l * d, vo = bh * H * W * c + l * c;
+      for (int64_t i = 0; i < H; ++i) C[i] = cbp[bh * H * W + i * W + l];
+      tile_gemm<T>(false, true, H, H, d, scale, qp + qo, W * d, kp + qo, W * d, T(0), p, H);
+      masked_softmax_tile<T>(p, H, C.data());
+      tile_gemm<T>(false, false, H, c, H, T(1), p, H, vp + vo, W * c, T(0), x2p + vo, W * c);
+      tile_gemm<T>(false, false, H, c, H, T(0.5), p, H, x1p + vo, W * c, T(0), op + vo, W * c);
+    }
+  });
+  // Rows again: out += ½ R(X₂).
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      tile_gemm<T>(false, false, W, c, W, T(0.5), rp + r * W * W, W, x2p + r * W * c, c, T(1),
+                   op + r * W * c, c);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& row_probs, const at::Tensor& col_probs,
+                   const at::Tensor& rows_v, const at::Tensor& cols_v, T scale, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv, at::Tensor& d_log_alpha,
+                   at::Tensor& d_log_beta) {
+  const Grid g{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
+  const int64_t H = g.H, W = g.W, d = g.d, c = g.c;
+  const T* gp = grad_out.const_data_ptr<T>();
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const T* rp = row_probs.const_data_ptr<T>();
+  const T* cp = col_probs.const_data_ptr<T>();
+  const T* x1p = rows_v.const_data_ptr<T>();
+  const T* x2p = cols_v.const_data_ptr<T>();
+  T* dqp = dq.mutable_data_ptr<T>();
+  T* dkp = dk.mutable_data_ptr<T>();
+  T* dvp = dv.mutable_data_ptr<T>();
+  T* dlap = d_log_alpha.mutable_data_ptr<T>();
+  T* dlbp = d_log_beta.mutable_data_ptr<T>();
+  // Gradients of X₁ and X₂ (BH, H, W, c).
+  const std::unique_ptr<T[]> dx1(new T[g.BH * H * W * c]), dx2(new T[g.BH * H * W * c]);
+  T* dx1p = dx1.get();
+  T* dx2p = dx2.get();
+  const int64_t rows = g.BH * H, cols = g.BH * W;
+
+  // Columns: dX₁ = ½ B̂ᵀ g.
+  at::parallel_for(0, cols, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / W, l = item % W;
+      const int64_t vo = bh * H * W * c + l * c;
+      tile_gemm<T>(true, false, H, c, H, T(0.5), cp + item * H * H, H, gp + vo, W * c, T(0),
+                   dx1p + vo, W * c);
+    }
+  });
+  // Rows: dX₂, dÂ → dS, and the row parts of dq, dk, dv (first writers), d log_alpha.
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> ds(W * W), dC(W);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* p = rp + r * W * W;
+      const int64_t ro = r * W * c, qo = r * W * d;
+      tile_gemm<T>(true, false, W, c, W, T(0.5), p, W, gp + ro, c, T(0), dx2p + ro, c);
+      tile_gemm<T>(false, true, W, W, c, T(1), dx1p + ro, c, vp + ro, c, T(0), ds.data(), W);
+      tile_gemm<T>(false, true, W, W, c, T(0.5), gp + ro, c, x2p + ro, c, T(1), ds.data(), W);
+      tile_gemm<T>(true, false, W, c, W, T(1), p, W, dx1p + ro, c, T(0), dvp + ro, c);
+      softmax_and_mask_backward_tile<T>(p, ds.data(), W, dC.data());
+      tile_gemm<T>(false, false, W, d, W, scale, ds.data(), W, kp + qo, d, T(0), dqp + qo, d);
+      tile_gemm<T>(true, false, W, d, W, scale, ds.data(), W, qp + qo, d, T(0), dkp + qo, d);
+      criss_cross::cumsum_grad(dC.data(), W, dlap + r * W, int64_t(1));
+    }
+  });
+  // Columns: dB̂ → dS, the column parts of dq, dk, dv (accumulated), d log_beta.
+  at::parallel_for(0, cols, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> ds(H * H), dC(H);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / W, l = item % W;
+      const T* p = cp + item * H * H;
+      const int64_t vo = bh * H * W * c + l * c, qo = bh * H * W * d + l * d;
+      tile_gemm<T>(false, true, H, H, c, T(0.5), gp + vo, W * c, x1p + vo, W * c, T(0),
+                   ds.data(), H);
+      tile_gemm<T>(false, true, H, H, c, T(1), dx2p + vo, W * c, vp + vo, W * c, T(1), ds.data(),
+                   H);
+      tile_gemm<T>(true, false, H, c, H, T(1), p, H, dx2p + vo, W * c, T(1), dvp + vo, W * c);
+      softmax_and_mask_backward_tile<T>(p, ds.data(), H, dC.data());
+      tile_gemm<T>(false, false, H, d, H, scale, ds.data(), H, kp + qo, W * d, T(1), dqp + qo,
+                   W * d);
+      tile_gemm<T>(true, false, H, d, H, scale, ds.data(), H, qp + qo, W * d, T(1), dkp + qo,
+                   W * d);
+      criss_cross::cumsum_grad(dC.data(), H, dlbp + bh * H * W + l, W);
+    }
+  });
+}
+
+}  // namespace
+
+void criss_cross_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& ca, const at::Tensor& cb, double scale,
+                         at::Tensor& out, at::Tensor& row_probs, at::Tensor& col_probs,
+                         at::Tensor& rows_v, at::Tensor& cols_v) {
+  if (q.scalar_type() == at::kDouble) {
+    forward_impl<double>(q, k, v, ca, cb, scale, out, row_probs, col_probs, rows_v, cols_v);
+  } else {
+    forward_impl<float>(q, k, v, ca, cb, static_cast<float>(scale), out, row_probs, col_probs,
+                        rows_v, cols_v);
+  }
+}
+
+void criss_cross_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& row_probs,
+                          const at::Tensor& col_probs, const at::Tensor& rows_v,
+                          const at::Tensor& cols_v, double scale, at::Tensor& dq,
+                          at::Tensor& dk, at::Tensor& dv, at::Tensor& d_log_alpha,
+                          at::Tensor& d_log_beta) {
+  if (q.scalar_type() == at::kDouble) {
+    backward_impl<double>(grad_out, q, k, v, row_probs, col_probs, rows_v, cols_v, scale, dq, dk,
+                          dv, d_log_alpha, d_log_beta);
+  } else {
+    backward_impl<float>(grad_out, q, k, v, row_probs, col_probs, rows_v, cols_v,
+                         static_cast<float>(scale), dq, dk, dv, d_log_alpha, d_log_beta);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace ppma

@@ -1,0 +1,82 @@
+"""Fake kernels and autograd for criss-cross polyline attention (csrc/criss_cross_attention.cpp).
+
+``torch.ops.ppma.criss_cross_attention`` is CompositeImplicitAutograd over
+``criss_cross_attention_fwd``, which also returns what the backward needs: the row and column
+softmaxes (O(N·(H + W)) per head) and the two half-way products R(V), Cc(V). Autograd is
+registered on the fwd op, so the public op's gradient never recomputes a softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("ppma::criss_cross_attention_fwd")
+def _criss_cross_fwd_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, ...]:
+    b, heads, h, w, _ = q.shape
+    c = v.shape[-1]
+    acc = _accumulation_dtype(q.dtype)
+    return (
+        v.new_empty((b, heads, h, w, c)),
+        q.new_empty((b, heads, h, w, w), dtype=acc),
+        q.new_empty((b, heads, w, h, h), dtype=acc),
+        q.new_empty((b, heads, h, w, c), dtype=acc),
+        q.new_empty((b, heads, h, w, c), dtype=acc),
+    )
+
+
+@torch.library.register_fake("ppma::criss_cross_attention_backward")
+def _criss_cross_backward_fake(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    row_probs: torch.Tensor,
+    col_probs: torch.Tensor,
+    rows_v: torch.Tensor,
+    cols_v: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, ...]:
+    grid = q.shape[:4]
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(q.shape),
+        v.new_empty(v.shape),
+        q.new_empty(grid),
+        q.new_empty(grid),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, _log_alpha, _log_beta, scale = inputs
+    _out, row_probs, col_probs, rows_v, cols_v = output
+    ctx.save_for_backward(q, k, v, row_probs, col_probs, rows_v, cols_v)
+    ctx.scale = scale
+    # Set by autograd on the saved outputs otherwise; the statistics carry no gradient.
+    ctx.mark_non_differentiable(row_probs, col_probs, rows_v, cols_v)
+
+
+def _backward(ctx, grad_out, _grad_row_probs, _grad_col_probs, _grad_rows_v, _grad_cols_v):
+    q, k, v, row_probs, col_probs, rows_v, cols_v = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(v)
+    dq, dk, dv, dlog_alpha, dlog_beta = torch.ops.ppma.criss_cross_attention_backward(
+        grad_out, q, k, v, row_probs, col_probs, rows_v, cols_v, ctx.scale
+    )
+    return dq, dk, dv, dlog_alpha, dlog_beta, None
+
+
+torch.library.register_autograd(
+    "ppma::criss_cross_attention_fwd", _backward, setup_context=_setup_context
+)
