@@ -94,7 +94,8 @@ def _log_mask_v2h(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.
     # horizontal leg: depends on (i, j, l) only; vertical leg: on (i, k, l) only.
     horizontal = np.abs(ca[:, :, None] - ca[:, None, :])  # [i, j, l]
     vertical = np.abs(cb[:, None, :] - cb[None, :, :])  # [i, k, l]
-    log_l = -(horizontal[:, :, None, :] + vertical[:, None, :, :])  # [i, j, k, l]
+    log_l = horizontal[:, :, None, :] + vertical[:, None, :, :]  # [i, j, k, l]
+    np.negative(log_l, out=log_l)  # in place: this is the one N×N-sized temporary
     n = height * width
     return log_l.reshape(n, n)
 
@@ -127,7 +128,8 @@ def polyline_mask(
     """
     a, b = validation.log_decay_grid(log_alpha, log_beta)
     path = validation.path_name(path)
-    mask = np.exp(_log_mask_v2h(a, b))
+    mask = _log_mask_v2h(a, b)
+    np.exp(mask, out=mask)
     if path == "v2h":
         return mask
     if path == "h2v":

@@ -80,6 +80,8 @@ def factor_matrices(config: FiguresConfig, path: Path) -> None:
     from ppma_mask.experiments.plotting import pyplot
 
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     rng = np.random.default_rng(config.seed + 1)
     log_alpha, log_beta = random_log_decays(config.factor_grid, config.decay_range, rng)
     l_h, l_v = factors(log_alpha, log_beta)
@@ -94,6 +96,8 @@ def factor_matrices(config: FiguresConfig, path: Path) -> None:
         image = ax.imshow(np.ma.masked_equal(matrix, 0.0), cmap="magma_r", vmin=0.0, vmax=1.0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("key token k·W + l")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("query token i·W + j")
     fig.colorbar(image, ax=axes, fraction=0.015, pad=0.02)
     height, width = config.factor_grid
