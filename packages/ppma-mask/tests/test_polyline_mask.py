@@ -4,6 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 from ppma_mask import (
+    cumulative_log_decays,
     fold,
     log_mask_1d,
     log_polyline_mask,
@@ -25,6 +26,23 @@ def test_cumsum_form_matches_product_definition(decays):
     np.testing.assert_allclose(
         polyline_mask(log_alpha, log_beta), polyline_mask_direct(log_alpha, log_beta), rtol=1e-11
     )
+
+
+@given(grids())
+def test_design_formula_with_plain_cumsums_matches(decays):
+    """log L = −|Ca[i,j] − Ca[i,l]| − |Cb[i,l] − Cb[k,l]| with NumPy's ordinary cumsums (which
+    include the first entry) gives the same mask; the tables returned drop that entry."""
+    log_alpha, log_beta = decays
+    height, width = log_alpha.shape
+    ca, cb = np.cumsum(log_alpha, axis=1), np.cumsum(log_beta, axis=0)
+    i, j, k, l = np.indices((height, width, height, width))
+    log_l = -np.abs(ca[i, j] - ca[i, l]) - np.abs(cb[i, l] - cb[k, l])
+    np.testing.assert_allclose(
+        polyline_mask(log_alpha, log_beta), np.exp(log_l).reshape(height * width, -1), rtol=1e-11
+    )
+    ca_table, cb_table = cumulative_log_decays(log_alpha, log_beta)
+    np.testing.assert_allclose(ca_table, ca - ca[:, :1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cb_table, cb - cb[:1, :], rtol=1e-12, atol=1e-12)
 
 
 @given(grids())

@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.fit_min_side,
         help="fit slopes over sides >= this (smaller ones are overhead-bound)",
     )
+    timing.add_argument(
+        "--clock",
+        choices=scaling.CLOCKS,
+        default=defaults.clock,
+        help="what to report and fit: process CPU time, or wall-clock time (both are recorded)",
+    )
     timing.add_argument("--seed", type=int, default=defaults.seed, help="random inputs")
     timing.add_argument(
         "--blas-threads",
@@ -143,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=args.repeats,
             min_sample_s=args.min_sample_s,
             fit_min_side=args.fit_min_side,
+            clock=args.clock,
             seed=args.seed,
             blas_threads=args.blas_threads,
         )

@@ -9,6 +9,12 @@ Timing: for each grid size the methods run interleaved (one sample of each in tu
 order), each sample repeats the call until it lasts at least ``min_sample_s`` so that microsecond
 calls are not lost in timer noise, and the median over ``repeats`` samples is reported.
 
+Clock: by default the process CPU time (``time.process_time``), with BLAS pinned to one thread by
+the command line. On a shared machine wall time also counts the time the process waits for a
+core, which varies with everyone else's load and says nothing about the algorithm; CPU time of a
+single-threaded process does not (cache and memory-bandwidth contention still show). Wall-clock
+medians are recorded next to it in the JSON (``clock="wall"`` reports those instead).
+
 Slopes are least-squares fits of log(time) against log(N) over the sizes with side ≥
 ``fit_min_side``: below that, fixed per-call costs (argument checks, allocation, Python loop
 steps) are a large share of the time and flatten the curve.
@@ -48,6 +54,7 @@ class ScalingConfig:
     repeats: int = 7
     min_sample_s: float = 0.01
     fit_min_side: int = 32
+    clock: str = "cpu"  # "cpu" (process CPU time) or "wall" (perf_counter)
     seed: int = 0
     blas_threads: int = 0  # what the command line pinned (0: not pinned); recorded only
 
@@ -60,16 +67,21 @@ def random_inputs(side: int, channels: int, rng: np.random.Generator):
     return log_alpha, log_beta, x
 
 
-def _sample(call, min_sample_s: float) -> tuple[float, int]:
-    """Seconds per call, from one sample that repeats ``call`` until min_sample_s has passed."""
+CLOCKS = ("cpu", "wall")
+
+
+def _sample(call, min_sample_s: float, clock: str) -> dict[str, float]:
+    """One sample: repeat ``call`` until ``clock`` has advanced min_sample_s; seconds per call
+    on both clocks, and the number of calls."""
     number = 0
-    start = time.perf_counter()
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
     while True:
         call()
         number += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_sample_s:
-            return elapsed / number, number
+        wall = time.perf_counter() - wall_start
+        cpu = time.process_time() - cpu_start
+        if (cpu if clock == "cpu" else wall) >= min_sample_s:
+            return {"cpu": cpu / number, "wall": wall / number, "calls": number}
 
 
 def _agreement(log_alpha, log_beta, x, path: str, methods: Sequence[str]) -> dict[str, float]:
@@ -105,30 +117,33 @@ def measure(config: ScalingConfig, progress=print) -> dict:
         agreement.append(
             {"side": side} | _agreement(log_alpha, log_beta, x, config.path, methods)
         )  # also the warm-up call of every method
-        samples: dict[str, list[float]] = {m: [] for m in methods}
-        calls: dict[str, int] = {}
+        samples: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
         for repeat in range(config.repeats):
             order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]
             for method in order:
                 call = partial(apply_mask, log_alpha, log_beta, x, config.path, method)
-                seconds, number = _sample(call, config.min_sample_s)
-                samples[method].append(seconds)
-                calls[method] = number
+                samples[method].append(_sample(call, config.min_sample_s, config.clock))
         for method in methods:
-            median = float(np.median(samples[method]))
+            cpu = [sample["cpu"] for sample in samples[method]]
+            wall = [sample["wall"] for sample in samples[method]]
             rows.append(
                 {
                     "side": side,
                     "n_tokens": side * side,
                     "method": method,
-                    "median_s": median,
-                    "samples_s": samples[method],
-                    "calls_per_sample": calls[method],
+                    "median_s": float(np.median(cpu if config.clock == "cpu" else wall)),
+                    "median_cpu_s": float(np.median(cpu)),
+                    "median_wall_s": float(np.median(wall)),
+                    "samples_cpu_s": cpu,
+                    "samples_wall_s": wall,
+                    "calls_per_sample": [int(sample["calls"]) for sample in samples[method]],
                 }
             )
         progress(
             f"{side:>4}x{side:<4} N={side * side:>7}  "
-            + "  ".join(f"{m} {np.median(samples[m]) * 1e3:10.3f} ms" for m in methods)
+            + "  ".join(
+                f"{r['method']} {r['median_s'] * 1e3:10.3f} ms" for r in rows[-len(methods) :]
+            )
         )
 
     fits = {}
@@ -144,6 +159,16 @@ def measure(config: ScalingConfig, progress=print) -> dict:
             "intercept": intercept,
             "theory": THEORY_EXPONENT[method],
             "fit_sides": [p["side"] for p in points],
+            # slope between neighbouring sizes: shows the approach to the asymptotic exponent
+            "local_slopes": [
+                {
+                    "sides": [a["side"], b["side"]],
+                    "slope": fit_slope(
+                        [a["n_tokens"], b["n_tokens"]], [a["median_s"], b["median_s"]]
+                    )[0],
+                }
+                for a, b in zip(points, points[1:], strict=False)
+            ],
         }
     return {
         "experiment": "scaling of y = L x (apply_mask), time vs number of tokens N = side^2",
@@ -173,9 +198,9 @@ def markdown_table(record: dict) -> str:
     for row in record["rows"]:
         by_side.setdefault(row["side"], {})[row["method"]] = row["median_s"]
     lines = [
-        f"Median time of `apply_mask(..., path={config['path']!r}, method=...)` in ms, "
-        f"C = {config['channels']} channels, float64 (decay inputs to result, mask building "
-        "included).",
+        f"Median {config['clock']} time of `apply_mask(..., path={config['path']!r}, method=...)` "
+        f"in ms, C = {config['channels']} channels, float64 (decay inputs to result, mask "
+        "building included).",
         "",
         "| grid | N | " + " | ".join(METHODS) + " |",
         "|---|---:|" + "---:|" * len(METHODS),
@@ -192,6 +217,14 @@ def markdown_table(record: dict) -> str:
             else "–"
         )
     lines.append("| **fitted slope** | | " + " | ".join(slopes) + " |")
+    last = []
+    for m in METHODS:
+        fit = record["fits"].get(m)
+        local = fit["local_slopes"][-1] if fit else None
+        last.append(
+            f"{local['slope']:.2f} ({local['sides'][0]}→{local['sides'][1]})" if fit else "–"
+        )
+    lines.append("| slope between the two largest sizes | | " + " | ".join(last) + " |")
     lines.append("| theory | | " + " | ".join(f"{THEORY_EXPONENT[m]:g}" for m in METHODS) + " |")
     return "\n".join(lines) + "\n"
 
@@ -222,7 +255,7 @@ def plot(record: dict, path: Path) -> None:
                 alpha=0.7,
             )
     ax.set_xlabel("tokens N = H·W (square grids)")
-    ax.set_ylabel("median time per call [s]")
+    ax.set_ylabel(f"median {record['config']['clock']} time per call [s]")
     config = record["config"]
     ax.set_title(
         f"y = L·x, C = {config['channels']}, path {config['path']}: dense O(N²), "
