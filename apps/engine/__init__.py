@@ -26,7 +26,9 @@ One concept per module; an app combines them::
                       TrainerConfig(out_dir=run_dir, epochs=epochs, seed=0, amp=True,
                                     ema_decay=0.999, grad_clip=1.0, best_metric="val_acc"),
                       train_step=train_step, evaluate=evaluate, ctx=ctx,
-                      meta={...plain JSON-able description of model/data...})
+                      meta={...plain JSON-able description of model/data...},
+                      export_weights=fn)            # optional: (module, path, meta) -> None,
+                                                   # default safetensors + JSON meta
     if resume: trainer.resume(run_dir / "last.pt")
     trainer.fit()                                  # per epoch: last.pt, last.safetensors,
                                                    # best.pt/.safetensors, metrics.jsonl, curves.png
@@ -34,7 +36,8 @@ One concept per module; an app combines them::
 
 Modules:
   seeding      seed_everything, seed_for(seed, *parts), capture/restore_rng_state (tensors only)
-  checkpoint   atomic_write, save/load_training_state (weights_only=True), save/load_weights
+  checkpoint   atomic_write, atomic_path (for writers that take a file name),
+               save/load_training_state (weights_only=True), save/load_weights
                (safetensors + JSON meta), CheckpointError
   distributed  init_distributed -> DistributedContext(rank, world_size, device, reduce_sums,
                barrier, shutdown), wrap_model/unwrap_model, ShardSampler (eval, no padding)
@@ -49,6 +52,7 @@ Modules:
 
 from apps.engine.checkpoint import (
     CheckpointError,
+    atomic_path,
     atomic_write,
     load_training_state,
     load_weights,
@@ -81,6 +85,7 @@ __all__ = [
     "TrainerConfig",
     "TrainingDiverged",
     "WarmupSchedule",
+    "atomic_path",
     "atomic_write",
     "build_adamw",
     "capture_rng_state",

@@ -18,10 +18,11 @@ process killed at any point leaves either the old file or the new one, never a t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +31,7 @@ import torch
 __all__ = [
     "TRAINING_STATE_FORMAT",
     "CheckpointError",
+    "atomic_path",
     "atomic_write",
     "load_training_state",
     "load_weights",
@@ -80,6 +82,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise
     _fsync_directory(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for a writer that only accepts file names
+    (e.g. ``safetensors.torch.save_file``); on success it is fsync-ed and renamed over
+    ``path``, on an exception it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp_name)
+        with open(tmp_name, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(path.parent)
 
 
 def save_training_state(state: Mapping[str, Any], path: str | os.PathLike) -> Path:

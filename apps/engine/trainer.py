@@ -42,10 +42,25 @@ from apps.engine.progress import console, progress_bar, progress_enabled
 from apps.engine.schedule import WarmupSchedule
 from apps.engine.seeding import capture_rng_state, restore_rng_state, seed_everything, seed_for
 
-__all__ = ["EvalFn", "StepFn", "Trainer", "TrainerConfig", "TrainingDiverged"]
+__all__ = [
+    "EvalFn",
+    "ExportFn",
+    "StepFn",
+    "export_safetensors",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingDiverged",
+]
 
 StepFn = Callable[[torch.nn.Module, Any, torch.device], tuple[torch.Tensor, Mapping[str, Any]]]
 EvalFn = Callable[[torch.nn.Module, DistributedContext], Mapping[str, float]]
+#: (inference module, destination path, meta) -> None; must write atomically.
+ExportFn = Callable[[torch.nn.Module, Path, Mapping[str, Any]], None]
+
+
+def export_safetensors(module: torch.nn.Module, path: Path, meta: Mapping[str, Any]) -> None:
+    """Default weight export: :func:`~apps.engine.checkpoint.save_weights` (JSON meta)."""
+    save_weights(module.state_dict(), path, meta)
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,6 +105,7 @@ class Trainer:
         evaluate: EvalFn | None = None,
         ctx: DistributedContext | None = None,
         meta: Mapping[str, Any] | None = None,
+        export_weights: ExportFn = export_safetensors,
     ) -> None:
         self.ctx = ctx or DistributedContext()
         self.model = unwrap_model(model).to(self.ctx.device)
@@ -100,6 +116,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.train_step, self.evaluate = train_step, evaluate
         self.meta = dict(meta or {})
+        self.export_weights = export_weights
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
@@ -268,12 +285,12 @@ class Trainer:
             "step": self.step,
             "ema": self.ema is not None,
         }
-        weights = self.inference_module().state_dict()
+        module = self.inference_module()
         save_training_state(state, self.out_dir / "last.pt")
-        save_weights(weights, self.out_dir / "last.safetensors", weights_meta)
+        self.export_weights(module, self.out_dir / "last.safetensors", weights_meta)
         if is_best:
             save_training_state(state, self.out_dir / "best.pt")
-            save_weights(weights, self.out_dir / "best.safetensors", weights_meta)
+            self.export_weights(module, self.out_dir / "best.safetensors", weights_meta)
 
     def _summary(self, record: Mapping[str, Any]) -> str:
         parts = [f"epoch {record['epoch']}/{self.config.epochs}"]
