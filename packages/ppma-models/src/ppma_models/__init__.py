@@ -10,12 +10,21 @@ See the package README for checkpoints (the authors' .pth files and our safetens
 from __future__ import annotations
 
 from .attention import ATTENTION_IMPLS, CrissCrossAttention, PolylineAttention
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    read_checkpoint,
+    save_safetensors,
+    save_upstream,
+)
 from .config import PPMAConfig
 from .model import PPMA
 from .registry import create_model, get_config, list_models, register_model
 
 __all__ = [
     "ATTENTION_IMPLS",
+    "CheckpointError",
     "CrissCrossAttention",
     "PPMA",
     "PPMAConfig",
@@ -23,5 +32,10 @@ __all__ = [
     "create_model",
     "get_config",
     "list_models",
+    "load_checkpoint",
+    "load_model",
+    "read_checkpoint",
     "register_model",
+    "save_safetensors",
+    "save_upstream",
 ]

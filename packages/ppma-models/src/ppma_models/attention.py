@@ -61,10 +61,10 @@ class MaskedAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
-        self.decay = DecayField(dim, heads)
         # LePE: depthwise 5×5 conv on v, added to the attention output.
         self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
         self.out_proj = nn.Linear(dim, dim)
+        self.decay = DecayField(dim, heads)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, impl={self.impl!r}"

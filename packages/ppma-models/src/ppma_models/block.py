@@ -36,11 +36,12 @@ class PPMABlock(nn.Module):
         attention_impl: str = "native",
     ) -> None:
         super().__init__()
-        self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        # Registration order = the authors' state-dict order (exports read like their files).
         self.attn_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = ATTENTION_BY_KIND[attention_kind](dim, heads, impl=attention_impl)
         self.ffn_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.ffn = ConvFeedForward(dim, int(mlp_ratio * dim))
+        self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.drop_path = DropPath(drop_path)
         if layer_scale:
             self.attn_layer_scale = nn.Parameter(torch.full((dim,), float(layer_scale_init)))

@@ -197,20 +197,22 @@ def convert_to_upstream(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             head_dims.setdefault(int(m[1]), (value.shape[-1], value))
     for stage, (d, like) in sorted(head_dims.items()):
         out[f"layers.{stage}.Relpos.angle"] = rotary_frequencies(d).to(like.device)
-    return dict(sorted(out.items(), key=lambda kv: _upstream_order(kv[0])))
+    # A stable sort on the module position keeps the order within each module.
+    return dict(sorted(out.items(), key=lambda kv: _upstream_position(kv[0])))
 
 
-def _upstream_order(key: str) -> tuple:
-    """Sort key that puts converted keys in the upstream module order (for readable files)."""
-    if m := _UP_STEM.match(key):
-        return (0, int(m[1]), 0, 0, key)
+def _upstream_position(key: str) -> tuple[int, int, int]:
+    """Where a key's module sits in the authors' model: stem, layers (angle, blocks,
+    downsample), then head and dense norms."""
+    if _UP_STEM.match(key):
+        return (0, 0, 0)
     if m := _UP_ANGLE.match(key):
-        return (1, int(m[1]), -1, 0, key)
+        return (1, int(m[1]), -1)
     if m := _UP_BLOCK.match(key):
-        return (1, int(m[1]), int(m[2]), 0, key)
+        return (1, int(m[1]), int(m[2]))
     if m := _UP_DOWN.match(key):
-        return (1, int(m[1]), 10**6, 0, key)
-    return (2, 0, 0, 0, key)
+        return (1, int(m[1]), 10**9)
+    return (2, 0, 0)
 
 
 def from_upstream_kwargs(kwargs: Mapping[str, object]) -> tuple[PPMAConfig, int]:

@@ -16,8 +16,8 @@ class ConvFeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.fc1(x))

@@ -1,0 +1,347 @@
+"""Reading and writing PPMA weights.
+
+Two kinds of files:
+
+* the authors' PyTorch files (``torch.save`` pickles): classification checkpoints — a dict
+  with ``model``, ``model_ema``, ``optimizer``, ``epoch`` and an ``args`` argparse.Namespace —
+  and mmseg/mmdet checkpoints — ``state_dict`` (or ``model``) with backbone keys under
+  ``backbone.`` and per-stage ``outnorm{i}`` LayerNorms. They are read with
+  ``torch.load(weights_only=True)`` and an explicit allow-list (only ``argparse.Namespace`` by
+  default): a file that needs any other Python object is refused, never unpickled.
+* our safetensors files: the state dict in our names plus metadata (model name, config,
+  number of classes, optional class names), so :func:`load_model` can rebuild the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import PPMAConfig
+from .convert import (
+    AngleMismatchError,
+    convert_from_upstream,
+    convert_to_upstream,
+    is_upstream_state_dict,
+)
+from .model import PPMA
+
+__all__ = [
+    "CheckpointError",
+    "LoadResult",
+    "load_checkpoint",
+    "load_model",
+    "read_checkpoint",
+    "save_safetensors",
+    "save_upstream",
+]
+
+#: Classes a checkpoint may contain besides tensors and plain containers.
+DEFAULT_ALLOWED_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+#: metadata["format"] of the safetensors files we write.
+SAFETENSORS_FORMAT = "ppma_models"
+WEIGHT_CHOICES = ("auto", "model_ema", "model")
+# Upstream classification model names (args.model) → our registry names.
+UPSTREAM_MODEL_NAMES = {
+    "PPMAViT_T": "ppma_tiny",
+    "PPMAViT_S": "ppma_small",
+    "PPMAViT_B": "ppma_base",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, unsafe, or does not fit the model."""
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_checkpoint` did. Key names are ours."""
+
+    path: str
+    kind: str  #: "safetensors", "classification", "dense" (mmseg/mmdet) or "state_dict"
+    source: str | None = None  #: which entry of the file was used (model_ema, model, state_dict)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  #: in the file, deliberately not loaded
+    kept_init: list[str] = field(default_factory=list)  #: in the model, deliberately not loaded
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------- reading
+def _file_format(path: Path) -> str:
+    """The file kind from its first bytes: safetensors, torch-zip or torch-legacy."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    with path.open("rb") as f:
+        head = f.read(16)
+    if len(head) >= 9:
+        header_len = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and 0 < header_len <= path.stat().st_size - 8:
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
+        return "torch-legacy"
+    raise CheckpointError(
+        f"{str(path)!r} is neither a PyTorch checkpoint nor a safetensors file "
+        f"(first bytes {head[:8]!r})"
+    )
+
+
+def _safe_torch_load(path: Path, allowed_globals: Iterable[type]) -> object:
+    allowed = [*DEFAULT_ALLOWED_GLOBALS, *allowed_globals]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"the object {found[1]!r}" if found else "an object outside the allow-list"
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it needs {what}, and unpickling arbitrary objects "
+            "can run code. Checkpoints are read with torch.load(weights_only=True) allowing "
+            f"only {[g.__qualname__ for g in allowed]}; if you trust the file and the object "
+            "is harmless data, pass it in allowed_globals."
+        ) from exc
+    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint: {exc}") from exc
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items()}
+
+
+def read_checkpoint(
+    path: str | Path,
+    *,
+    weights: str = "model_ema",
+    allowed_globals: Sequence[type] = (),
+) -> tuple[dict[str, torch.Tensor], LoadResult]:
+    """The raw state dict stored in ``path`` (keys as in the file, wrapper prefixes removed).
+
+    weights: for classification files holding both, "model_ema" (the weights behind the
+    published top-1 numbers) or "model". A "module." (DDP) prefix is removed; for mmseg/mmdet
+    files only the ``backbone.`` keys are returned (the rest is listed in ``dropped``).
+    """
+    if weights not in ("model_ema", "model"):
+        raise ValueError(f"weights must be 'model_ema' or 'model', got {weights!r}")
+    path = Path(path)
+    fmt = _file_format(path)
+    if fmt == "safetensors":
+        try:
+            state = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: {exc}") from exc
+        return state, LoadResult(str(path), "safetensors", metadata=metadata)
+
+    obj = _safe_torch_load(path, allowed_globals)
+    result = LoadResult(str(path), "state_dict")
+    if _is_state_dict(obj):
+        state = dict(obj)
+    elif isinstance(obj, Mapping):
+        candidates = [weights, "model", "model_ema"] if "state_dict" not in obj else []
+        candidates.append("state_dict")
+        key = next((k for k in candidates if _is_state_dict(obj.get(k))), None)
+        if key is None:
+            raise CheckpointError(
+                f"{str(path)!r}: no state dict found; top-level keys are {sorted(map(str, obj))} "
+                "(expected 'model'/'model_ema' or 'state_dict')"
+            )
+        if weights == "model_ema" and key == "model" and "model_ema" in obj:
+            raise CheckpointError(f"{str(path)!r}: 'model_ema' is present but not a state dict")
+        state = dict(obj[key])
+        result.source = key
+        result.kind = "classification" if "model" in obj or "model_ema" in obj else "state_dict"
+        args = obj.get("args")
+        if isinstance(args, argparse.Namespace):
+            result.metadata["upstream_model"] = str(getattr(args, "model", ""))
+    else:
+        raise CheckpointError(f"{str(path)!r}: expected a dict, found {type(obj).__name__}")
+
+    if all(k.startswith("module.") for k in state):
+        state = _strip_prefix(state, "module.")
+    if any(k.startswith("backbone.") for k in state):
+        result.dropped = sorted(k for k in state if not k.startswith("backbone."))
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        result.kind = "dense"
+    return state, result
+
+
+# --------------------------------------------------------------------------------- loading
+def load_checkpoint(
+    model: PPMA,
+    path: str | Path,
+    *,
+    strict: bool = True,
+    weights: str = "auto",
+    reset_mismatched_classifier: bool = False,
+    allowed_globals: Sequence[type] = (),
+) -> LoadResult:
+    """Load an authors' checkpoint or one of our safetensors files into ``model``.
+
+    weights: "auto" picks ``model_ema`` for classifiers and ``model`` for features models
+    (as the authors' dense training does), or name the entry explicitly.
+    Upstream key names are converted (see :mod:`ppma_models.convert`). Rules:
+
+    * a features model loading a classification file drops the classifier head and keeps
+      its freshly initialised per-stage LayerNorms (the authors' pretrain → dense path);
+    * per-stage LayerNorms for stages outside ``model.out_indices`` are dropped;
+    * with ``reset_mismatched_classifier`` a head with another number of classes is dropped
+      and the model's fresh final layer is kept (fine-tuning);
+    * any other missing or unexpected key raises :class:`CheckpointError` unless
+      ``strict=False``; a shape mismatch always raises.
+    """
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    if weights == "auto":
+        weights = "model" if model.features_only else "model_ema"
+    state, result = read_checkpoint(path, weights=weights, allowed_globals=allowed_globals)
+    if is_upstream_state_dict(state):
+        try:
+            state = convert_from_upstream(state, model.config)
+        except AngleMismatchError as exc:
+            raise CheckpointError(f"{result.path} does not fit the model: {exc}") from exc
+
+    own = model.state_dict()
+    if model.features_only:
+        head = sorted(k for k in state if k.startswith("head."))
+        result.dropped += head
+        extra_norms = sorted(k for k in state if k.startswith("out_norms.") and k not in own)
+        result.dropped += extra_norms
+        state = {k: v for k, v in state.items() if k not in set(head) | set(extra_norms)}
+        if not any(k.startswith("out_norms.") for k in state):
+            result.kept_init += sorted(k for k in own if k.startswith("out_norms."))
+    fc_keys = ("head.fc.weight", "head.fc.bias")
+    if reset_mismatched_classifier and not model.features_only:
+        fc = state.get("head.fc.weight")
+        if fc is not None and (
+            "head.fc.weight" not in own or fc.shape != own["head.fc.weight"].shape
+        ):
+            result.dropped += [k for k in fc_keys if k in state]
+            result.kept_init += [k for k in fc_keys if k in own]
+            state = {k: v for k, v in state.items() if k not in fc_keys}
+
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"{result.path}: {len(mismatched)} tensor shape(s) do not fit the model "
+            f"{model.name or ''}: " + "; ".join(mismatched[:8])
+        )
+    result.missing = sorted(set(own) - set(state) - set(result.kept_init))
+    result.unexpected = sorted(set(state) - set(own))
+    if strict and (result.missing or result.unexpected):
+        raise CheckpointError(
+            f"{result.path} does not match the model {model.name or ''}: "
+            f"{len(result.missing)} missing key(s) {result.missing[:8]}, "
+            f"{len(result.unexpected)} unexpected key(s) {result.unexpected[:8]} "
+            "(pass strict=False to load the matching part)"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return result
+
+
+# --------------------------------------------------------------------------------- writing
+def save_safetensors(
+    model: PPMA,
+    path: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write the model's state dict (our key names) and what is needed to rebuild it."""
+    if class_names is not None and model.head is not None and len(class_names) != model.num_classes:
+        raise ValueError(
+            f"class_names has {len(class_names)} entries but the model has {model.num_classes} "
+            "classes"
+        )
+    info = {
+        "format": SAFETENSORS_FORMAT,
+        "format_version": "1",
+        "model_name": model.name or "",
+        "config": json.dumps(model.config.to_dict()),
+        "num_classes": str(model.num_classes),
+        "features_only": json.dumps(model.features_only),
+        "out_indices": json.dumps(list(model.out_indices)),
+    }
+    if class_names is not None:
+        info["class_names"] = json.dumps(list(class_names))
+    for k, v in (metadata or {}).items():
+        if k in info:
+            raise ValueError(f"metadata key {k!r} is reserved")
+        info[str(k)] = str(v)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=info)
+
+
+def save_upstream(model: PPMA, path: str | Path) -> None:
+    """Write ``{"model": state}`` in the authors' key layout (for their code)."""
+    torch.save({"model": convert_to_upstream(model.state_dict())}, path)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    attention: str = "native",
+    allowed_globals: Sequence[type] = (),
+) -> PPMA:
+    """Rebuild a model from a file alone.
+
+    Works for our safetensors files (config in the metadata; ``model.class_names`` is set
+    when saved) and for the authors' classification checkpoints whose ``args.model`` names
+    PPMAViT_T/S/B.
+    """
+    state, result = read_checkpoint(path, allowed_globals=allowed_globals)
+    if result.kind == "safetensors":
+        meta = result.metadata
+        if meta.get("format") != SAFETENSORS_FORMAT:
+            raise CheckpointError(
+                f"{result.path}: safetensors file without ppma_models metadata; build the model "
+                "with create_model(...) and use load_checkpoint instead"
+            )
+        config = PPMAConfig.from_dict(json.loads(meta["config"]))
+        model = PPMA(
+            config,
+            num_classes=int(meta["num_classes"]),
+            features_only=json.loads(meta["features_only"]),
+            out_indices=json.loads(meta["out_indices"]),
+            attention=attention,
+            name=meta.get("model_name") or None,
+        )
+        load_checkpoint(model, path)
+        if "class_names" in meta:
+            model.class_names = json.loads(meta["class_names"])
+        return model
+    from .registry import create_model
+
+    name = UPSTREAM_MODEL_NAMES.get(result.metadata.get("upstream_model", ""))
+    if name is None:
+        raise CheckpointError(
+            f"{result.path}: cannot tell which model this is (args.model = "
+            f"{result.metadata.get('upstream_model')!r}); use create_model(name, pretrained=path)"
+        )
+    converted = convert_from_upstream(state) if is_upstream_state_dict(state) else state
+    num_classes = converted["head.fc.weight"].shape[0] if "head.fc.weight" in converted else 0
+    return create_model(name, num_classes=num_classes, pretrained=path, attention=attention)

@@ -1,0 +1,60 @@
+"""Shared fixtures for the ppma_models tests: the official reference data in shared/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_REPO = Path(__file__).resolve().parents[3]
+
+
+def _reference_dir() -> Path:
+    # The checkout may carry shared/ inside it, or sit next to it (/work/main, /work/shared).
+    for root in (_REPO / "shared", _REPO.parent / "shared"):
+        if (root / "reference").is_dir():
+            return root / "reference"
+    raise FileNotFoundError(
+        f"official reference data not found: looked for shared/reference in {_REPO} and "
+        f"{_REPO.parent}; the ppma_models tests need the fixtures described in DESIGN §3"
+    )
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return _reference_dir()
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def small_fixture(reference_dir: Path) -> dict:
+    """The official shrunken PPMAViT: kwargs, upstream state dict, input and outputs."""
+    arrays = load_npz(reference_dir / "ppma_small_config.npz")
+    meta = json.loads((reference_dir / "ppma_small_config.json").read_text())
+    state = {
+        k[len("state/") :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("state/")
+    }
+    return {
+        "kwargs": meta["model_kwargs"],
+        "state": state,
+        "input": torch.from_numpy(arrays["input"]),
+        "logits": torch.from_numpy(arrays["output/logits"]),
+        "pooled": torch.from_numpy(arrays["output/pooled_features"]),
+    }
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b|."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="session")
+def relative_error():
+    return rel_err
