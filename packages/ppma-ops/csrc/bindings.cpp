@@ -1,7 +1,37 @@
 // Python module ppma_ops._C. Importing it loads this shared library, whose static
 // initialisers register the torch.ops.ppma.* schemas and kernels.
+#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+
+#include "common.h"
+
+namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Native kernels of ppma_ops (registered as torch.ops.ppma.*)";
+  m.def(
+      "build_info",
+      [] {
+        py::dict info;
+        info["cpu_isa"] = ppma::cpu_isa_name(ppma::selected_cpu_isa());
+        info["compiled_cpu_isas"] = ppma::compiled_cpu_isas();
+#if defined(PPMA_HAVE_BLAS)
+        info["tile_gemm"] = "blas";
+#else
+        info["tile_gemm"] = "portable";
+#endif
+#if defined(_OPENMP)
+        info["openmp"] = true;
+#else
+        info["openmp"] = false;
+#endif
+        info["parallel_info"] = at::get_parallel_info();
+#if defined(PPMA_WITH_CUDA)
+        info["cuda"] = true;
+#else
+        info["cuda"] = false;
+#endif
+        return info;
+      },
+      "How this library was built and which CPU kernels it runs (ISA, tile GEMM, OpenMP).");
 }

@@ -1,0 +1,94 @@
+// Scalar tile math of vanilla polyline attention, shared by the CPU kernels (tails and
+// reductions) and, under nvcc, the CUDA kernels. Notation of DESIGN §1: query u = (i, j),
+// key v = (k, l); Ca = cumsum of log_alpha along each row, Cb = cumsum of log_beta along
+// each column, both H×W.
+#pragma once
+
+#include <cmath>
+
+#include "common.h"
+
+namespace ppma {
+namespace polyline {
+
+// log L(u, v) = −|Ca[i,j] − Ca[i,l]| − |Cb[i,l] − Cb[k,l]|  (V2H path, mask M).
+// The transposed mask Mᵀ(u, v) = M(v, u) is the same function of
+// (Ca[k,l], Ca[k,j], Cb[k,j], Cb[i,j]).
+template <typename T>
+PPMA_HOST_DEVICE inline T log_mask(T ca_row_a, T ca_row_b, T cb_col_a, T cb_col_b) {
+  return -std::abs(ca_row_a - ca_row_b) - std::abs(cb_col_a - cb_col_b);
+}
+
+// d|x|/dx with the value 0 at x = 0, as torch.abs's gradient: decays that are exactly 1
+// (log decay 0) make cumsum differences vanish and then contribute no mask gradient.
+template <typename T>
+PPMA_HOST_DEVICE inline T abs_grad(T x) {
+  return static_cast<T>((x > T(0)) - (x < T(0)));
+}
+
+// Online softmax: the factor that rescales a running sum/accumulator when the running
+// maximum rises from m_old to m_new (m_old = −inf at the start gives 0).
+template <typename T>
+PPMA_HOST_DEVICE inline T rescale_factor(T m_old, T m_new) {
+  return m_old == -INFINITY ? T(0) : std::exp(m_old - m_new);
+}
+
+// Softmax backward for one entry: dS = P · (dP − rowsum), rowsum_u = Σ_v P(u,v)·dP(u,v).
+template <typename T>
+PPMA_HOST_DEVICE inline T softmax_grad(T p, T dp, T rowsum) {
+  return p * (dp - rowsum);
+}
+
+// Tiles of the flattened row-major token range [0, H·W): either several whole grid rows or,
+// when a row is longer than the target, an equal split of one row. Keeping tiles aligned to
+// rows gives each tile a fixed set of grid rows, so per-row mask-gradient partials can be
+// reduced in a fixed order (deterministic, no atomics).
+struct Tiling {
+  long long H = 0, W = 0;
+  long long rows_per_tile = 1;  // whole rows per tile (1 when rows are split)
+  long long segs_per_row = 1;   // pieces per row (1 when tiles hold whole rows)
+  long long seg_len = 0;        // piece length when rows are split
+  long long count = 0;          // number of tiles
+  long long max_len = 0;        // largest tile, in tokens
+
+  PPMA_HOST_DEVICE Tiling() {}
+  PPMA_HOST_DEVICE Tiling(long long h, long long w, long long target) : H(h), W(w) {
+    if (w <= target) {
+      rows_per_tile = target / w;
+      if (rows_per_tile < 1) rows_per_tile = 1;
+      if (rows_per_tile > h) rows_per_tile = h;
+      count = (h + rows_per_tile - 1) / rows_per_tile;
+      max_len = rows_per_tile * w;
+    } else {
+      segs_per_row = (w + target - 1) / target;
+      seg_len = (w + segs_per_row - 1) / segs_per_row;
+      count = h * segs_per_row;
+      max_len = seg_len;
+    }
+  }
+  // First grid row of tile t, and how many rows it touches.
+  PPMA_HOST_DEVICE long long first_row(long long t) const {
+    return segs_per_row == 1 ? t * rows_per_tile : t / segs_per_row;
+  }
+  PPMA_HOST_DEVICE long long num_rows(long long t) const {
+    if (segs_per_row != 1) return 1;
+    const long long r0 = t * rows_per_tile;
+    return (r0 + rows_per_tile <= H ? rows_per_tile : H - r0);
+  }
+  // Flat token range [begin, end) of tile t.
+  PPMA_HOST_DEVICE void range(long long t, long long* begin, long long* end) const {
+    if (segs_per_row == 1) {
+      *begin = t * rows_per_tile * W;
+      const long long e = (t + 1) * rows_per_tile * W;
+      *end = e < H * W ? e : H * W;
+    } else {
+      const long long row = t / segs_per_row, seg = t % segs_per_row;
+      *begin = row * W + seg * seg_len;
+      const long long e = seg * seg_len + seg_len;
+      *end = row * W + (e < W ? e : W);
+    }
+  }
+};
+
+}  // namespace polyline
+}  // namespace ppma
