@@ -5,6 +5,8 @@ One module per op family; each calls ``torch.library.register_fake`` and
 Imported by :mod:`ppma_ops._native` only after the compiled library has loaded.
 """
 
-from . import polyline_scan  # noqa: F401
-from . import criss_cross_attention  # noqa: F401
-from . import polyline_attention  # noqa: F401
+from . import (
+    criss_cross_attention,  # noqa: F401
+    polyline_attention,  # noqa: F401
+    polyline_scan,  # noqa: F401
+)
