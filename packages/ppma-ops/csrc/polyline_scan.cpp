@@ -47,6 +47,17 @@ void check_scan_args(const char* op, const at::Tensor& x, const at::Tensor& log_
   TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got x on ", x.device());
 }
 
+void check_log_decay_values(const at::Tensor& log_alpha, const at::Tensor& log_beta) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"log_alpha", &log_alpha},
+                                {"log_beta", &log_beta}}) {
+    if (t->numel() == 0) continue;
+    TORCH_CHECK(!at::isnan(*t).any().item<bool>(), "polyline_scan: ", name, " contains NaN");
+    const double top = t->max().item<double>();
+    TORCH_CHECK(top <= 0.0, "polyline_scan: ", name,
+                " must be <= 0 (log of a decay in (0, 1]); max is ", top);
+  }
+}
+
 ScanGrid grid_of(const at::Tensor& x) {
   return {x.size(0) * x.size(1), x.size(2), x.size(3), x.size(4)};
 }
@@ -130,6 +141,7 @@ void mix_columns_backward(const acc_t* u, const acc_t* gy, acc_t* grad_u, acc_t*
 at::Tensor polyline_scan_cpu(const at::Tensor& x, const at::Tensor& log_alpha,
                              const at::Tensor& log_beta, bool transpose) {
   check_scan_args("polyline_scan", x, log_alpha, log_beta);
+  check_log_decay_values(log_alpha, log_beta);
   const auto acc = scan_acc_type(x.scalar_type());
   const at::Tensor xa = x.to(acc).contiguous();
   const at::Tensor la = log_alpha.to(acc).contiguous();

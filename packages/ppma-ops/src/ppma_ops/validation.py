@@ -75,7 +75,8 @@ def check_same_kind(**tensors: torch.Tensor) -> None:
 
 
 def _is_concrete(t: torch.Tensor) -> bool:
-    if t.device.type == "meta":
+    # First: under torch.compile, is_fake itself may not be traced (fullgraph would break).
+    if torch.compiler.is_compiling() or t.device.type == "meta":
         return False
     try:
         from torch._subclasses.fake_tensor import is_fake

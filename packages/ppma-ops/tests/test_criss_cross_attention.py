@@ -1,0 +1,297 @@
+"""Native criss-cross polyline attention (torch.ops.ppma.criss_cross_attention) against the
+float64 reference op, a hand-written loop oracle, finite differences (gradcheck), opcheck,
+torch.compile and the official criss-cross fixture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ppma_ops
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from ppma_ops import reference
+
+FIXTURE = (
+    Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "attention_chunk.npz"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _native_criss_cross() -> None:
+    # A missing kernel is a build failure, not a reason to skip.
+    assert ppma_ops.native_available(), f"native library not loaded: {ppma_ops.native_load_error()}"
+    assert hasattr(torch.ops.ppma, "criss_cross_attention_fwd"), "native criss-cross not registered"
+
+
+DECAY_REGIMES = {
+    "uniform": (-3.0, -0.01),
+    "near_zero": (-16.0, -12.0),  # decay ≈ 1e-6: each softmax collapses onto the diagonal
+    "near_one": (-2e-6, -1e-7),  # decay ≈ 1: the masks vanish, plain softmaxes remain
+}
+
+
+def _log_decays(shape, regime: str, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    lo, hi = DECAY_REGIMES[regime]
+    return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=dtype)
+
+
+@st.composite
+def attention_problems(draw, max_side: int = 7):
+    shape = (
+        draw(st.integers(1, 2)),  # B
+        draw(st.integers(1, 3)),  # heads
+        draw(st.integers(1, max_side)),  # H
+        draw(st.integers(1, max_side)),  # W
+    )
+    d = draw(st.sampled_from([8, 16, 32, 64]))
+    c = draw(st.sampled_from([d, 5]))  # v may be narrower than q, k
+    regime_a = draw(st.sampled_from(sorted(DECAY_REGIMES)))
+    regime_b = draw(st.sampled_from(sorted(DECAY_REGIMES)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(*shape, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(*shape, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(*shape, c, generator=gen, dtype=torch.float64)
+    la = _log_decays(shape, regime_a, gen)
+    lb = _log_decays(shape, regime_b, gen)
+    scale = draw(st.sampled_from([d**-0.5, 1.0]))
+    return (q, k, v, la, lb), scale
+
+
+def _native(args, scale):
+    return torch.ops.ppma.criss_cross_attention(*args, scale)
+
+
+def _loop_oracle(q, k, v, la, lb, scale):
+    """Straight from DESIGN §2.4 with explicit loops over rows and columns (one image, head)."""
+    hh, ww, _ = q.shape
+    ca, cb = np.cumsum(la, axis=1), np.cumsum(lb, axis=0)
+
+    def softmax(s):
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    rows = [
+        softmax(scale * q[i] @ k[i].T - np.abs(ca[i][:, None] - ca[i][None, :])) for i in range(hh)
+    ]
+    cols = [
+        softmax(scale * q[:, l] @ k[:, l].T - np.abs(cb[:, l][:, None] - cb[:, l][None, :]))
+        for l in range(ww)
+    ]
+
+    def apply_rows(x):
+        return np.stack([rows[i] @ x[i] for i in range(hh)])
+
+    def apply_cols(x):
+        return np.stack([cols[l] @ x[:, l] for l in range(ww)], axis=1)
+
+    return 0.5 * apply_cols(apply_rows(v)) + 0.5 * apply_rows(apply_cols(v))
+
+
+@given(problem=attention_problems())
+def test_float64_matches_reference(problem):
+    args, scale = problem
+    torch.testing.assert_close(
+        _native(args, scale),
+        reference.criss_cross_attention(*args, scale=scale),
+        rtol=1e-11,
+        atol=1e-11,
+    )
+
+
+@given(problem=attention_problems())
+def test_float32_matches_float64_reference(problem):
+    args, scale = problem
+    expected = reference.criss_cross_attention(*args, scale=scale)
+    got = _native([a.float() for a in args], scale)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
+
+
+def test_matches_hand_written_loop_oracle():
+    gen = torch.Generator().manual_seed(0)
+    shape, d = (1, 1, 3, 4), 8
+    q, k, v = (torch.randn(*shape, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    la, lb = (_log_decays(shape, "uniform", gen) for _ in range(2))
+    scale = d**-0.5
+    expected = _loop_oracle(*(t[0, 0].numpy() for t in (q, k, v, la, lb)), scale)
+    got = _native((q, k, v, la, lb), scale)[0, 0].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(problem=attention_problems(max_side=6))
+def test_gradients_match_reference_autograd(problem):
+    args, scale = problem
+    args = [a.clone().requires_grad_() for a in args]
+    out = _native(args, scale)
+    grad_out = torch.randn_like(out)
+    native = torch.autograd.grad(out, args, grad_out)
+    expected = torch.autograd.grad(
+        reference.criss_cross_attention(*args, scale=scale), args, grad_out
+    )
+    names = ("q", "k", "v", "log_alpha", "log_beta")
+    for name, got, want in zip(names, native, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize(
+    ("regime", "grid"), [("uniform", (3, 4)), ("near_one", (1, 5)), ("near_zero", (4, 1))]
+)
+def test_gradcheck_all_inputs(regime, grid):
+    gen = torch.Generator().manual_seed(1)
+    shape = (1, 1, *grid)
+    q, k = (torch.randn(*shape, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(*shape, 3, generator=gen, dtype=torch.float64)
+    la, lb = (_log_decays(shape, regime, gen) for _ in range(2))
+    args = [t.requires_grad_() for t in (q, k, v, la, lb)]
+    eps = 1e-8 if regime == "near_one" else 1e-6  # stay inside log decay ≤ 0
+    assert torch.autograd.gradcheck(lambda *a: _native(a, 0.5), args, eps=eps, atol=1e-6)
+
+
+def test_first_decays_get_exactly_zero_gradient():
+    gen = torch.Generator().manual_seed(2)
+    shape = (2, 2, 4, 5)
+    args = [torch.randn(*shape, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    args += [_log_decays(shape, "uniform", gen) for _ in range(2)]
+    args = [a.requires_grad_() for a in args]
+    ga, gb = torch.autograd.grad(_native(args, 0.3).square().sum(), args[3:])
+    assert torch.all(ga[..., 0] == 0) and torch.all(gb[..., 0, :] == 0)
+    assert ga[..., 1:].abs().max() > 0 and gb[..., 1:, :].abs().max() > 0
+
+
+def _small_args(dtype, requires_grad=True):
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 2, 3, 4)
+    args = [torch.randn(*shape, 8, generator=gen, dtype=dtype) for _ in range(2)]
+    args.append(torch.randn(*shape, 6, generator=gen, dtype=dtype))
+    args += [_log_decays(shape, "uniform", gen, dtype) for _ in range(2)]
+    return [a.requires_grad_(requires_grad) for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    args = _small_args(dtype)
+    torch.library.opcheck(torch.ops.ppma.criss_cross_attention_fwd, (*args, 0.35))
+    torch.library.opcheck(torch.ops.ppma.criss_cross_attention, (*args, 0.35))
+    detached = [a.detach() for a in args]
+    _, *saved = torch.ops.ppma.criss_cross_attention_fwd(*detached, 0.35)
+    grad_out = torch.randn_like(detached[2])
+    torch.library.opcheck(
+        torch.ops.ppma.criss_cross_attention_backward,
+        (grad_out, *detached[:3], *saved, 0.35),
+    )
+
+
+def test_compiled_forward_and_backward_match_eager():
+    def f(q, k, v, la, lb):
+        return ppma_ops.criss_cross_attention(q, k, v, la, lb).tanh()
+
+    eager = _small_args(torch.float32)
+    compiled = [a.detach().clone().requires_grad_() for a in eager]
+    torch._dynamo.reset()
+    f_compiled = torch.compile(f, fullgraph=True)
+    y_eager, y_compiled = f(*eager), f_compiled(*compiled)
+    torch.testing.assert_close(y_compiled, y_eager)
+    y_eager.square().sum().backward()
+    y_compiled.square().sum().backward()
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b.grad, a.grad)
+
+
+def test_backward_is_bitwise_deterministic():
+    gen = torch.Generator().manual_seed(4)
+    shape = (2, 3, 9, 11)
+    args = [torch.randn(*shape, 16, generator=gen) for _ in range(3)]
+    args += [_log_decays(shape, "uniform", gen, torch.float32) for _ in range(2)]
+    args = [a.requires_grad_() for a in args]
+    grad_out = torch.randn(*shape, 16, generator=gen)
+    runs = [torch.autograd.grad(_native(args, 0.25), args, grad_out) for _ in range(3)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_bfloat16_runs_in_float32_and_returns_bfloat16():
+    args = [a.detach().bfloat16() for a in _small_args(torch.float64)]
+    out = _native(args, 0.35)
+    assert out.dtype == torch.bfloat16
+    expected = reference.criss_cross_attention(*(a.double() for a in args), scale=0.35)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_clear_errors_for_bad_arguments():
+    q, k, v, la, lb = _small_args(torch.float32, requires_grad=False)
+    op = torch.ops.ppma.criss_cross_attention
+    with pytest.raises(RuntimeError, match="k must have the shape of q"):
+        op(q, k[..., :4], v, la, lb, 1.0)
+    with pytest.raises(RuntimeError, match="v must have shape"):
+        op(q, k, v[:, :, :2], la, lb, 1.0)
+    with pytest.raises(RuntimeError, match="log_beta must have shape"):
+        op(q, k, v, la, lb[..., :3], 1.0)
+    with pytest.raises(RuntimeError, match="v has dtype"):
+        op(q, k, v.double(), la, lb, 1.0)
+    with pytest.raises(RuntimeError, match="log_alpha must be <= 0"):
+        op(q, k, v, la.abs() + 0.5, lb, 1.0)
+    with pytest.raises(RuntimeError, match="log_beta contains NaN"):
+        op(q, k, v, la, lb.clone().fill_(float("nan")), 1.0)
+    with pytest.raises(ValueError, match="log_alpha must be <= 0"):
+        ppma_ops.criss_cross_attention(q, k, v, la.abs() + 0.5, lb)
+
+
+def _fixture_module_output(z, attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official criss-cross module around ``attention`` (test-side wrapper, DESIGN §2.1–2.4):
+    q/k/v projections (k scaled by d^-½, the op called with scale 1), the shared decay head,
+    1-D RoPE over the flat index, LePE and out_proj."""
+    state = {key[6:]: torch.tensor(z[key]) for key in z.files if key.startswith("state/")}
+    x = torch.tensor(z["input"])
+    b, hh, ww, c = x.shape
+    heads = state["path_embed.A_log"].numel()
+    d = c // heads
+
+    def linear(name, t):
+        return F.linear(t, state[f"{name}.weight"], state[f"{name}.bias"])
+
+    def split_heads(t):  # (B, H, W, C) → (B, heads, H, W, d)
+        return t.view(b, hh, ww, heads, d).permute(0, 3, 1, 2, 4)
+
+    q, k, v = linear("q_proj", x), linear("k_proj", x) * d**-0.5, linear("v_proj", x)
+    delta = x.view(b, hh, ww, heads, d) @ state["path_embed.dt_linear.weight"].T
+    rate = -torch.exp(state["path_embed.A_log"])
+    log_alpha = (rate * F.softplus(delta[..., 0] + state["path_embed.dt_bias"])).permute(0, 3, 1, 2)
+    log_beta = (rate * F.softplus(delta[..., 1] + state["path_embed.dt_bias"])).permute(0, 3, 1, 2)
+    theta = (1.0 / 10000 ** torch.linspace(0, 1, d // 2)).repeat_interleave(2)
+    angle = torch.arange(hh * ww, dtype=x.dtype)[:, None] * theta[None]
+    sin, cos = angle.sin().view(hh, ww, d), angle.cos().view(hh, ww, d)
+
+    def rotate(t):
+        t = split_heads(t)
+        pairs = torch.stack([-t[..., 1::2], t[..., 0::2]], dim=-1).flatten(-2)
+        return t * cos + pairs * sin
+
+    out = attention(rotate(q), rotate(k), split_heads(v), log_alpha, log_beta)
+    out = out.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)
+    lepe = F.conv2d(
+        v.permute(0, 3, 1, 2),
+        state["lepe.conv.weight"],
+        state["lepe.conv.bias"],
+        padding=2,
+        groups=c,
+    ).permute(0, 2, 3, 1)
+    return linear("out_proj", out + lepe), torch.tensor(z["output/y"])
+
+
+def test_reproduces_the_official_criss_cross_fixture():
+    if not FIXTURE.is_file():
+        pytest.fail(
+            f"official fixture missing: {FIXTURE} (expected ../shared/reference/ next to the repo)"
+        )
+    with np.load(FIXTURE) as z:
+        y, expected = _fixture_module_output(
+            z, lambda q, k, v, la, lb: torch.ops.ppma.criss_cross_attention(q, k, v, la, lb, 1.0)
+        )
+    assert y.dtype == torch.float32
+    error = (y - expected).abs().max().item() / expected.abs().max().item()
+    assert error <= 1e-5, f"relative error {error:.2e} against the official output"
