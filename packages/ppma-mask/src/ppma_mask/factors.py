@@ -21,24 +21,23 @@ from ppma_mask.mask import cumsum_excluding_first
 __all__ = ["broadcast_factors", "column_masks", "factors", "row_masks"]
 
 
-def _row_masks(a: NDArray[np.float64]) -> NDArray[np.float64]:
-    ca = cumsum_excluding_first(a, axis=1)
-    return np.exp(-np.abs(ca[:, :, None] - ca[:, None, :]))
-
-
-def _column_masks(b: NDArray[np.float64]) -> NDArray[np.float64]:
-    cb = cumsum_excluding_first(b, axis=0).T  # [l, i]
-    return np.exp(-np.abs(cb[:, :, None] - cb[:, None, :]))
+def stack_line_masks(log_lines: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The 1-D mask of every line: (m, n) log decays → (m, n, n). No argument checks."""
+    c = cumsum_excluding_first(log_lines, axis=1)
+    log_masks = c[:, :, None] - c[:, None, :]
+    np.abs(log_masks, out=log_masks)
+    np.negative(log_masks, out=log_masks)
+    return np.exp(log_masks, out=log_masks)
 
 
 def row_masks(log_alpha: ArrayLike) -> NDArray[np.float64]:
     """The horizontal 1-D masks A_i stacked: (H, W) → (H, W, W), ``[A_i]_{j,l} = α(i; j..l)``."""
-    return _row_masks(validation.log_decay_table(log_alpha, "log_alpha"))
+    return stack_line_masks(validation.log_decay_table(log_alpha, "log_alpha"))
 
 
 def column_masks(log_beta: ArrayLike) -> NDArray[np.float64]:
     """The vertical 1-D masks B_l stacked: (H, W) → (W, H, H), ``[B_l]_{i,k} = β(l; i..k)``."""
-    return _column_masks(validation.log_decay_table(log_beta, "log_beta"))
+    return stack_line_masks(validation.log_decay_table(log_beta, "log_beta").T)
 
 
 def factors(log_alpha: ArrayLike, log_beta: ArrayLike) -> tuple[sp.csr_array, sp.csr_array]:
@@ -46,8 +45,8 @@ def factors(log_alpha: ArrayLike, log_beta: ArrayLike) -> tuple[sp.csr_array, sp
     a, b = validation.log_decay_grid(log_alpha, log_beta)
     height, width = a.shape
     n = height * width
-    row_blocks = _row_masks(a)  # [i, j, l]
-    column_blocks = _column_masks(b)  # [l, i, k]
+    row_blocks = stack_line_masks(a)  # [i, j, l]
+    column_blocks = stack_line_masks(b.T)  # [l, i, k]
 
     i, j, l = np.meshgrid(np.arange(height), np.arange(width), np.arange(width), indexing="ij")
     l_h = sp.csr_array(
@@ -67,8 +66,8 @@ def broadcast_factors(
     a, b = validation.log_decay_grid(log_alpha, log_beta)
     height, width = a.shape
     n = height * width
-    row_blocks = _row_masks(a)  # [i, j, l]
-    column_blocks = _column_masks(b)  # [l, i, k]
+    row_blocks = stack_line_masks(a)  # [i, j, l]
+    column_blocks = stack_line_masks(b.T)  # [l, i, k]
     l_h = np.broadcast_to(row_blocks[:, :, None, :], (height, width, height, width))
     l_v = np.broadcast_to(
         column_blocks.transpose(1, 2, 0)[:, None, :, :], (height, width, height, width)

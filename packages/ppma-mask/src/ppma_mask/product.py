@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ppma_mask import validation
-from ppma_mask.factors import column_masks, row_masks
+from ppma_mask.factors import stack_line_masks
 from ppma_mask.mask import polyline_mask
 from ppma_mask.scan import symmetric_scan_lines
 
@@ -27,17 +27,33 @@ __all__ = ["apply_mask"]
 Mix = Callable[[NDArray[np.float64]], NDArray[np.float64]]
 
 
+# Masks are built and applied a batch of lines at a time, at most this many entries per batch
+# (1 MiB of float64), so a batch stays in cache between being built and being used; building the
+# whole (H, W, W) stack first would stream it through main memory twice on large grids.
+_BATCH_MASK_ENTRIES = 1 << 17
+
+
+def _mix_lines_by_masks(log_lines: NDArray[np.float64], data: NDArray[np.float64]):
+    """out[q] = mask_1d(log_lines[q]) @ data[q] for every line q; (m, n) and (m, n, C)."""
+    m, n = log_lines.shape
+    out = np.empty_like(data)
+    step = max(1, _BATCH_MASK_ENTRIES // (n * n))
+    for start in range(0, m, step):
+        batch = slice(start, start + step)
+        np.matmul(stack_line_masks(log_lines[batch]), data[batch], out=out[batch])
+    return out
+
+
 def _factored_mixes(a: NDArray[np.float64], b: NDArray[np.float64]) -> tuple[Mix, Mix]:
     """Row and column mixes of an (H, W, C) array with the dense 1-D masks (batched matmul)."""
-    row_blocks = row_masks(a)  # (H, W, W): A_i
-    column_blocks = column_masks(b)  # (W, H, H): B_l
+    b_by_column = np.ascontiguousarray(b.T)  # (W, H): line l is column l
 
     def mix_rows(grid: NDArray[np.float64]) -> NDArray[np.float64]:
-        return row_blocks @ grid  # Y[i] = A_i · Z[i]
+        return _mix_lines_by_masks(a, grid)  # Y[i] = A_i · Z[i]
 
     def mix_columns(grid: NDArray[np.float64]) -> NDArray[np.float64]:
         by_column = np.ascontiguousarray(grid.transpose(1, 0, 2))  # (W, H, C)
-        return (column_blocks @ by_column).transpose(1, 0, 2)  # Z[:, l] = B_l · X[:, l]
+        return _mix_lines_by_masks(b_by_column, by_column).transpose(1, 0, 2)  # B_l · X[:, l]
 
     return mix_rows, mix_columns
 

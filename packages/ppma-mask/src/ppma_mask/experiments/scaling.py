@@ -47,7 +47,7 @@ class ScalingConfig:
 
     sides: tuple[int, ...] = DEFAULT_SIDES
     max_side: dict[str, int] = field(
-        default_factory=lambda: {"dense": 64, "factored": 128, "scan": 512}
+        default_factory=lambda: {"dense": 64, "factored": 256, "scan": 512}
     )
     channels: int = 16
     path: str = "v2h"
