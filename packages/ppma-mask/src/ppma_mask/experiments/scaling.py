@@ -47,7 +47,7 @@ class ScalingConfig:
 
     sides: tuple[int, ...] = DEFAULT_SIDES
     max_side: dict[str, int] = field(
-        default_factory=lambda: {"dense": 64, "factored": 256, "scan": 512}
+        default_factory=lambda: {"dense": 96, "factored": 256, "scan": 512}
     )
     channels: int = 16
     path: str = "v2h"
@@ -90,7 +90,7 @@ def _agreement(log_alpha, log_beta, x, path: str, methods: Sequence[str]) -> dic
     results = {m: apply_mask(log_alpha, log_beta, x, path=path, method=m) for m in methods}
     reference = results[methods[0]]
     if "dense" in methods:
-        scale = np.abs(polyline_mask(log_alpha, log_beta, path)) @ np.abs(x)
+        scale = polyline_mask(log_alpha, log_beta, path) @ np.abs(x)  # mask entries are > 0
     else:
         scale = np.full_like(reference, np.abs(reference).max())
     return {m: float(np.max(np.abs(results[m] - reference) / scale)) for m in methods[1:]} | {
