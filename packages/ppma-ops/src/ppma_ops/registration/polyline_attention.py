@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_spatial_args
+
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -16,6 +18,8 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("ppma::polyline_attention_fwd")
 def _fwd_fake(q, k, v, log_alpha, log_beta, scale):
+    # The same shape/dtype/device errors as the CPU kernel (values are not known here).
+    check_spatial_args(q, k, v, log_alpha, log_beta, check_values=False)
     b, heads, h, w, _ = q.shape
     c = v.shape[-1]
     acc = _accumulation_dtype(q.dtype)
@@ -27,6 +31,8 @@ def _fwd_fake(q, k, v, log_alpha, log_beta, scale):
 
 @torch.library.register_fake("ppma::polyline_attention_backward")
 def _backward_fake(grad_out, q, k, v, log_alpha, log_beta, parts, lse, scale):
+    check_spatial_args(q, k, v, log_alpha, log_beta, check_values=False)
+
     def like(t: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(t, memory_format=torch.contiguous_format)
 
