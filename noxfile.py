@@ -3,6 +3,7 @@
     nox -s tests        every package's tests (builds the native extension)
     nox -s lint         ruff
     nox -s experiments  ppma_mask theory experiments (scaling table + figures)
+    nox -s bench_models ppma_models: T/S/B images/s and memory, native vs reference ops
 
 Session virtualenvs are reused, so a second run only re-installs what changed.
 """
@@ -63,3 +64,70 @@ def experiments(session: nox.Session) -> None:
     out = session.posargs[0] if session.posargs else "runs/experiments"
     session.run("python", "-m", "ppma_mask.experiments", "scaling", "--out", out)
     session.run("python", "-m", "ppma_mask.experiments", "figures", "--out", out)
+
+
+@nox.session(python=PYTHON)
+def bench_models(session: nox.Session) -> None:
+    """PPMA-T/S/B images/s and peak memory, native vs reference attention (ppma_models).
+
+    Writes benchmarks/models.json and benchmarks/models.md; extra arguments go to the script
+    (e.g. ``nox -s bench_models -- --quick``).
+    """
+    install_packages(session)
+    # Passive OpenMP waiting: with other jobs on the cores, spinning barriers distort timings.
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    script = "packages/ppma-models/benchmarks/bench_models.py"
+    session.run("python", script, "--out", "benchmarks", *session.posargs, env=env)
+
+
+TORCH_CUDA = "torch==2.14.1"  # a CUDA 13.0 build on local disk (~5.5 GB, installed once)
+CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+# Fails loudly unless every forward and backward op has a CUDA kernel in the loaded library.
+CUDA_REGISTRATION_CHECK = """
+import torch, ppma_ops
+from ppma_ops import _native
+assert _native.native_load_error() is None, _native.native_load_error()
+info = ppma_ops._native._C.build_info()
+assert info["cuda"], f"ppma_ops was built without CUDA kernels: {info}"
+ops = ["polyline_attention_fwd", "polyline_attention_backward", "criss_cross_attention_fwd",
+       "criss_cross_attention_backward", "polyline_scan", "polyline_scan_backward"]
+missing = [op for op in ops
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ppma::{op}", "CUDA")]
+assert not missing, f"no CUDA kernel registered for: {missing}"
+print(f"ppma_ops CUDA kernels registered for {len(ops)} ops (torch {torch.__version__})")
+"""
+
+
+@nox.session(python=PYTHON)
+def cuda_build(session: nox.Session) -> None:
+    """Compile the CUDA kernels with nvcc against torch 2.14.1 (CUDA 13.0); check they register.
+
+    Needs no GPU: it proves the CUDA sources compile, link and register on the CUDA key.
+    Only the portable CPU ISA is built here, to keep the compile short.
+    """
+    session.install(TORCH_CUDA, "numpy", *BUILD_DEPS)
+    # libnvrtc ships in torch's nvidia-* wheels, not in the toolkit's lib64 on this machine.
+    nvrtc = session.run(
+        "python",
+        "-c",
+        "import glob, os, torch; root = os.path.dirname(os.path.dirname(torch.__file__)); "
+        "print(sorted(glob.glob(f'{root}/nvidia/**/libnvrtc.so*', recursive=True))[0])",
+        silent=True,
+    ).strip()
+    build_dir = os.path.join(session.virtualenv.location, "ppma-ops-build")
+    env = {
+        "PATH": f"{CUDA_HOME}/bin{os.pathsep}{os.environ['PATH']}",
+        "CUDACXX": f"{CUDA_HOME}/bin/nvcc",
+        "TORCH_CUDA_ARCH_LIST": "8.0;9.0",
+        "CMAKE_BUILD_PARALLEL_LEVEL": "2",
+    }
+    session.install(
+        "--no-build-isolation",
+        f"-Cbuild-dir={build_dir}",
+        f"-Ccmake.define.CUDA_nvrtc_LIBRARY={nvrtc}",
+        "-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=80;90",
+        "-Ccmake.define.PPMA_CPU_ISAS=DEFAULT",
+        "packages/ppma-ops",
+        env=env,
+    )
+    session.run("python", "-c", CUDA_REGISTRATION_CHECK)

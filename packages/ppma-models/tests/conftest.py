@@ -23,6 +23,19 @@ def _reference_dir() -> Path:
     )
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Run these small-shape tests on one thread.
+
+    At these sizes a second thread gains little, and on a shared, oversubscribed machine
+    OpenMP's spin-waiting barriers made two threads 10-50× slower than one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return _reference_dir()

@@ -1,0 +1,372 @@
+"""Whole-model benchmark: PPMA-T/S/B with the native vs the reference attention ops.
+
+    python packages/ppma-models/benchmarks/bench_models.py [--out benchmarks] [--quick]
+    (or: nox -s bench_models)
+
+Measures, on this machine:
+* images/s for inference (eval, no_grad) and for a training step (forward, cross-entropy,
+  backward, SGD step) at batch 16, 224², native and reference attention interleaved in one
+  run on the same model object (``set_attention``), medians over repeats;
+* peak resident memory of one such step, each configuration in its own subprocess (so
+  peaks do not mix);
+* one dense-size forward: a 1024×1024 image through the PPMA-T backbone (features_only),
+  time and peak memory, native vs reference, each in a subprocess with an address-space limit
+  so a configuration that does not fit fails alone instead of taking the machine down; if
+  the reference does not fit, smaller sizes are tried and reported.
+
+Writes ``models.json`` and ``models.md`` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+IMPLS = ("native", "reference")
+
+
+# ----------------------------------------------------------------------------- measurement
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _build(spec: dict):
+    from ppma_models import create_model
+
+    torch.manual_seed(0)
+    if spec["mode"] == "dense":
+        model = create_model(spec["model"], features_only=True, attention=spec["impl"])
+    else:
+        model = create_model(spec["model"], attention=spec["impl"])
+    return model
+
+
+def _step_fn(model, spec: dict):
+    """A closure running one inference / training step / dense forward."""
+    b, size = spec["batch"], spec["size"]
+    x = torch.randn(b, 3, size, size)
+    if spec["mode"] == "train":
+        model.train()
+        target = torch.randint(0, 1000, (b,))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+
+        return step
+    model.eval()
+
+    def step():
+        with torch.no_grad():
+            model(x)
+
+    return step
+
+
+def child(spec: dict) -> dict:
+    """Run in a fresh process: build, one warm-up step, ``timed`` timed steps, peak memory."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    if spec.get("mem_limit_gb"):
+        limit = int(spec["mem_limit_gb"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    model = _build(spec)
+    step = _step_fn(model, spec)
+    base = _rss_mb()
+    step()
+    times = []
+    for _ in range(spec.get("timed", 0)):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = _peak_rss_mb()
+    return {
+        "peak_rss_mb": peak,
+        "baseline_rss_mb": base,
+        "peak_over_baseline_mb": peak - base,
+        "times_s": times,
+    }
+
+
+def run_child(spec: dict, mem_limit_gb: float, timeout_s: float) -> dict:
+    """``child(spec)`` in a subprocess under an address-space limit; failures are recorded."""
+    spec = {**spec, "mem_limit_gb": mem_limit_gb, "threads": torch.get_num_threads()}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout_s:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {"status": "ok", **json.loads(line[7:])}
+    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if (
+        "MemoryError" in proc.stderr
+        or "DefaultCPUAllocator" in proc.stderr
+        or proc.returncode in (-9, 137)
+    ):
+        return {"status": f"out of memory (limit {mem_limit_gb:.0f} GB): {err[:200]}"}
+    return {"status": f"failed (rc {proc.returncode}): {err[:300]}"}
+
+
+def time_interleaved(model_name: str, mode: str, batch: int, size: int, repeats: int) -> dict:
+    """Median step time per implementation, alternating implementations on one model."""
+    from ppma_models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_name, attention="native")
+    spec = {"mode": mode, "batch": batch, "size": size}
+    step = _step_fn(model, spec)
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    for impl in IMPLS:  # warm-up both
+        model.set_attention(impl)
+        step()
+    for r in range(repeats):
+        order = IMPLS if r % 2 == 0 else IMPLS[::-1]
+        for impl in order:
+            model.set_attention(impl)
+            t0 = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - t0)
+    return times
+
+
+# --------------------------------------------------------------------------------- report
+def machine_info() -> dict:
+    import ppma_ops
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ops = ("polyline_attention", "criss_cross_attention", "polyline_scan")
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "native_available": ppma_ops.native_available(),
+        "native_ops": {
+            op: bool(ppma_ops.native_available() and hasattr(torch.ops.ppma, op)) for op in ops
+        },
+        "load_average_at_start": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+    }
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# PPMA model benchmark (ppma_models)",
+        "",
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}; native ops registered: "
+        + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in m["native_ops"].items())
+        + f". Load average at start: {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}"
+        + f"; OMP_WAIT_POLICY={m['omp_wait_policy']}.",
+        "",
+        "## Throughput (batch {batch}, {size}², medians of {repeats} interleaved repeats)".format(
+            **report["settings"]
+        ),
+        "",
+        "| model | step | native img/s | reference img/s | native / reference | native peak MB | "
+        "reference peak MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["throughput"]:
+        lines.append(
+            f"| {row['model']} | {row['mode']} | {row['native']['images_per_s']:.1f} | "
+            f"{row['reference']['images_per_s']:.1f} | **{row['speedup']:.2f}×** | "
+            f"{_mb(row['native'].get('memory'))} | {_mb(row['reference'].get('memory'))} |"
+        )
+    lines += [
+        "",
+        "Peak MB = peak resident memory of a fresh process running one step (model, data and "
+        "activations; the part above the process's size after building the model in brackets).",
+        "",
+        "## Dense-size forward: PPMA-T backbone (features_only), batch 1",
+        "",
+        "| size | attention | time s | peak MB | status |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["dense"]:
+        t = f"{row['time_s']:.2f}" if row.get("time_s") is not None else "—"
+        lines.append(f"| {row['size']}² | {row['impl']} | {t} | {_mb(row)} | {row['status']} |")
+    lines += ["", "## Targets", ""]
+    for name, target in report["targets"].items():
+        verdict = {True: "met", False: "NOT met", None: "not comparable"}[target["met"]]
+        lines.append(f"- {name}: {target['value']} (target {target['target']}) → {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def _mb(mem: dict | None) -> str:
+    if not mem or mem.get("status") != "ok":
+        return (mem or {}).get("status", "—")
+    return f"{mem['peak_rss_mb']:.0f} ({mem['peak_over_baseline_mb']:.0f})"
+
+
+# ----------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks", help="output folder")
+    parser.add_argument("--models", nargs="+", default=["ppma_tiny", "ppma_small", "ppma_base"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dense-size", type=int, default=1024)
+    parser.add_argument("--dense-rounds", type=int, default=2)
+    parser.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=16.0,
+        help="address-space limit for each memory-measuring subprocess",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings to check the script")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.models, args.batch, args.size, args.repeats = ["ppma_tiny"], 2, 64, 1
+        args.dense_size, args.dense_rounds = 128, 1
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": machine_info(),
+        "settings": {
+            "batch": args.batch,
+            "size": args.size,
+            "repeats": args.repeats,
+            "dense_size": args.dense_size,
+            "mem_limit_gb": args.mem_limit_gb,
+        },
+        "throughput": [],
+        "dense": [],
+    }
+    print(json.dumps(report["machine"]), flush=True)
+
+    for name in args.models:
+        for mode in ("inference", "train"):
+            times = time_interleaved(name, mode, args.batch, args.size, args.repeats)
+            row = {"model": name, "mode": mode}
+            for impl in IMPLS:
+                med = statistics.median(times[impl])
+                spec = {
+                    "model": name,
+                    "impl": impl,
+                    "mode": mode,
+                    "batch": args.batch,
+                    "size": args.size,
+                }
+                row[impl] = {
+                    "times_s": times[impl],
+                    "median_s": med,
+                    "images_per_s": args.batch / med,
+                    "memory": run_child(spec, args.mem_limit_gb, timeout_s=1800),
+                }
+            row["speedup"] = row["native"]["images_per_s"] / row["reference"]["images_per_s"]
+            report["throughput"].append(row)
+            native, ref = row["native"]["images_per_s"], row["reference"]["images_per_s"]
+            print(
+                f"{name} {mode}: native {native:.1f} img/s, reference {ref:.1f} img/s "
+                f"({row['speedup']:.2f}×)",
+                flush=True,
+            )
+
+    # Dense-size forward in subprocesses, interleaved rounds; smaller sizes if the reference fails.
+    sizes = [args.dense_size] + [s for s in (768, 512) if s < args.dense_size]
+    for size in sizes:
+        results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+        for _ in range(args.dense_rounds):
+            for impl in IMPLS:
+                spec = {
+                    "model": "ppma_tiny",
+                    "impl": impl,
+                    "mode": "dense",
+                    "batch": 1,
+                    "size": size,
+                    "timed": 1,
+                }
+                results[impl].append(run_child(spec, args.mem_limit_gb, timeout_s=1800))
+        for impl in IMPLS:
+            ok = [r for r in results[impl] if r["status"] == "ok"]
+            row = {
+                "size": size,
+                "impl": impl,
+                "status": "ok" if ok else results[impl][-1]["status"],
+            }
+            if ok:
+                row["time_s"] = statistics.median(t for r in ok for t in r["times_s"])
+                row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+                row["peak_over_baseline_mb"] = max(r["peak_over_baseline_mb"] for r in ok)
+            report["dense"].append(row)
+            print(f"dense {size}² {impl}: {row}", flush=True)
+        if all(r["status"] == "ok" for r in report["dense"][-2:]):
+            break
+
+    tiny = next(
+        (r for r in report["throughput"] if r["model"] == "ppma_tiny" and r["mode"] == "inference"),
+        None,
+    )
+    dense = {r["impl"]: r for r in report["dense"] if r["size"] == sizes[0]}
+    targets = {}
+    if tiny:
+        speedup = tiny["speedup"]
+        targets["PPMA-T inference speed-up (native / reference)"] = {
+            "value": f"{speedup:.2f}×",
+            "target": "≥ 1.5×",
+            "met": speedup >= 1.5,
+        }
+    if "native" in dense and dense["native"]["status"] == "ok":
+        ref = dense.get("reference", {})
+        if ref.get("status") == "ok":
+            ratio = dense["native"]["peak_over_baseline_mb"] / ref["peak_over_baseline_mb"]
+            targets[f"{sizes[0]}² backbone peak memory (native / reference, above baseline)"] = {
+                "value": f"{ratio:.3f}",
+                "target": "≤ 1/3",
+                "met": ratio <= 1 / 3,
+            }
+        else:
+            native_mb = dense["native"]["peak_rss_mb"]
+            targets[f"{sizes[0]}² backbone peak memory (native / reference)"] = {
+                "value": f"native {native_mb:.0f} MB; reference: {ref.get('status')}",
+                "target": "≤ 1/3",
+                "met": None,  # the reference could not run at this size
+            }
+    report["targets"] = targets
+
+    (out / "models.json").write_text(json.dumps(report, indent=1))
+    (out / "models.md").write_text(to_markdown(report))
+    print(to_markdown(report))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print("RESULT " + json.dumps(child(json.loads(sys.argv[2]))))
+    else:
+        main()
