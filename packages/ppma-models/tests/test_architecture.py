@@ -106,33 +106,38 @@ def test_no_weight_decay_names_exactly_the_decay_parameters():
     assert len(names) == 2 * sum(get_config("ppma_tiny").depths)
 
 
-def test_rotary_frequencies_and_rotation_match_complex_multiplication():
+def test_rotary_frequencies_and_rotation_follow_the_pair_formula():
     d, h, w = 8, 3, 5
     theta = rotary_frequencies(d, torch.float64)
     m = torch.arange(d // 2, dtype=torch.float64)
     assert torch.allclose(theta[0::2], 10000 ** (-m / (d // 2 - 1)))
     assert torch.equal(theta[0::2], theta[1::2])
-    sin, cos = FlatRotaryEmbedding(d)(h, w, device=torch.device("cpu"), dtype=torch.float64)
+    rotation = FlatRotaryEmbedding(d)(h, w, device=torch.device("cpu"), dtype=torch.float64)
+    assert rotation.shape == (h, w, d // 2) and rotation.dtype == torch.complex128
     x = torch.randn(2, h, w, d, dtype=torch.float64)
-    rotated = apply_rotary(x, sin, cos)
-    # Oracle: pair (x_2m, x_2m+1) as a complex number times exp(i·u·θ_m), u = i·W + j.
+    rotated = apply_rotary(x, rotation)
+    # Oracle (DESIGN §2.2): pair (x_2m, x_2m+1) rotated by the angle u·θ_m, u = i·W + j.
     u = torch.arange(h * w, dtype=torch.float64).reshape(h, w, 1)
-    z = torch.complex(x[..., 0::2], x[..., 1::2]) * torch.polar(
-        torch.ones((), dtype=torch.float64), u * theta[0::2]
-    )
-    assert torch.allclose(rotated[..., 0::2], z.real) and torch.allclose(rotated[..., 1::2], z.imag)
+    angle = u * theta[0::2]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    assert torch.allclose(rotated[..., 0::2], even * angle.cos() - odd * angle.sin())
+    assert torch.allclose(rotated[..., 1::2], odd * angle.cos() + even * angle.sin())
+    # the real-valued path (used for bf16/fp16) agrees with the complex one
+    half = apply_rotary(x.bfloat16(), rotation)
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.double(), rotated, atol=0.05)
 
 
 def test_rotary_cache_is_keyed_by_grid_and_dtype():
     rope = FlatRotaryEmbedding(4, cache_size=2)
     cpu = torch.device("cpu")
     a = rope(2, 3, device=cpu, dtype=torch.float32)
-    assert rope(2, 3, device=cpu, dtype=torch.float32)[0] is a[0]
+    assert rope(2, 3, device=cpu, dtype=torch.float32) is a
     b = rope(3, 2, device=cpu, dtype=torch.float32)
     # same flat indices 0..5, different grid shape: same angles, reshaped
-    assert b[0].shape == (3, 2, 4)
-    assert torch.equal(a[0].reshape(6, 4), b[0].reshape(6, 4))
-    assert rope(2, 3, device=cpu, dtype=torch.float64)[0].dtype == torch.float64
+    assert b.shape == (3, 2, 2)
+    assert torch.equal(a.reshape(6, 2), b.reshape(6, 2))
+    assert rope(2, 3, device=cpu, dtype=torch.float64).dtype == torch.complex128
     assert len(rope._cache) == 2
 
 

@@ -77,17 +77,18 @@ class MaskedAttention(nn.Module):
         b, h, w, _ = t.shape
         return t.view(b, h, w, self.heads, self.head_dim).permute(0, 3, 1, 2, 4)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C); rotation: (H, W, d/2) complex, from FlatRotaryEmbedding."""
         b, h, w, c = x.shape
-        sin, cos = rotary
         q = self.q_proj(x)
-        k = self.k_proj(x) * self.head_dim**-0.5
+        k = self.k_proj(x)
         v = self.v_proj(x)
         log_alpha, log_beta = self.decay(x)
-        q = apply_rotary(self._split_heads(q), sin, cos)
-        k = apply_rotary(self._split_heads(k), sin, cos)
+        q = apply_rotary(self._split_heads(q), rotation)
+        # k is scaled by d^-1/2 (as upstream); folded into its rotation to save a pass.
+        k = apply_rotary(self._split_heads(k), rotation * self.head_dim**-0.5)
         op = type(self).native_op if self.impl == "native" else type(self).reference_op
-        # k already carries d^-1/2, as upstream; the operator must not scale again.
+        # The operator must not scale again.
         out = op(q, k, self._split_heads(v), log_alpha, log_beta, scale=1.0)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -57,7 +57,7 @@ class Downsample(nn.Module):
 class PPMAStage(nn.Module):
     """[Downsample] then ``depth`` blocks at one resolution; channels last in and out.
 
-    The rotary tables depend only on the grid and head size, so they are built once per
+    The rotary table depends only on the grid and head size, so it is built once per
     stage call and shared by its blocks.
     """
 
@@ -101,10 +101,10 @@ class PPMAStage(nn.Module):
         if self.downsample is not None:
             x = self.downsample(x)
         _, h, w, _ = x.shape
-        rotary = self.rotary(h, w, device=x.device, dtype=x.dtype)
+        rotation = self.rotary(h, w, device=x.device, dtype=x.dtype)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, rotary, use_reentrant=False)
+                x = checkpoint(block, x, rotation, use_reentrant=False)
             else:
-                x = block(x, rotary)
+                x = block(x, rotation)
         return x

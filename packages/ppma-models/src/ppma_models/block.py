@@ -50,9 +50,9 @@ class PPMABlock(nn.Module):
             self.attn_layer_scale = None
             self.ffn_layer_scale = None
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        y = self.attn(self.attn_norm(x), rotary)
+        y = self.attn(self.attn_norm(x), rotation)
         if self.attn_layer_scale is not None:
             y = self.attn_layer_scale * y
         x = x + self.drop_path(y)
