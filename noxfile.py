@@ -3,6 +3,7 @@
     nox -s tests        every package's tests (builds the native extension)
     nox -s lint         ruff
     nox -s experiments  ppma_mask theory experiments (scaling table + figures)
+    nox -s bench        ppma_ops: native ops vs reference / SDPA / FlexAttention (DESIGN §6)
     nox -s bench_models ppma_models: T/S/B images/s and memory, native vs reference ops
 
 Session virtualenvs are reused, so a second run only re-installs what changed.
@@ -64,6 +65,19 @@ def experiments(session: nox.Session) -> None:
     out = session.posargs[0] if session.posargs else "runs/experiments"
     session.run("python", "-m", "ppma_mask.experiments", "scaling", "--out", out)
     session.run("python", "-m", "ppma_mask.experiments", "figures", "--out", out)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """ppma_ops operator benchmark: native vs reference, SDPA+mask and FlexAttention.
+
+    Writes benchmarks/ops.json and benchmarks/ops.md; extra arguments go to the script
+    (e.g. ``nox -s bench -- --quick`` or ``-- --no-flex``).
+    """
+    install_packages(session, models=False)
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    script = "packages/ppma-ops/benchmarks/bench_ops.py"
+    session.run("python", script, "--out", "benchmarks", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)
