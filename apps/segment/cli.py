@@ -98,6 +98,13 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
         help="masked-attention ops: fused native kernels (default) or the PyTorch reference",
     )
     g.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per process (default: torch's choice; 1 is fastest when other "
+        "jobs share the cores)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -116,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = t.add_argument_group("model")
     m.add_argument("--backbone", default="ppma_nano", help="ppma_nano, ppma_tiny, ppma_small, ...")
     m.add_argument("--pretrained", default=None, help="backbone checkpoint (authors' .pth or ours)")
-    m.add_argument("--channels", type=int, default=128, help="UPerNet channels (512 upstream)")
+    m.add_argument("--channels", type=int, default=64, help="UPerNet channels (512 upstream)")
     m.add_argument(
-        "--aux-channels", type=int, default=64, help="auxiliary FCN head channels (0: no aux head)"
+        "--aux-channels", type=int, default=32, help="auxiliary FCN head channels (0: no aux head)"
     )
     m.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary loss weight")
     m.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
@@ -136,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--amp", action="store_true", help="bf16 autocast (CPU and CUDA)")
     o.add_argument("--seed", type=int, default=0)
     a = t.add_argument_group("augmentation")
-    a.add_argument("--crop", type=int, default=64, help="training crop side")
+    a.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="training crop side (default: the canvas for scenes, 512 for folders)",
+    )
     a.add_argument(
         "--scale-range", type=float, nargs=2, default=(0.75, 1.5), metavar=("LOW", "HIGH")
     )
@@ -144,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = t.add_argument_group("evaluation during training")
     ev.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
     _inference_options(t, flag="--eval-mode")
+    t.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train N more epochs of the schedule, then stop (continue later with --resume)",
+    )
     t.add_argument(
         "--resume",
         default=None,
@@ -195,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check(parser, args)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     # Imported here so `--help` answers without loading torch.
     from apps.engine import CheckpointError
     from apps.segment.folder import FolderDatasetError
@@ -212,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from apps.segment.predict import run_predict
 
             run_predict(args)
+    except SystemExit as exc:  # the commands stop with SystemExit("error: ...") on bad input
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        raise
     except (FolderDatasetError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -71,6 +71,22 @@ def predict_logits(
     raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
 
 
+def _use_rank0_buffers(model: torch.nn.Module, ctx: DistributedContext) -> None:
+    """Give every rank rank 0's BatchNorm statistics before evaluating.
+
+    DDP broadcasts buffers at the start of each training forward, but that forward then
+    updates each rank's running statistics with its own batch, so after the last step they
+    differ between ranks. Rank 0's are the ones saved in the checkpoint; scoring every shard
+    with them makes the reduced score that of the saved weights.
+    """
+    if not ctx.enabled:
+        return
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 @torch.no_grad()
 def evaluate_segmentation(
     model: torch.nn.Module,
@@ -90,6 +106,7 @@ def evaluate_segmentation(
     ctx = ctx or DistributedContext()
     was_training = model.training
     model.eval()
+    _use_rank0_buffers(model, ctx)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

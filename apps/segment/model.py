@@ -23,8 +23,8 @@ class ModelSpec:
     backbone: str
     num_classes: int
     class_names: tuple[str, ...]
-    channels: int = 128
-    aux_channels: int = 64  # 0: no auxiliary head
+    channels: int = 64
+    aux_channels: int = 32  # 0: no auxiliary head
     ignore_index: int = 255
     crop: int = 64  # training crop: the default sliding window for larger images
     drop_path: float = 0.0

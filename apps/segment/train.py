@@ -75,6 +75,8 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
     start = time.perf_counter()
     out_dir = Path(args.out)
     sources = build_sources(args)
+    if args.crop is None:
+        args.crop = args.canvas if args.data == "scenes" else 512
     spec = ModelSpec(
         backbone=args.backbone,
         num_classes=len(sources.class_names),
@@ -183,7 +185,7 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
     )
     if args.resume:
         trainer.resume(out_dir / "last.pt" if args.resume == "auto" else args.resume)
-    records = trainer.fit()
+    records = trainer.fit(stop_after_epochs=args.stop_after_epochs)
     elapsed = time.perf_counter() - start
     if ctx.is_main and records:
         final = records[-1]

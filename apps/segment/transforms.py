@@ -30,7 +30,7 @@ def to_tensors(image: np.ndarray, mask: np.ndarray | None = None):
         raise ValueError(
             f"image must be uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}"
         )
-    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
+    x = torch.from_numpy(np.array(image, copy=True)).float().div_(255.0)
     x = x.unsqueeze(0).expand(3, -1, -1) if x.dim() == 2 else x.permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -39,7 +39,7 @@ def to_tensors(image: np.ndarray, mask: np.ndarray | None = None):
         return x
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape[:2]}")
-    return x, torch.from_numpy(np.ascontiguousarray(mask)).long()
+    return x, torch.from_numpy(np.array(mask, dtype=np.int64, copy=True))
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
