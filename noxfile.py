@@ -5,6 +5,8 @@
     nox -s experiments  ppma_mask theory experiments (scaling table + figures)
     nox -s bench        ppma_ops: native ops vs reference / SDPA / FlexAttention (DESIGN §6)
     nox -s bench_models ppma_models: T/S/B images/s and memory, native vs reference ops
+    nox -s segment_demo apps.segment: train + evaluate on the built-in Fashion-MNIST scenes
+    nox -s segment_bench PPMA-T + UPerNet at 512x512, forward+backward, native vs reference
 
 Session virtualenvs are reused, so a second run only re-installs what changed.
 """
@@ -92,6 +94,40 @@ def bench_models(session: nox.Session) -> None:
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     script = "packages/ppma-models/benchmarks/bench_models.py"
     session.run("python", script, "--out", "benchmarks", *session.posargs, env=env)
+
+
+SEGMENT_DEMO = [
+    "--data", "scenes", "--canvas", "64", "--train-scenes", "4000", "--val-scenes", "500",
+    "--epochs", "6", "--batch-size", "16", "--channels", "64", "--aux-channels", "32",
+    "--lr", "2e-3", "--schedule", "poly", "--warmup-steps", "100", "--no-progress",
+]  # fmt: skip
+
+
+@nox.session(python=PYTHON)
+def segment_demo(session: nox.Session) -> None:
+    """apps.segment end to end: train on built-in scenes, evaluate on held-out scenes (mIoU).
+
+    Run directory: runs/segment_demo (or the first extra argument); further extra arguments
+    go to ``train`` (e.g. ``nox -s segment_demo -- runs/seg --epochs 2``).
+    """
+    install_packages(session)
+    out = session.posargs[0] if session.posargs else "runs/segment_demo"
+    extra = session.posargs[1:]
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    session.run("python", "-m", "apps.segment", "train", *SEGMENT_DEMO, *extra, "--out", out,
+                env=env)  # fmt: skip
+    evaluate = ["eval", out, "--data", "scenes", "--val-scenes", "500", "--out", f"{out}/eval"]
+    session.run("python", "-m", "apps.segment", *evaluate, "--no-progress", env=env)
+
+
+@nox.session(python=PYTHON)
+def segment_bench(session: nox.Session) -> None:
+    """PPMA-T + UPerNet(512) on a 512x512 image, forward+backward: time and peak memory of the
+    native vs the reference attention ops. Writes benchmarks/segment_512.{json,md}."""
+    install_packages(session)
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    session.run("python", "benchmarks/segment_512.py", "--out", "benchmarks", *session.posargs,
+                env=env)  # fmt: skip
 
 
 TORCH_CUDA = "torch==2.14.1"  # a CUDA 13.0 build on local disk (~5.5 GB, installed once)

@@ -6,7 +6,7 @@ its own; the two implementations alternate round by round (interleaved), and the
 medians and the reference/native ratio. Memory is reported as the process peak and as the peak
 above the resident size after building the model (what the forward/backward pass added).
 
-    python benchmarks/segment_512.py --rounds 2 --out benchmarks/results
+    python benchmarks/segment_512.py --rounds 2 --out benchmarks
     nox -s segment_bench
 """
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
-    parser.add_argument("--out", default="benchmarks/results", help="directory for JSON + MD")
+    parser.add_argument("--out", default="benchmarks", help="directory for JSON + MD")
     parser.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
