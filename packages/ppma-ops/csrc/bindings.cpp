@@ -7,6 +7,10 @@
 
 namespace py = pybind11;
 
+namespace ppma {
+int polyline_attention_parallel_threads_used();  // polyline_attention.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Native kernels of ppma_ops (registered as torch.ops.ppma.*)";
   m.def(
@@ -34,4 +38,7 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "How this library was built and which CPU kernels it runs (ISA, tile GEMM, OpenMP).");
+  m.def("parallel_threads_used", &ppma::polyline_attention_parallel_threads_used,
+        "Threads that ran a chunk of an at::parallel_for inside the selected kernel library "
+        "(equals torch.get_num_threads() when OpenMP is linked).");
 }

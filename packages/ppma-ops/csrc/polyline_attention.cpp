@@ -188,6 +188,22 @@ at::Tensor polyline_attention_composite(const at::Tensor& q, const at::Tensor& k
 }
 
 }  // namespace
+
+int polyline_attention_parallel_threads_used() {
+  switch (selected_cpu_isa()) {
+#if defined(PPMA_BUILT_AVX512)
+    case CpuIsa::Avx512:
+      return AVX512::parallel_threads_used();
+#endif
+#if defined(PPMA_BUILT_AVX2)
+    case CpuIsa::Avx2:
+      return AVX2::parallel_threads_used();
+#endif
+    default:
+      return DEFAULT::parallel_threads_used();
+  }
+}
+
 }  // namespace ppma
 
 TORCH_LIBRARY_FRAGMENT(ppma, m) {

@@ -27,6 +27,9 @@ namespace ppma {
                                    const at::Tensor& lse, const at::Tensor& delta,          \
                                    double scale, at::Tensor& dq, at::Tensor& dk,            \
                                    at::Tensor& dv, at::Tensor& dca, at::Tensor& dcb);       \
+  /* Threads that ran a chunk of an at::parallel_for compiled in the kernel's translation    \
+     unit (1 when OpenMP was missing at compile time: parallel_for then runs serially). */  \
+  int parallel_threads_used();                                                             \
   }
 
 PPMA_DECLARE_POLYLINE_ATTENTION_KERNELS(DEFAULT)

@@ -322,3 +322,12 @@ def test_no_n_by_n_buffer_in_forward_or_backward() -> None:
     native_kib, dense_kib, nn_kib = (int(x) for x in result.stdout.split())
     assert dense_kib > 0.9 * nn_kib, "the peak-RSS probe did not see the control N×N buffer"
     assert native_kib < nn_kib / 16, f"native fwd+bwd grew peak RSS by {native_kib} KiB"
+
+
+def test_kernels_run_on_all_torch_threads() -> None:
+    # at::parallel_for is a header template: compiled without OpenMP it silently runs serially.
+    from ppma_ops import _native
+
+    assert _native._C.parallel_threads_used() == torch.get_num_threads()
+    info = _native._C.build_info()
+    assert info["openmp"] and info["cpu_isa"] in info["compiled_cpu_isas"].split()

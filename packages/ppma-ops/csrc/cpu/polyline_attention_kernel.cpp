@@ -21,6 +21,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -533,6 +534,17 @@ void polyline_attention_backward(const at::Tensor& grad_out, const at::Tensor& q
   } else {
     backward_impl<float>(grad_out, q, k, v, ca, cb, lse, delta, scale, dq, dk, dv, dca, dcb);
   }
+}
+
+int parallel_threads_used() {
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::atomic<int>> ran(static_cast<size_t>(threads));
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    ran[static_cast<size_t>(at::get_thread_num())].store(1);
+  });
+  int used = 0;
+  for (auto& r : ran) used += r.load();
+  return used;
 }
 
 }  // namespace CPU_CAPABILITY
