@@ -1,1 +1,4 @@
-"""Command-line programs built on ppma_models: ``python -m apps.classify``, ``python -m apps.segment``."""
+"""Command-line programs built on ppma_models.
+
+Run them as ``python -m apps.classify`` and ``python -m apps.segment``.
+"""

@@ -17,8 +17,10 @@ FORCE_REFERENCE_ENV = "PPMA_OPS_FORCE_REFERENCE"
 
 _load_error: str | None = None
 try:
-    from . import _C  # noqa: F401  (registers the native kernels)
-    from . import registration  # noqa: F401  (their fake kernels and autograd)
+    from . import (
+        _C,  # noqa: F401  (registers the native kernels)
+        registration,  # noqa: F401  (their fake kernels and autograd)
+    )
 except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
     _C = None
     _load_error = f"{type(exc).__name__}: {exc}"
