@@ -9,6 +9,7 @@ collectives are no-ops, so the same training code runs both ways. Only the main 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -106,6 +107,9 @@ def wrap_model(model: torch.nn.Module, ctx: DistributedContext) -> torch.nn.Modu
     if not ctx.enabled:
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # Depthwise-conv weight grads come out channels-last on CPU; DDP copies them into its
+    # buckets correctly but warns on every run. The copy is cheap for these small tensors.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 

@@ -1,0 +1,89 @@
+"""``predict``: top-k labels for image files or folders, as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from apps.classify.datasets import IMAGE_EXTENSIONS, DataError, read_image
+from apps.classify.evaluate import _read_names
+from apps.classify.transforms import Preprocess
+from apps.classify.weights import load_classifier
+
+__all__ = ["collect_images", "run_predict"]
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Files as given; folders searched recursively for image files (sorted)."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise DataError(f"{path}: no image files in this folder")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return paths
+
+
+@torch.no_grad()
+def run_predict(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.top_k < 1:
+        raise DataError("--top-k must be >= 1")
+    loaded = load_classifier(
+        args.checkpoint,
+        weights="model" if args.no_ema else "ema",
+        model_name=args.model,
+        class_names=_read_names(args.class_names),
+        attention=args.attention,
+    )
+    preprocess = Preprocess(loaded.input_size, loaded.mean, loaded.std, channels=loaded.in_chans)
+    paths = collect_images(args.inputs)
+    k = min(args.top_k, len(loaded.class_names))
+    results, failed = [], 0
+    for start in range(0, len(paths), args.batch_size):
+        chunk, images = [], []
+        for path in paths[start : start + args.batch_size]:
+            try:
+                images.append(preprocess(read_image(path, loaded.in_chans)))
+                chunk.append(path)
+            except Exception as exc:  # PIL raises many exception types for bad files
+                failed += 1
+                print(f"warning: skipping {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if not images:
+            continue
+        probs = loaded.model(torch.stack(images)).float().softmax(1)
+        top = probs.topk(k, dim=1)
+        for path, values, indices in zip(chunk, top.values, top.indices, strict=True):
+            results.append(
+                {
+                    "path": str(path),
+                    "top_k": [
+                        {"label": loaded.class_names[i], "index": int(i), "probability": float(p)}
+                        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+                    ],
+                }
+            )
+    if not results:
+        raise DataError(f"none of the {len(paths)} input image(s) could be read")
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    else:
+        width = max(len(r["path"]) for r in results)
+        header = "  ".join(f"top-{i + 1}" for i in range(k))
+        print(f"{'image':<{width}}  {header}")
+        for r in results:
+            cells = "  ".join(f"{t['label']} ({t['probability']:.3f})" for t in r["top_k"])
+            print(f"{r['path']:<{width}}  {cells}")
+    return 1 if failed else 0

@@ -1,0 +1,340 @@
+"""apps.classify end to end on tiny data: train, resume, crash safety, torchrun, eval, predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from apps.classify.cli import main
+from apps.classify.weights import load_classifier
+from apps.engine import MetricsLog, load_training_state, load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+# A two-stage model of ~10k parameters: 8x8 digits -> 2x2 -> 1x1 tokens.
+TINY = [
+    "--model-arg", "dims=8,16", "--model-arg", "depths=1,1", "--model-arg", "heads=2,2",
+    "--model-arg", "mlp_ratios=2,2", "--model-arg", "attention_kinds=X,V",
+    "--model-arg", "layer_scale=false,false", "--model-arg", "head_hidden=16",
+]  # fmt: skip
+FAST = ["--no-progress", "--threads", "1", "--attention", "reference"]
+
+
+def _train(out: Path, *extra: str, data: str = "digits") -> int:
+    args = ["train", "--data", data, "--out", str(out), "--batch-size", "32", "--lr", "3e-3"]
+    return main([*args, "--subset", "256", *TINY, *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    assert _train(out, "--epochs", "2", "--ema-decay", "0.9") == 0
+    return out
+
+
+def test_train_on_digits_writes_checkpoints_metrics_and_curves(digits_run):
+    for name in ("last.pt", "best.pt", "last.safetensors", "best.safetensors", "curves.png"):
+        assert (digits_run / name).stat().st_size > 0, name
+    records = MetricsLog(digits_run / "metrics.jsonl").read()
+    assert [r["epoch"] for r in records] == [1, 2]
+    # 256-image subset minus 10 % validation = 230 images -> 7 full batches of 32.
+    assert records[0]["train_count"] == 7 * 32
+    assert 0.0 <= records[-1]["val_acc"] <= 1.0 and records[-1]["val_loss"] > 0
+    state = load_training_state(digits_run / "last.pt")  # weights_only=True inside
+    assert state["epoch"] == 2 and state["step"] == 14 and state["ema"] is not None
+    assert state["meta"]["class_names"] == [str(d) for d in range(10)]
+    # The exported weights are ppma_models' safetensors layout: its own loader rebuilds them.
+    from ppma_models.checkpoint import load_model
+
+    model = load_model(digits_run / "last.safetensors", attention="reference")
+    assert model.class_names == [str(d) for d in range(10)] and model.num_classes == 10
+
+
+def test_learning_happens_on_digits(tmp_path):
+    """A few epochs on 600 digits must beat chance (10 %) clearly: real signal, not plumbing."""
+    out = tmp_path / "learn"
+    args = ["--epochs", "5", "--subset", "600", "--lr", "5e-3", "--warmup-epochs", "0.5"]
+    assert _train(out, *args) == 0
+    records = MetricsLog(out / "metrics.jsonl").read()
+    assert max(r["val_acc"] for r in records) > 0.3, records
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.3, records
+
+
+def _png_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("circle", "square", "stripes")):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            image = (rng.random((12, 12, 3)) * 60).astype(np.uint8)
+            image[..., c] += 150  # class = dominant colour channel
+            Image.fromarray(image).save(root / name / f"{i}.png")
+    (root / "square" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "stripes" / "notes.txt").write_text("ignored: not an image")
+    return root
+
+
+def test_train_on_image_folder_skips_and_reports_corrupt_file(tmp_path, capsys):
+    data = _png_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--data", str(data), "--out", str(out), "--input-size", "12", "--epochs", "1",
+         "--batch-size", "4", "--val-fraction", "0", *TINY, *FAST]
+    )  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "skipping unreadable image" in err and "corrupt.png" in err
+    state = load_training_state(out / "last.pt")
+    assert state["meta"]["class_names"] == ["circle", "square", "stripes"]
+    assert state["meta"]["in_chans"] == 3
+    # 19 listed files, batches of 4 with drop_last: 4 steps, 16 samples minus the corrupt
+    # one if it fell into a used batch.
+    record = MetricsLog(out / "metrics.jsonl").read()[0]
+    assert record["train_count"] in (15, 16)
+
+
+def _state_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_weights(path)[0]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--epochs", "2", "--ema-decay", "0.9", "--drop-path", "0.1"]
+    assert _train(straight, *common) == 0
+    assert _train(split, *common, "--stop-after-epochs", "1") == 0
+    assert load_training_state(split / "last.pt")["epoch"] == 1
+    torch.manual_seed(999)  # perturb global RNG: resume must not depend on it
+    assert main(["train", "--resume", str(split / "last.pt"), *FAST]) == 0
+    a, b = _state_tensors(straight / "last.safetensors"), _state_tensors(split / "last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    sa, sb = load_training_state(straight / "last.pt"), load_training_state(split / "last.pt")
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    ra = MetricsLog(straight / "metrics.jsonl").read()
+    rb = MetricsLog(split / "metrics.jsonl").read()
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+
+
+def test_kill_during_checkpoint_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", "3", "--stop-after-epochs", "1") == 0
+    before = load_training_state(out / "last.pt")
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        real_save({"partial": torch.zeros(10)}, f)  # some bytes hit the temp file ...
+        raise KeyboardInterrupt  # ... then the process is interrupted mid-save
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    assert main(["train", "--resume", str(out / "last.pt"), *FAST]) == 130
+    monkeypatch.setattr(torch, "save", real_save)
+    after = load_training_state(out / "last.pt")
+    assert after["epoch"] == before["epoch"] == 1
+    for key in before["model"]:
+        assert torch.equal(before["model"][key], after["model"][key])
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    assert main(["train", "--resume", str(out / "last.pt"), *FAST]) == 0
+    assert load_training_state(out / "last.pt")["epoch"] == 3
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "apps.classify", "train", "--data", "digits",
+        "--out", str(out), "--epochs", "1", "--batch-size", "16", "--subset", "200", *TINY, *FAST,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # only rank 0 logs
+    record = json.loads(lines[0])
+    # 180 training images split over 2 ranks of 90 -> 5 steps of 16 each: 160 seen in total.
+    assert record["train_count"] == 160
+    # Validation (20 images) is sharded without padding and summed over ranks.
+    assert 0.0 <= record["val_acc"] <= 1.0
+    assert proc.stdout.count("done:") == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pt", "best.safetensors", "curves.png", "last.pt", "last.safetensors",
+        "metrics.jsonl",
+    ]  # fmt: skip
+
+
+def _digits_test_images() -> tuple[np.ndarray, np.ndarray]:
+    from apps.classify.datasets import load_split
+
+    dataset, _ = load_split("digits", "test")
+    return dataset.images[:, 0].numpy(), dataset.labels.numpy()
+
+
+def test_eval_report_matches_independent_computation(digits_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(
+        ["eval", "--checkpoint", str(digits_run / "best.safetensors"), "--data", "digits",
+         "--out", str(out), "--json", *FAST]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads((out / "report.json").read_text())
+    assert (out / "confusion.png").stat().st_size > 1000
+    images, labels = _digits_test_images()
+    assert report["num_images"] == len(labels) == 359  # 20 % of 1,797, rounded
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.sum() == 359 and (matrix.sum(1) == np.bincount(labels, minlength=10)).all()
+    # Oracle: the model run directly on the normalised images.
+    loaded = load_classifier(digits_run / "best.safetensors", attention="reference")
+    x = (torch.from_numpy(images).float()[:, None] / 255 - loaded.mean[0]) / loaded.std[0]
+    with torch.no_grad():
+        logits = loaded.model(x)
+    top1 = (logits.argmax(1).numpy() == labels).mean()
+    top5 = (logits.topk(5, 1).indices.numpy() == labels[:, None]).any(1).mean()
+    assert report["top1"] == pytest.approx(top1) and report["top5"] == pytest.approx(top5)
+    assert report["per_class"]["3"]["count"] == int((labels == 3).sum())
+    assert report["weights"] == "ours (safetensors)"
+
+
+def test_eval_of_training_state_uses_ema_unless_told(digits_run, tmp_path):
+    ema = load_classifier(digits_run / "last.pt", attention="reference")
+    raw = load_classifier(digits_run / "last.pt", weights="model", attention="reference")
+    state = load_training_state(digits_run / "last.pt")
+    key = "head.fc.weight"
+    assert torch.equal(ema.model.state_dict()[key], state["ema"]["module"][key])
+    assert torch.equal(raw.model.state_dict()[key], state["model"][key])
+    assert not torch.equal(state["ema"]["module"][key], state["model"][key])
+
+
+def test_predict_folder_json_and_table(digits_run, tmp_path, capsys):
+    images, labels = _digits_test_images()
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(images[i]).save(folder / f"digit{i}.png")
+    (folder / "broken.png").write_bytes(b"garbage")
+    checkpoint = str(digits_run / "best.safetensors")
+    code = main(["predict", str(folder), "--checkpoint", checkpoint, "--top-k", "3", "--json",
+                 *FAST])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1  # one unreadable image: reported, skipped, signalled
+    assert "broken.png" in captured.err
+    results = json.loads(captured.out)
+    assert [Path(r["path"]).name for r in results] == ["digit0.png", "digit1.png", "digit2.png"]
+    loaded = load_classifier(checkpoint, attention="reference")
+    x = (torch.from_numpy(images[:3]).float()[:, None] / 255 - loaded.mean[0]) / loaded.std[0]
+    with torch.no_grad():
+        probs = loaded.model(x).softmax(1)
+    for r, p in zip(results, probs, strict=True):
+        got = [t["probability"] for t in r["top_k"]]
+        assert got == sorted(got, reverse=True)
+        assert r["top_k"][0]["index"] == int(p.argmax())
+        assert r["top_k"][0]["label"] == str(int(p.argmax()))
+        assert got[0] == pytest.approx(float(p.max()), abs=1e-6)
+    assert main(["predict", str(folder / "digit0.png"), "--checkpoint", checkpoint, *FAST]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["image", "top-1"] and "digit0.png" in table[1]
+
+
+def test_authors_checkpoint_loads_ema_by_default(tmp_path, capsys):
+    import ppma_models
+    from ppma_models.convert import convert_to_upstream
+
+    config = ppma_models.PPMAConfig(
+        dims=(8, 16), depths=(1, 1), heads=(2, 2), mlp_ratios=(2, 2), attention_kinds=("X", "V"),
+        layer_scale=(False, False), head_hidden=16,
+    )  # fmt: skip
+    ppma_models.register_model("test_classify_tiny", config, overwrite=True)
+    raw = ppma_models.create_model("test_classify_tiny", num_classes=4, attention="reference")
+    ema = ppma_models.create_model("test_classify_tiny", num_classes=4, attention="reference")
+    path = tmp_path / "authors.pth"
+    torch.save(
+        {"model": convert_to_upstream(raw.state_dict()),
+         "model_ema": convert_to_upstream(ema.state_dict()),
+         "epoch": 299, "args": argparse.Namespace(model="some_upstream_name", lr=1e-3)},
+        path,
+    )  # fmt: skip
+    image = (np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    x = load_classifier(path, model_name="test_classify_tiny", attention="reference")
+    assert x.source == "authors (model_ema)" and x.input_size == (224, 224)
+    for name, reference in (("ema", ema), ("model", raw)):
+        extra = ["--no-ema"] if name == "model" else []
+        argv = ["predict", str(tmp_path / "photo.png"), "--checkpoint", str(path), "--json"]
+        code = main([*argv, "--model", "test_classify_tiny", "--top-k", "4", *extra, *FAST])
+        assert code == 0
+        result = json.loads(capsys.readouterr().out)[0]
+        from apps.classify.transforms import Preprocess
+
+        pre = Preprocess((224, 224), x.mean, x.std, channels=3)
+        tensor = pre(torch.from_numpy(image).permute(2, 0, 1))[None]
+        with torch.no_grad():
+            expected = reference.eval()(tensor).softmax(1)[0]
+        got = {t["index"]: t["probability"] for t in result["top_k"]}
+        assert got == pytest.approx({i: float(p) for i, p in enumerate(expected)}, abs=1e-5)
+        assert result["top_k"][0]["label"].startswith("class_")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--data", "no-such-set"], "not a built-in data set"),
+        (["train", "--data", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install"),
+        (["train", "--data", "digits", "--model-arg", "nonsense"], "KEY=VALUE"),
+        (["train", "--data", "digits", "--model-arg", "colour=3"], "unknown PPMAConfig field"),
+        (["train", "--data", "digits", "--model-arg", "heads=3,3,3,3"], "must divide"),
+        (["eval", "--checkpoint", "/nonexistent.safetensors"], "does not exist"),
+        (["train", "--resume", "/nonexistent/last.pt"], "does not exist"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(argv, message, capsys):
+    code = main([*argv, *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.startswith("error: ")
+
+
+def test_bad_files_give_clear_errors(tmp_path, digits_run, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    assert main(["eval", "--checkpoint", str(junk), "--data", "digits", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "junk.pt" in err and "Traceback" not in err
+    text = tmp_path / "a.txt"
+    text.write_text("hello")
+    ckpt = str(digits_run / "best.safetensors")
+    assert main(["predict", str(text), "--checkpoint", ckpt, *FAST]) == 2
+    assert "none of the 1 input image(s) could be read" in capsys.readouterr().err
+    # The digits model has 10 classes; a 3-class folder cannot be evaluated with it.
+    data = _png_folder(tmp_path / "imgs")
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(data), *FAST]) == 2
+    assert "not among the model's classes" in capsys.readouterr().err
+
+
+def test_argparse_rejects_bad_numbers(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "0"])
+    assert exc.value.code == 2
+    assert "--epochs: must be >= 1" in capsys.readouterr().err.replace("argument ", "")
+
+
+def test_cli_subprocess_help_and_error_without_traceback():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-m", "apps.classify", "train", "--help"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0 and "--resume" in run.stdout and "torchrun" in run.stdout
+    run = subprocess.run(
+        [sys.executable, "-m", "apps.classify", "eval", "--checkpoint", "/nope.pt"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "/nope.pt" in run.stderr
