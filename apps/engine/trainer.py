@@ -245,6 +245,9 @@ class Trainer:
         last = cfg.epochs
         if stop_after_epochs is not None:
             last = min(last, self.epoch + stop_after_epochs)
+        if self.epoch == 0 and self.ctx.is_main and self.metrics.path.exists():
+            # A fresh run in an old run directory: start a new log, not a mixed one.
+            self.metrics.path.unlink()
         records = []
         while self.epoch < last:
             lr = self.schedule.lr
