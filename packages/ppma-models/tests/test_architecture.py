@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ppma_models import PPMA, create_model, get_config, list_models
 from ppma_models.attention import MaskedAttention
 from ppma_models.decay import DecayField
+from ppma_models.residual_conv import residual_depthwise_conv
 from ppma_models.rope import FlatRotaryEmbedding, apply_rotary, rotary_frequencies
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -244,6 +245,10 @@ def test_bad_inputs_give_clear_errors():
         model(torch.zeros(1, 3, 32, 32, dtype=torch.int64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         model([1, 2, 3])
+    with pytest.raises(ValueError, match="x is on meta but the model is on cpu"):
+        model(torch.empty(1, 3, 32, 32, device="meta"))
+    with pytest.raises(TypeError, match="float64 but the model's weights are torch.float32"):
+        model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
     features = create_model("ppma_nano", features_only=True, attention="reference")
     with pytest.raises(RuntimeError, match="no classifier head"):
         features.forward_head(torch.randn(1, 256, 1, 1))
@@ -315,3 +320,32 @@ def test_torch_compile_traces_the_whole_model():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+def test_residual_depthwise_conv_equals_identity_plus_conv():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, 5, padding=2, groups=6)
+    x = torch.randn(2, 7, 9, 6, dtype=torch.float64, requires_grad=True)
+    conv = conv.double()
+    fused = residual_depthwise_conv(x, conv)
+    plain = x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert torch.allclose(fused, plain)
+    g = torch.randn_like(plain)
+    grads_fused = torch.autograd.grad(fused, (x, conv.weight, conv.bias), g)
+    grads_plain = torch.autograd.grad(plain, (x, conv.weight, conv.bias), g)
+    for a, b in zip(grads_fused, grads_plain, strict=True):
+        assert torch.allclose(a, b)
+    # the module's own weight is not modified by the folding
+    before = conv.weight.detach().clone()
+    residual_depthwise_conv(x, conv)
+    assert torch.equal(conv.weight, before)
+
+
+def test_inference_and_training_modes_agree():
+    """The no-grad path (in-place residuals) computes what the autograd path computes."""
+    torch.manual_seed(0)
+    model = create_model("ppma_nano", attention="reference").eval()
+    x = torch.randn(2, 3, 30, 26)
+    with torch.no_grad():
+        fast = model(x)
+    assert torch.allclose(model(x), fast, atol=1e-6)

@@ -32,6 +32,9 @@ class Stem(nn.Module):
         self.norm4 = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-last convolutions make the final permute to (B, H, W, C) free, so every
+        # stage works on contiguous tokens.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = F.gelu(self.norm1(self.conv1(x)))
         x = F.gelu(self.norm2(self.conv2(x)))
         x = F.gelu(self.norm3(self.conv3(x)))

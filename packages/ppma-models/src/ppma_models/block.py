@@ -8,6 +8,7 @@ from torch import nn
 from .attention import ATTENTION_BY_KIND
 from .drop_path import DropPath
 from .feedforward import ConvFeedForward
+from .residual_conv import residual_depthwise_conv
 
 LAYER_NORM_EPS = 1e-6
 
@@ -51,12 +52,17 @@ class PPMABlock(nn.Module):
             self.ffn_layer_scale = None
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = residual_depthwise_conv(x, self.cpe)  # a fresh tensor this block owns
         y = self.attn(self.attn_norm(x), rotation)
         if self.attn_layer_scale is not None:
             y = self.attn_layer_scale * y
-        x = x + self.drop_path(y)
+        x = _add_residual(x, self.drop_path(y))
         y = self.ffn(self.ffn_norm(x))
         if self.ffn_layer_scale is not None:
             y = self.ffn_layer_scale * y
-        return x + self.drop_path(y)
+        return _add_residual(x, self.drop_path(y))
+
+
+def _add_residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y; in place when no graph is recorded (x is then a block-owned temporary)."""
+    return x + y if torch.is_grad_enabled() else x.add_(y)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .residual_conv import residual_depthwise_conv
+
 
 class ConvFeedForward(nn.Module):
     """fc1 (C → hidden) → GELU → h + DWConv3×3(h) → fc2 (hidden → C).
@@ -21,5 +23,4 @@ class ConvFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.fc1(x))
-        h = h + self.dwconv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.fc2(h)
+        return self.fc2(residual_depthwise_conv(h, self.dwconv))

@@ -160,6 +160,14 @@ class PPMA(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+        weight = self.stem.conv1.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model is on {weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's weights are {weight.dtype} "
+                "(convert one of them, or run under torch.autocast)"
+            )
 
     def _stage_outputs(self, x: torch.Tensor, last: int):
         """Yield (i, channels-last output of stage i) for i = 0..last."""

@@ -1,0 +1,21 @@
+"""Depthwise convolution with an identity shortcut, y = x + DWConv(x), as one convolution."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def residual_depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """x + conv(x) for a depthwise ``conv`` with odd kernel and "same" padding.
+
+    x: (B, H, W, C) channels last → same shape. The identity is folded into the kernel's
+    centre tap, which saves a full pass over the (often largest) activation tensor;
+    gradients flow to the conv weight exactly as for the unfused form.
+    """
+    kh, kw = conv.kernel_size
+    weight = conv.weight.clone()
+    weight[:, 0, kh // 2, kw // 2] += 1
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, conv.bias, padding=conv.padding, groups=conv.groups)
+    return y.permute(0, 2, 3, 1)
