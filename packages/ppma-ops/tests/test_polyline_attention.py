@@ -97,7 +97,7 @@ def _grads(fn, inputs, scale, grad_out):
     return out, torch.autograd.grad(out, leaves, grad_out)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(attention_problems())
 def test_forward_matches_reference_and_ppma_mask(problem) -> None:
     (q, k, v, la, lb), scale = problem
@@ -108,7 +108,7 @@ def test_forward_matches_reference_and_ppma_mask(problem) -> None:
     )
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(attention_problems())
 def test_backward_matches_reference(problem) -> None:
     (q, k, v, la, lb), scale = problem
