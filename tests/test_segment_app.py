@@ -98,9 +98,8 @@ def test_predict_writes_masks_equal_to_the_model_argmax(trained_run, tmp_path):
     assert legend[0]["name"] == "background" and len(legend) == spec.num_classes
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(straight, "--epochs", "2")
+def test_resume_continues_exactly(trained_run, tmp_path):
+    straight, split = trained_run, tmp_path / "split"  # straight: the same 2 epochs, in one go
     _train(split, "--epochs", "2", "--stop-after-epochs", "1")
     assert len(_records(split)) == 1
     _train(split, "--epochs", "2", "--resume", "auto")
@@ -197,3 +196,12 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(tmp_path):
         torch.set_num_threads(threads)
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["miou"] == pytest.approx(record["val_miou"], abs=1e-9)
+
+
+def test_bf16_autocast_training(tmp_path):
+    run = tmp_path / "amp"
+    _train(run, "--epochs", "1", "--amp", "--attention", "reference")
+    record = _records(run)[-1]
+    assert np.isfinite(record["train_loss"]) and 0.0 <= record["val_miou"] <= 1.0
+    weights = load_file(run / "last.safetensors")
+    assert all(t.dtype != torch.bfloat16 for t in weights.values())  # autocast, not bf16 weights

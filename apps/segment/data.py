@@ -8,6 +8,7 @@ shards and shuffles for ``torchrun`` and passes the epoch on to the dataset.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,8 +117,17 @@ def scene_source(
     split: str, config: SceneConfig, seed: int, count: int, root: str | None = None
 ) -> SceneSource:
     """``count`` scenes built from the Fashion-MNIST ``split`` ("train" or "test")."""
-    images, labels = load_fashion_mnist(split, root)
+    images, labels = _fashion_mnist(split, root)
     return SceneSource(SceneGenerator(images, labels, config, seed), count)
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_mnist(split: str, root: str | None) -> tuple[np.ndarray, np.ndarray]:
+    # Decompressing the 60k training images takes about a second; train + eval in one process
+    # (and the tests) read each split once.
+    images, labels = load_fashion_mnist(split, root)
+    images.flags.writeable = labels.flags.writeable = False  # shared: nobody may modify them
+    return images, labels
 
 
 def scene_config_from_args(args) -> SceneConfig:

@@ -62,6 +62,21 @@ def make_train_step(aux_weight: float, ignore_index: int):
     return train_step
 
 
+def _check_autocast(model: torch.nn.Module, device: torch.device, attention: str) -> None:
+    """Fail before training, with a clear message, if the model cannot run under bf16."""
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            model.to(device)(torch.zeros(2, 3, 32, 32, device=device))
+    except (TypeError, RuntimeError) as exc:
+        raise SystemExit(
+            f"error: --amp: the model does not run under bf16 autocast with --attention "
+            f"{attention} ({exc}); try --attention reference or leave out --amp"
+        ) from exc
+    finally:
+        model.train()
+
+
 def run_train(args: argparse.Namespace) -> list[dict]:
     """Train as the parsed command line says; returns the epoch records."""
     ctx = init_distributed(args.device)
@@ -89,6 +104,8 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
     )
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(spec, attention=args.attention, pretrained=args.pretrained)
+    if args.amp:
+        _check_autocast(model, ctx.device, args.attention)
     augment = TrainAugment(
         crop=args.crop,
         scale_range=tuple(args.scale_range),
