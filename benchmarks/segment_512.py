@@ -5,6 +5,8 @@ Each measurement runs in a fresh subprocess so that its peak resident memory (``
 its own; the two implementations alternate round by round (interleaved), and the report gives
 medians and the reference/native ratio. Memory is reported as the process peak and as the peak
 above the resident size after building the model (what the forward/backward pass added).
+BatchNorm layers run with running statistics: one image has no batch statistics for the
+pyramid pooling's 1×1 map.
 
     python benchmarks/segment_512.py --rounds 2 --out benchmarks
     nox -s segment_bench
@@ -43,6 +45,12 @@ def measure(impl: str, size: int, channels: int, steps: int, threads: int | None
     model = create_segmentation_model(
         "ppma_tiny", 150, channels=channels, aux_channels=channels // 2, attention=impl
     ).train()
+    # One image: a BatchNorm after the 1×1 pyramid-pooling branch has a single value per
+    # channel, so batch statistics do not exist. BatchNorm layers use their running statistics
+    # (frozen-BN fine-tuning); every parameter still gets its gradient.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
     x = torch.randn(1, 3, size, size)
     target = torch.randint(0, 150, (1, size, size))
     base = _rss_mib()

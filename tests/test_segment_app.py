@@ -154,6 +154,9 @@ def test_bad_arguments_and_files_give_clear_errors(tmp_path, capsys):
         main(["train", *SCENES, "--out", str(tmp_path), "--batch-size", "0"])
     assert info.value.code == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", *SCENES, "--out", str(tmp_path), "--batch-size", "1"])
+    assert "needs more than one value per channel" in capsys.readouterr().err
 
     assert main(["eval", str(tmp_path / "missing.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -200,6 +200,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.command == "train" and args.batch_size < 2:
+        parser.error(
+            f"--batch-size must be >= 2 per process, got {args.batch_size} (BatchNorm after the "
+            "pyramid pooling's 1x1 branch needs more than one value per channel)"
+        )
     if getattr(args, "lr", 1.0) <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if getattr(args, "aux_channels", 0) < 0:
