@@ -341,3 +341,21 @@ def test_cli_subprocess_error_without_traceback():
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr and "/nope.pt" in run.stderr
+
+
+def test_imagenet_layout_uses_train_and_val_folders(tmp_path, capsys):
+    root = tmp_path / "imagenet"
+    _png_folder(root / "train")
+    _png_folder(root / "val")
+    (root / "val" / "square" / "corrupt.png").unlink()
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(root), "--out", str(out), "--input-size", "12", "--epochs", "1"]
+    assert main([*argv, "--batch-size", "4", *TINY, *FAST]) == 0
+    # Validation comes from val/ (18 images), not from a 10 % split of the 19 train/ files.
+    assert "19 train / 18 val images" in capsys.readouterr().err
+    assert "val_acc" in MetricsLog(out / "metrics.jsonl").read()[0]
+    eval_argv = ["eval", "--checkpoint", str(out), "--data", str(root), "--json"]
+    assert main([*eval_argv, "--out", str(tmp_path / "ev"), *FAST]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_images"] == 18  # the 18 readable val/ images
+    assert sorted(report["per_class"]) == ["circle", "square", "stripes"]
