@@ -189,18 +189,19 @@ def to_markdown(report: dict) -> str:
         + f". Load average at start: {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}"
         + f"; OMP_WAIT_POLICY={m['omp_wait_policy']}.",
         "",
-        "## Throughput (batch {batch}, {size}², medians of {repeats} interleaved repeats)".format(
+        "## Throughput ({size}², medians of {repeats} interleaved repeats after a warm-up)".format(
             **report["settings"]
         ),
         "",
-        "| model | step | native img/s | reference img/s | native / reference | native peak MB | "
-        "reference peak MB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | step | batch | native img/s | reference img/s | native / reference | "
+        "native peak MB | reference peak MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["throughput"]:
         lines.append(
-            f"| {row['model']} | {row['mode']} | {row['native']['images_per_s']:.1f} | "
-            f"{row['reference']['images_per_s']:.1f} | **{row['speedup']:.2f}×** | "
+            f"| {row['model']} | {row['mode']} | {row['batch']} | "
+            f"{row['native']['images_per_s']:.2f} | "
+            f"{row['reference']['images_per_s']:.2f} | **{row['speedup']:.2f}×** | "
             f"{_mb(row['native'].get('memory'))} | {_mb(row['reference'].get('memory'))} |"
         )
     lines += [
@@ -237,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument(
+        "--train-models", nargs="+", default=["ppma_tiny", "ppma_small", "ppma_base"]
+    )
     parser.add_argument("--dense-size", type=int, default=1024)
     parser.add_argument("--dense-rounds", type=int, default=2)
     parser.add_argument(
@@ -252,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.models, args.batch, args.size, args.repeats = ["ppma_tiny"], 2, 64, 1
+        args.train_batch = 2
         args.dense_size, args.dense_rounds = 128, 1
 
     out = Path(args.out)
@@ -262,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch": args.batch,
             "size": args.size,
             "repeats": args.repeats,
+            "train_batch": args.train_batch,
             "dense_size": args.dense_size,
             "mem_limit_gb": args.mem_limit_gb,
         },
@@ -270,65 +277,69 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps(report["machine"]), flush=True)
 
-    for name in args.models:
-        for mode in ("inference", "train"):
-            times = time_interleaved(name, mode, args.batch, args.size, args.repeats)
-            row = {"model": name, "mode": mode}
-            for impl in IMPLS:
-                med = statistics.median(times[impl])
-                spec = {
-                    "model": name,
-                    "impl": impl,
-                    "mode": mode,
-                    "batch": args.batch,
-                    "size": args.size,
-                }
-                row[impl] = {
-                    "times_s": times[impl],
-                    "median_s": med,
-                    "images_per_s": args.batch / med,
-                    "memory": run_child(spec, args.mem_limit_gb, timeout_s=1800),
-                }
-            row["speedup"] = row["native"]["images_per_s"] / row["reference"]["images_per_s"]
-            report["throughput"].append(row)
-            native, ref = row["native"]["images_per_s"], row["reference"]["images_per_s"]
-            print(
-                f"{name} {mode}: native {native:.1f} img/s, reference {ref:.1f} img/s "
-                f"({row['speedup']:.2f}×)",
-                flush=True,
-            )
-
-    # Dense-size forward in subprocesses, interleaved rounds; smaller sizes if the reference fails.
-    sizes = [args.dense_size] + [s for s in (768, 512) if s < args.dense_size]
-    for size in sizes:
-        results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
-        for _ in range(args.dense_rounds):
-            for impl in IMPLS:
-                spec = {
-                    "model": "ppma_tiny",
-                    "impl": impl,
-                    "mode": "dense",
-                    "batch": 1,
-                    "size": size,
-                    "timed": 1,
-                }
-                results[impl].append(run_child(spec, args.mem_limit_gb, timeout_s=1800))
+    def throughput(name: str, mode: str) -> None:
+        batch = args.batch if mode == "inference" else args.train_batch
+        times = time_interleaved(name, mode, batch, args.size, args.repeats)
+        row = {"model": name, "mode": mode, "batch": batch}
         for impl in IMPLS:
-            ok = [r for r in results[impl] if r["status"] == "ok"]
-            row = {
-                "size": size,
-                "impl": impl,
-                "status": "ok" if ok else results[impl][-1]["status"],
+            med = statistics.median(times[impl])
+            spec = {"model": name, "impl": impl, "mode": mode, "batch": batch, "size": args.size}
+            row[impl] = {
+                "times_s": times[impl],
+                "median_s": med,
+                "images_per_s": batch / med,
+                "memory": run_child(spec, args.mem_limit_gb, timeout_s=3600),
             }
-            if ok:
-                row["time_s"] = statistics.median(t for r in ok for t in r["times_s"])
-                row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
-                row["peak_over_baseline_mb"] = max(r["peak_over_baseline_mb"] for r in ok)
-            report["dense"].append(row)
-            print(f"dense {size}² {impl}: {row}", flush=True)
-        if all(r["status"] == "ok" for r in report["dense"][-2:]):
-            break
+        row["speedup"] = row["native"]["images_per_s"] / row["reference"]["images_per_s"]
+        report["throughput"].append(row)
+        native, ref = row["native"]["images_per_s"], row["reference"]["images_per_s"]
+        print(
+            f"{name} {mode}: native {native:.2f} img/s, reference {ref:.2f} img/s "
+            f"({row['speedup']:.2f}×)",
+            flush=True,
+        )
 
+    def dense_forward() -> None:
+        # Subprocesses, interleaved rounds; smaller sizes if the reference does not fit.
+        for size in sizes:
+            results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+            for _ in range(args.dense_rounds):
+                for impl in IMPLS:
+                    spec = {"model": "ppma_tiny", "impl": impl, "mode": "dense", "batch": 1,
+                            "size": size, "timed": 1}  # fmt: skip
+                    results[impl].append(run_child(spec, args.mem_limit_gb, timeout_s=3600))
+            for impl in IMPLS:
+                ok = [r for r in results[impl] if r["status"] == "ok"]
+                row = {
+                    "size": size,
+                    "impl": impl,
+                    "status": "ok" if ok else results[impl][-1]["status"],
+                }
+                if ok:
+                    row["time_s"] = statistics.median(t for r in ok for t in r["times_s"])
+                    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+                    row["peak_over_baseline_mb"] = max(r["peak_over_baseline_mb"] for r in ok)
+                report["dense"].append(row)
+                print(f"dense {size}² {impl}: {row}", flush=True)
+            if all(r["status"] == "ok" for r in report["dense"][-2:]):
+                break
+
+    sizes = [args.dense_size] + [s for s in (768, 512) if s < args.dense_size]
+    # The two targets first (PPMA-T inference, dense forward), then the rest; the
+    # report is rewritten after each item so an interrupted run still leaves its results.
+    first, rest = args.models[0], args.models[1:]
+    tasks = [lambda: throughput(first, "inference"), dense_forward]
+    if first in args.train_models:
+        tasks.append(lambda: throughput(first, "train"))
+    tasks += [lambda n=n: throughput(n, "inference") for n in rest]
+    tasks += [lambda n=n: throughput(n, "train") for n in rest if n in args.train_models]
+    for task in tasks:
+        task()
+        write_report(report, out, sizes)
+    print(to_markdown(report))
+
+
+def write_report(report: dict, out: Path, sizes: list[int]) -> None:
     tiny = next(
         (r for r in report["throughput"] if r["model"] == "ppma_tiny" and r["mode"] == "inference"),
         None,
@@ -359,10 +370,8 @@ def main(argv: list[str] | None = None) -> None:
                 "met": None,  # the reference could not run at this size
             }
     report["targets"] = targets
-
     (out / "models.json").write_text(json.dumps(report, indent=1))
     (out / "models.md").write_text(to_markdown(report))
-    print(to_markdown(report))
 
 
 if __name__ == "__main__":
