@@ -8,8 +8,8 @@
 //       row_probs (B, heads, H, W, W): the row softmaxes Â_i; col_probs (B, heads, W, H, H):
 //       the column softmaxes B̂_l; rows_v = R(V), cols_v = Cc(V) (B, heads, H, W, c). All in
 //       the accumulation dtype (float32; float64 for float64 inputs), saved for the backward.
-//   ppma::criss_cross_attention_backward(grad_out, q, k, v, row_probs, col_probs, rows_v,
-//       cols_v, scale) -> (dq, dk, dv, dlog_alpha, dlog_beta)
+//   ppma::criss_cross_attention_backward(grad_out, q, k, v, log_alpha, log_beta, row_probs,
+//       col_probs, rows_v, cols_v, scale) -> (dq, dk, dv, dlog_alpha, dlog_beta)
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -100,6 +100,15 @@ at::Tensor per_head(const at::Tensor& t, at::ScalarType acc) {
 #define PPMA_CALL_IF_BUILT_AVX2(FN, ...) [[fallthrough]];
 #endif
 
+// Cumsum tables (B·heads, H, W) in float32 or wider: Ca along each row, Cb along each column.
+std::pair<at::Tensor, at::Tensor> cumsum_tables(const at::Tensor& log_alpha,
+                                                const at::Tensor& log_beta, at::ScalarType acc) {
+  const int64_t bh = log_alpha.size(0) * log_alpha.size(1);
+  const int64_t H = log_alpha.size(2), W = log_alpha.size(3);
+  return {at::cumsum(log_alpha.to(acc), -1).contiguous().view({bh, H, W}),
+          at::cumsum(log_beta.to(acc), -2).contiguous().view({bh, H, W})};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
     const at::Tensor& log_beta, double scale) {
@@ -108,9 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   const auto acc = accumulation_type(q.scalar_type());
   const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3), c = v.size(4);
   const at::Tensor qh = per_head(q, acc), kh = per_head(k, acc), vh = per_head(v, acc);
-  // Cumsum tables in float32 or wider: Ca along each row (W), Cb along each column (H).
-  const at::Tensor ca = at::cumsum(log_alpha.to(acc), -1).contiguous().view({B * heads, H, W});
-  const at::Tensor cb = at::cumsum(log_beta.to(acc), -2).contiguous().view({B * heads, H, W});
+  const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
   const auto opts = qh.options();
   at::Tensor out = at::empty({B * heads, H, W, c}, opts);
   at::Tensor row_probs = at::empty({B * heads, H, W, W}, opts);
@@ -128,13 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& row_probs, const at::Tensor& col_probs, const at::Tensor& rows_v,
+    const at::Tensor& log_alpha, const at::Tensor& log_beta, const at::Tensor& row_probs, const at::Tensor& col_probs, const at::Tensor& rows_v,
     const at::Tensor& cols_v, double scale) {
-  TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes(), "criss_cross_attention_backward: q and k ",
-              "must have one shape (B, heads, H, W, d), got ", q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(v.dim() == 5 && v.sizes().slice(0, 4) == q.sizes().slice(0, 4),
-              "criss_cross_attention_backward: v must have shape (B, heads, H, W, c) matching ",
-              "q's ", q.sizes().slice(0, 4), ", got ", v.sizes());
+  check_args(q, k, v, log_alpha, log_beta);
   TORCH_CHECK(grad_out.sizes() == v.sizes(), "criss_cross_attention_backward: grad_out must ",
               "have the shape of v ", v.sizes(), ", got ", grad_out.sizes());
   const auto acc = accumulation_type(q.scalar_type());
@@ -152,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
                 t->scalar_type());
   }
   const at::Tensor go = per_head(grad_out, acc);
+  const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
   const at::Tensor qh = per_head(q, acc), kh = per_head(k, acc), vh = per_head(v, acc);
   const at::Tensor rp = row_probs.contiguous().view({B * heads, H, W, W});
   const at::Tensor cp = col_probs.contiguous().view({B * heads, W, H, H});
@@ -166,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   at::Tensor dv = alloc({B * heads, H, W, c});
   at::Tensor dla = alloc({B * heads, H, W}), dlb = alloc({B * heads, H, W});
   if (work) {
-    PPMA_CRISS_CROSS_DISPATCH(criss_cross_backward, go, qh, kh, vh, rp, cp, x1, x2, scale, dq, dk,
+    PPMA_CRISS_CROSS_DISPATCH(criss_cross_backward, go, qh, kh, vh, ca, cb, rp, cp, x1, x2, scale, dq, dk,
                               dv, dla, dlb)
   }
   const auto dt = q.scalar_type();
@@ -203,7 +207,7 @@ TORCH_LIBRARY_FRAGMENT(ppma, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "criss_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-      "Tensor row_probs, Tensor col_probs, Tensor rows_v, Tensor cols_v, float scale) -> "
+      "Tensor log_alpha, Tensor log_beta, Tensor row_probs, Tensor col_probs, Tensor rows_v, Tensor cols_v, float scale) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }

@@ -24,6 +24,7 @@ namespace ppma {
   /* Writes dq, dk, dv and the log-decay gradients d_log_alpha, d_log_beta (BH, H, W). */     \
   void criss_cross_backward(const at::Tensor& grad_out, const at::Tensor& q,                  \
                             const at::Tensor& k, const at::Tensor& v,                         \
+                            const at::Tensor& ca, const at::Tensor& cb,                       \
                             const at::Tensor& row_probs, const at::Tensor& col_probs,         \
                             const at::Tensor& rows_v, const at::Tensor& cols_v, double scale, \
                             at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,                   \

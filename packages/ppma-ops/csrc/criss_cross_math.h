@@ -49,20 +49,24 @@ PPMA_HOST_DEVICE inline void softmax_backward_row(const T* p, T* dp, int64_t n) 
 }
 
 // Row r of the score gradient dS feeds the gradient of the cumsum table C of its line:
-// d log_mask(C[a], C[b]) / dC[a] = −sign(C[a] − C[b]) = sign(a − b), because the log decays are
-// ≤ 0 and C is non-increasing along the line (decays of exactly 1 take the one-sided derivative
-// from inside the domain). So dC[m] = Σ_x sign(m − x)·(dS[m, x] + dS[x, m]); this adds row r's
-// share: the dS[r, x] terms to dC[r] and the dS[r, m] terms (x = r) to every dC[m].
+// d log_mask(C[a], C[b]) / dC[a] = −sign(C[a] − C[b]), which is sign(a − b) because the log
+// decays are ≤ 0 and C is non-increasing along the line, and 0 where C[a] = C[b] (decays of
+// exactly 1: torch.abs's subgradient, as in the reference and the vanilla op). So
+// dC[m] = Σ_x sign(m − x)·[C[m] ≠ C[x]]·(dS[m, x] + dS[x, m]); this adds row r's share: the
+// dS[r, x] terms to dC[r] and the dS[r, m] terms (x = r) to every dC[m].
 template <typename T>
-PPMA_HOST_DEVICE inline void mask_grad_row(const T* ds_row, int64_t n, int64_t r, T* dC) {
+PPMA_HOST_DEVICE inline void mask_grad_row(const T* ds_row, const T* C, int64_t n, int64_t r,
+                                           T* dC) {
   T own = 0;
   for (int64_t x = 0; x < r; ++x) {
-    own += ds_row[x];
-    dC[x] -= ds_row[x];
+    const T g = C[x] != C[r] ? ds_row[x] : T(0);
+    own += g;
+    dC[x] -= g;
   }
   for (int64_t x = r + 1; x < n; ++x) {
-    own -= ds_row[x];
-    dC[x] += ds_row[x];
+    const T g = C[x] != C[r] ? ds_row[x] : T(0);
+    own -= g;
+    dC[x] += g;
   }
   dC[r] += own;
 }

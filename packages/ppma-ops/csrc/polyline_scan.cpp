@@ -71,6 +71,11 @@ int64_t column_block(const ScanGrid& g) {
   return std::min<int64_t>(g.W, std::max<int64_t>(1, 256 / std::max<int64_t>(1, g.c)));
 }
 
+// Small grids stay on one thread: waking the pool costs more than the scan.
+int64_t column_grain(const ScanGrid& g) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.H * column_block(g) * g.c));
+}
+
 // out[row] = A_i · x[row] for every row (decays log_alpha along W).
 template <typename acc_t>
 void mix_rows(const acc_t* x, acc_t* out, const acc_t* log_alpha, const ScanGrid& g) {
@@ -89,7 +94,7 @@ template <typename acc_t>
 void mix_columns(const acc_t* x, acc_t* out, const acc_t* log_beta, const ScanGrid& g) {
   const int64_t bw = column_block(g);
   const int64_t blocks = (g.W + bw - 1) / bw;
-  at::parallel_for(0, g.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.heads * blocks, column_grain(g), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> carry(bw * g.c);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t head = item / blocks;
@@ -123,7 +128,7 @@ void mix_columns_backward(const acc_t* u, const acc_t* gy, acc_t* grad_u, acc_t*
                           const acc_t* log_beta, const ScanGrid& g) {
   const int64_t bw = column_block(g);
   const int64_t blocks = (g.W + bw - 1) / bw;
-  at::parallel_for(0, g.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.heads * blocks, column_grain(g), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> fu(g.H * bw * g.c), carry_u(bw * g.c), carry_g(bw * g.c);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t head = item / blocks;

@@ -84,7 +84,7 @@ void masked_softmax_tile(T* s, int64_t n, const T* C) {
 // In place over an n×n tile: dp ← p ⊙ (dp − rowsum(p ⊙ dp)), then the tile's contribution to
 // the gradient of its line's cumsum table, dC (n values, overwritten).
 template <typename T>
-void softmax_and_mask_backward_tile(const T* p, T* dp, int64_t n, T* dC) {
+void softmax_and_mask_backward_tile(const T* p, T* dp, const T* C, int64_t n, T* dC) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
   const int64_t nv = n - n % L;
@@ -101,7 +101,7 @@ void softmax_and_mask_backward_tile(const T* p, T* dp, int64_t n, T* dC) {
       (Vec::loadu(pr + x) * (Vec::loadu(dr + x) - vd)).store(dr + x);
     }
     for (int64_t x = nv; x < n; ++x) dr[x] = pr[x] * (dr[x] - dot);
-    criss_cross::mask_grad_row(dr, n, row, dC);
+    criss_cross::mask_grad_row(dr, C, n, row, dC);
   }
 }
 
@@ -159,7 +159,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 template <typename T>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& row_probs, const at::Tensor& col_probs,
+                   const at::Tensor& v, const at::Tensor& ca, const at::Tensor& cb,
+                   const at::Tensor& row_probs, const at::Tensor& col_probs,
                    const at::Tensor& rows_v, const at::Tensor& cols_v, T scale, at::Tensor& dq,
                    at::Tensor& dk, at::Tensor& dv, at::Tensor& d_log_alpha,
                    at::Tensor& d_log_beta) {
@@ -169,6 +170,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
+  const T* cap = ca.const_data_ptr<T>();
+  const T* cbp = cb.const_data_ptr<T>();
   const T* rp = row_probs.const_data_ptr<T>();
   const T* cp = col_probs.const_data_ptr<T>();
   const T* x1p = rows_v.const_data_ptr<T>();
@@ -203,7 +206,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       tile_gemm<T>(false, true, W, W, c, T(1), dx1p + ro, c, vp + ro, c, T(0), ds.data(), W);
       tile_gemm<T>(false, true, W, W, c, T(0.5), gp + ro, c, x2p + ro, c, T(1), ds.data(), W);
       tile_gemm<T>(true, false, W, c, W, T(1), p, W, dx1p + ro, c, T(0), dvp + ro, c);
-      softmax_and_mask_backward_tile<T>(p, ds.data(), W, dC.data());
+      softmax_and_mask_backward_tile<T>(p, ds.data(), cap + r * W, W, dC.data());
       tile_gemm<T>(false, false, W, d, W, scale, ds.data(), W, kp + qo, d, T(0), dqp + qo, d);
       tile_gemm<T>(true, false, W, d, W, scale, ds.data(), W, qp + qo, d, T(0), dkp + qo, d);
       criss_cross::cumsum_grad(dC.data(), W, dlap + r * W, int64_t(1));
@@ -211,7 +214,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   });
   // Columns: dB̂ → dS, the column parts of dq, dk, dv (accumulated), d log_beta.
   at::parallel_for(0, cols, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> ds(H * H), dC(H);
+    std::vector<T> ds(H * H), dC(H), C(H);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / W, l = item % W;
       const T* p = cp + item * H * H;
@@ -221,7 +224,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       tile_gemm<T>(false, true, H, H, c, T(1), dx2p + vo, W * c, vp + vo, W * c, T(1), ds.data(),
                    H);
       tile_gemm<T>(true, false, H, c, H, T(1), p, H, dx2p + vo, W * c, T(1), dvp + vo, W * c);
-      softmax_and_mask_backward_tile<T>(p, ds.data(), H, dC.data());
+      for (int64_t i = 0; i < H; ++i) C[i] = cbp[bh * H * W + i * W + l];
+      softmax_and_mask_backward_tile<T>(p, ds.data(), C.data(), H, dC.data());
       tile_gemm<T>(false, false, H, d, H, scale, ds.data(), H, kp + qo, W * d, T(1), dqp + qo,
                    W * d);
       tile_gemm<T>(true, false, H, d, H, scale, ds.data(), H, qp + qo, W * d, T(1), dkp + qo,
@@ -246,16 +250,17 @@ void criss_cross_forward(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 void criss_cross_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                          const at::Tensor& v, const at::Tensor& row_probs,
+                          const at::Tensor& v, const at::Tensor& ca, const at::Tensor& cb,
+                          const at::Tensor& row_probs,
                           const at::Tensor& col_probs, const at::Tensor& rows_v,
                           const at::Tensor& cols_v, double scale, at::Tensor& dq,
                           at::Tensor& dk, at::Tensor& dv, at::Tensor& d_log_alpha,
                           at::Tensor& d_log_beta) {
   if (q.scalar_type() == at::kDouble) {
-    backward_impl<double>(grad_out, q, k, v, row_probs, col_probs, rows_v, cols_v, scale, dq, dk,
+    backward_impl<double>(grad_out, q, k, v, ca, cb, row_probs, col_probs, rows_v, cols_v, scale, dq, dk,
                           dv, d_log_alpha, d_log_beta);
   } else {
-    backward_impl<float>(grad_out, q, k, v, row_probs, col_probs, rows_v, cols_v,
+    backward_impl<float>(grad_out, q, k, v, ca, cb, row_probs, col_probs, rows_v, cols_v,
                          static_cast<float>(scale), dq, dk, dv, d_log_alpha, d_log_beta);
   }
 }

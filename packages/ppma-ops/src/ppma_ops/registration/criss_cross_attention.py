@@ -42,6 +42,8 @@ def _criss_cross_backward_fake(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
     row_probs: torch.Tensor,
     col_probs: torch.Tensor,
     rows_v: torch.Tensor,
@@ -59,20 +61,20 @@ def _criss_cross_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, _log_alpha, _log_beta, scale = inputs
+    q, k, v, log_alpha, log_beta, scale = inputs
     _out, row_probs, col_probs, rows_v, cols_v = output
-    ctx.save_for_backward(q, k, v, row_probs, col_probs, rows_v, cols_v)
+    ctx.save_for_backward(q, k, v, log_alpha, log_beta, row_probs, col_probs, rows_v, cols_v)
     ctx.scale = scale
     # Set by autograd on the saved outputs otherwise; the statistics carry no gradient.
     ctx.mark_non_differentiable(row_probs, col_probs, rows_v, cols_v)
 
 
 def _backward(ctx, grad_out, _grad_row_probs, _grad_col_probs, _grad_rows_v, _grad_cols_v):
-    q, k, v, row_probs, col_probs, rows_v, cols_v = ctx.saved_tensors
+    q, k, v, log_alpha, log_beta, *saved = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(v)
     dq, dk, dv, dlog_alpha, dlog_beta = torch.ops.ppma.criss_cross_attention_backward(
-        grad_out, q, k, v, row_probs, col_probs, rows_v, cols_v, ctx.scale
+        grad_out, q, k, v, log_alpha, log_beta, *saved, ctx.scale
     )
     return dq, dk, dv, dlog_alpha, dlog_beta, None
 
