@@ -257,10 +257,8 @@ def test_opcheck_attention_on_cuda(kind: str) -> None:
     saved = fwd(*(t.detach() for t in args), 0.5)
     backward = getattr(torch.ops.ppma, f"{kind}_attention_backward")
     grad_out = torch.randn_like(saved[0])
-    if kind == "polyline":
-        backward_args = (grad_out, *(t.detach() for t in args), *saved[1:], 0.5)
-    else:
-        backward_args = (grad_out, *(t.detach() for t in args[:3]), *saved[1:], 0.5)
+    # Both backward ops take (grad_out, q, k, v, log_alpha, log_beta, *saved, scale).
+    backward_args = (grad_out, *(t.detach() for t in args), *saved[1:], 0.5)
     torch.library.opcheck(backward.default, backward_args)
 
 

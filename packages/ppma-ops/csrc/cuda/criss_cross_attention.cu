@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 
 #include "../criss_cross_math.h"
 #include "cuda_common.cuh"
@@ -126,11 +127,13 @@ __global__ void qk_grad_kernel(const acc_t* __restrict__ q, const acc_t* __restr
   dk[idx] = scale * gk;
 }
 
-// Log-decay gradient of one line from its score gradient: dC (scratch, n per line) collects
-// both ends of every mask entry, then a reverse cumsum along the line. One thread per line.
+// Log-decay gradient of one line from its score gradient and its cumsum table C (n per line,
+// contiguous): dC (scratch, n per line) collects both ends of every mask entry, then a reverse
+// cumsum along the line. One thread per line.
 template <typename acc_t>
-__global__ void line_mask_grad_kernel(const acc_t* __restrict__ ds, Lines lines,
-                                      int64_t num_lines, acc_t* __restrict__ dC_scratch,
+__global__ void line_mask_grad_kernel(const acc_t* __restrict__ ds, const acc_t* __restrict__ C,
+                                      Lines lines, int64_t num_lines,
+                                      acc_t* __restrict__ dC_scratch,
                                       acc_t* __restrict__ grad_log_decay) {
   const int64_t line = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (line >= num_lines) return;
@@ -138,7 +141,10 @@ __global__ void line_mask_grad_kernel(const acc_t* __restrict__ ds, Lines lines,
   acc_t* dC = dC_scratch + line * n;
   for (int64_t x = 0; x < n; ++x) dC[x] = 0;
   const acc_t* ds_line = ds + line * n * n;
-  for (int64_t r = 0; r < n; ++r) criss_cross::mask_grad_row(ds_line + r * n, n, r, dC);
+  const acc_t* C_line = C + line * n;
+  for (int64_t r = 0; r < n; ++r) {
+    criss_cross::mask_grad_row(ds_line + r * n, C_line, n, r, dC);
+  }
   criss_cross::cumsum_grad(dC, n, grad_log_decay + lines.base(line), lines.stride);
 }
 
@@ -147,6 +153,20 @@ void launch(Kernel kernel, int64_t work, Args... args) {
   if (work <= 0) return;
   kernel<<<blocks_for(work, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Cumsum tables with each line contiguous: Ca (B·heads, H, W) for the rows and Cbᵀ
+// (B·heads, W, H) for the columns, in the accumulation dtype.
+std::pair<at::Tensor, at::Tensor> line_tables(const at::Tensor& log_alpha,
+                                              const at::Tensor& log_beta, at::ScalarType acc,
+                                              int64_t BH, int64_t H, int64_t W) {
+  at::Tensor ca = line_cumsum(as_acc(log_alpha, acc).view({BH, H, W}), BH, H, W,
+                              /*along_rows=*/true, /*reverse=*/false);
+  at::Tensor cb_t = line_cumsum(as_acc(log_beta, acc).view({BH, H, W}), BH, H, W,
+                                /*along_rows=*/false, /*reverse=*/false)
+                        .transpose(-1, -2)
+                        .contiguous();
+  return {ca, cb_t};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cuda(
@@ -165,13 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   at::Tensor cols_v = at::zeros({BH, H, W, c}, opts);
   if (BH * H * W > 0) {
     const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
-    // Line tables: Ca rows are contiguous; Cb columns are made contiguous by a transpose.
-    const at::Tensor ca = line_cumsum(as_acc(log_alpha, acc).view({BH, H, W}), BH, H, W,
-                                      /*along_rows=*/true, /*reverse=*/false);
-    const at::Tensor cb_t = line_cumsum(as_acc(log_beta, acc).view({BH, H, W}), BH, H, W,
-                                        /*along_rows=*/false, /*reverse=*/false)
-                                .transpose(-1, -2)
-                                .contiguous();
+    // Plain variables, not structured bindings: lambdas may not capture those before C++20.
+    at::Tensor ca, cb_t;
+    std::tie(ca, cb_t) = line_tables(log_alpha, log_beta, acc, BH, H, W);
     const Lines rows = Lines::rows(H, W), cols = Lines::columns(H, W);
     const int64_t n_rows = BH * H, n_cols = BH * W;
     AT_DISPATCH_FLOATING_TYPES(acc, "ppma_criss_cross_fwd", [&] {
@@ -206,26 +222,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& row_probs, const at::Tensor& col_probs, const at::Tensor& rows_v,
-    const at::Tensor& cols_v, double scale) {
+    const at::Tensor& log_alpha, const at::Tensor& log_beta, const at::Tensor& row_probs,
+    const at::Tensor& col_probs, const at::Tensor& rows_v, const at::Tensor& cols_v,
+    double scale) {
   constexpr const char* op = "criss_cross_attention_backward";
-  TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes(), op, ": q and k must have one shape ",
-              "(B, heads, H, W, d), got ", q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(v.dim() == 5 && v.sizes().slice(0, 4) == q.sizes().slice(0, 4), op,
-              ": v must have shape (B, heads, H, W, c) matching q's ", q.sizes().slice(0, 4),
-              ", got ", v.sizes());
+  check_attention_args(op, q, k, v, log_alpha, log_beta);
   TORCH_CHECK(grad_out.sizes() == v.sizes(), op, ": grad_out must have the shape of v ",
               v.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(q.is_cuda(), op, ": the CUDA kernel got q on ", q.device());
   const auto acc = accumulation_type(q.scalar_type());
   const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3);
   const int64_t BH = B * heads, d = q.size(4), c = v.size(4);
   const auto dev = q.device();
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k},
-                                {"v", &v},
-                                {"grad_out", &grad_out}}) {
-    TORCH_CHECK(t->device() == dev, op, ": ", name, " is on ", t->device(), " but q is on ", dev);
-  }
+  TORCH_CHECK(grad_out.device() == dev, op, ": grad_out is on ", grad_out.device(),
+              " but q is on ", dev);
   check_like(op, "row_probs", row_probs, {B, heads, H, W, W}, acc, dev);
   check_like(op, "col_probs", col_probs, {B, heads, W, H, H}, acc, dev);
   check_like(op, "rows_v", rows_v, {B, heads, H, W, c}, acc, dev);
@@ -240,6 +249,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
     const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
     const at::Tensor rp = row_probs.contiguous(), cp = col_probs.contiguous();
     const at::Tensor x1 = rows_v.contiguous(), x2 = cols_v.contiguous();
+    // Plain variables, not structured bindings: lambdas may not capture those before C++20.
+    at::Tensor ca, cb_t;
+    std::tie(ca, cb_t) = line_tables(log_alpha, log_beta, acc, BH, H, W);
     at::Tensor dx1 = at::empty({BH, H, W, c}, opts), dx2 = at::empty({BH, H, W, c}, opts);
     at::Tensor ds_rows = at::empty({BH, H, W, W}, opts);
     at::Tensor ds_cols = at::empty({BH, W, H, H}, opts);
@@ -277,10 +289,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
              static_cast<const T*>(ds_rows.const_data_ptr<T>()),
              static_cast<const T*>(ds_cols.const_data_ptr<T>()), BH, H, W, d,
              static_cast<T>(scale), dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>());
-      launch(line_mask_grad_kernel<T>, n_rows, ds_rows.const_data_ptr<T>(), rows, n_rows,
-             scratch.mutable_data_ptr<T>(), dla.mutable_data_ptr<T>());
-      launch(line_mask_grad_kernel<T>, n_cols, ds_cols.const_data_ptr<T>(), cols, n_cols,
-             scratch.mutable_data_ptr<T>(), dlb.mutable_data_ptr<T>());
+      launch(line_mask_grad_kernel<T>, n_rows, ds_rows.const_data_ptr<T>(),
+             ca.const_data_ptr<T>(), rows, n_rows, scratch.mutable_data_ptr<T>(),
+             dla.mutable_data_ptr<T>());
+      launch(line_mask_grad_kernel<T>, n_cols, ds_cols.const_data_ptr<T>(),
+             cb_t.const_data_ptr<T>(), cols, n_cols, scratch.mutable_data_ptr<T>(),
+             dlb.mutable_data_ptr<T>());
     });
   }
   const auto dt = q.scalar_type();

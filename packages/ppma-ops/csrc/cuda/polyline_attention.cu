@@ -494,7 +494,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd_cuda(
   at::Tensor lse = at::empty({BH, 2, N}, opts);
   if (BH * N > 0) {
     const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
-    const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc, BH, H, W);
+    // Plain variables, not structured bindings: lambdas may not capture those before C++20.
+    at::Tensor ca, cb;
+    std::tie(ca, cb) = cumsum_tables(log_alpha, log_beta, acc, BH, H, W);
     const int64_t query_blocks = ceil_div(N, kFwdThreads);
     const int64_t dim = d > c ? d : c;
     AT_DISPATCH_FLOATING_TYPES(acc, "ppma_polyline_attention_fwd", [&] {
@@ -543,7 +545,9 @@ polyline_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q
   if (BH * N > 0) {
     const at::Tensor go = as_acc(grad_out, acc);
     const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
-    const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc, BH, H, W);
+    // Plain variables, not structured bindings: lambdas may not capture those before C++20.
+    at::Tensor ca, cb;
+    std::tie(ca, cb) = cumsum_tables(log_alpha, log_beta, acc, BH, H, W);
     const at::Tensor parts_f = parts.contiguous();
     const at::Tensor lse_f = lse.contiguous();
     at::Tensor delta = at::empty({BH, 2, N}, opts);
