@@ -1,7 +1,7 @@
 """PPMA-T + UPerNet on one 512×512 image: forward+backward time and peak memory, native vs
 reference attention ops.
 
-Each measurement runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``) is
+Each measurement runs in a fresh subprocess so that its peak resident memory (``VmHWM``) is
 its own; the two implementations alternate round by round (interleaved), and the report gives
 medians and the reference/native ratio. Memory is reported as the process peak and as the peak
 above the resident size after building the model (what the forward/backward pass added).
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,16 @@ IMPLS = ("native", "reference")
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    # VmHWM is this process's own high-water mark; ru_maxrss is carried across fork + exec and
+    # could report the parent's peak instead.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
 def measure(impl: str, size: int, channels: int, steps: int, threads: int | None) -> dict:
@@ -69,7 +78,7 @@ def measure(impl: str, size: int, channels: int, steps: int, threads: int | None
         step()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _peak_rss_mib()
     return {
         "impl": impl,
         "native_used": impl == "native" and ppma_ops.native_available(),
