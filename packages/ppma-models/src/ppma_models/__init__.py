@@ -21,6 +21,7 @@ from .checkpoint import (
 from .config import PPMAConfig
 from .model import PPMA
 from .registry import create_model, get_config, list_models, register_model
+from .segmentation import SegmentationModel, UPerHead, create_segmentation_model
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -29,7 +30,10 @@ __all__ = [
     "PPMA",
     "PPMAConfig",
     "PolylineAttention",
+    "SegmentationModel",
+    "UPerHead",
     "create_model",
+    "create_segmentation_model",
     "get_config",
     "list_models",
     "load_checkpoint",
