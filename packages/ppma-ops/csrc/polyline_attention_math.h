@@ -8,8 +8,11 @@
 
 #include "common.h"
 
+// Internal linkage: this header is compiled into every per-ISA kernel object; with external
+// linkage the linker could keep an AVX-512 copy for callers on CPUs without it.
 namespace ppma {
 namespace polyline {
+namespace {
 
 // log L(u, v) = −|Ca[i,j] − Ca[i,l]| − |Cb[i,l] − Cb[k,l]|  (V2H path, mask M).
 // The transposed mask Mᵀ(u, v) = M(v, u) is the same function of
@@ -90,5 +93,6 @@ struct Tiling {
   }
 };
 
+}  // namespace
 }  // namespace polyline
 }  // namespace ppma

@@ -16,7 +16,10 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 #endif
 
+// Internal linkage: this header is compiled into every per-ISA kernel object; with external
+// linkage the linker could keep an AVX-512 copy for callers on CPUs without it.
 namespace ppma {
+namespace {
 
 #if defined(PPMA_HAVE_BLAS)
 // Column-major BLAS on row-major data: C (m×n) row-major is Cᵀ column-major, so compute
@@ -61,4 +64,5 @@ inline void tile_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
 #endif
 }
 
+}  // namespace
 }  // namespace ppma
