@@ -15,6 +15,7 @@ Session virtualenvs are reused, so a second run only re-installs what changed.
 from __future__ import annotations
 
 import os
+import shutil
 
 import nox
 
@@ -43,6 +44,22 @@ def install_packages(session: nox.Session, *, ops: bool = True, models: bool = T
         session.install("--no-build-isolation", "packages/ppma-ops", env=env)
     if models:
         session.install("--no-build-isolation", "-e", "packages/ppma-models")
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def ensure_fashion_mnist(session: nox.Session) -> None:
+    """Install the Debian package with the Fashion-MNIST IDX files when it is missing."""
+    if os.path.isdir(FASHION_MNIST_DIR):
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        session.error(
+            "Fashion-MNIST not found: run `sudo apt-get install dataset-fashion-mnist` "
+            "(or pass --data-dir with the IDX files to the app)"
+        )
+    session.run("apt-get", "update", "-qq", external=True)
+    session.run("apt-get", "install", "-y", "-qq", "dataset-fashion-mnist", external=True)
 
 
 @nox.session(python=PYTHON)
@@ -134,6 +151,7 @@ def demo(session: nox.Session) -> None:
     import time
 
     install_packages(session)
+    ensure_fashion_mnist(session)
     out = session.posargs[0] if session.posargs else "runs/demo-fashion-mnist"
     extra = session.posargs[1:]
     # Passive OpenMP waits: with other processes on the two cores, spinning threads cost ~4x.
@@ -162,6 +180,7 @@ def segment_demo(session: nox.Session) -> None:
     go to ``train`` (e.g. ``nox -s segment_demo -- runs/seg --epochs 2``).
     """
     install_packages(session)
+    ensure_fashion_mnist(session)
     out = session.posargs[0] if session.posargs else "runs/segment_demo"
     extra = session.posargs[1:]
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
