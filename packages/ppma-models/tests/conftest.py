@@ -1,4 +1,4 @@
-"""Shared fixtures for the ppma_models tests: the official reference data in shared/."""
+"""Shared fixtures for the ppma_models tests (``reference_dir`` comes from the root conftest)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-_REPO = Path(__file__).resolve().parents[3]
-
-
-def _reference_dir() -> Path:
-    # The checkout may carry shared/ inside it, or sit next to it (/work/main, /work/shared).
-    for root in (_REPO / "shared", _REPO.parent / "shared"):
-        if (root / "reference").is_dir():
-            return root / "reference"
-    raise FileNotFoundError(
-        f"official reference data not found: looked for shared/reference in {_REPO} and "
-        f"{_REPO.parent}; the ppma_models tests need the fixtures described in DESIGN §3"
-    )
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +21,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def reference_dir() -> Path:
-    return _reference_dir()
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

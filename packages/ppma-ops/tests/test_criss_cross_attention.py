@@ -4,20 +4,13 @@ torch.compile and the official criss-cross fixture."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import ppma_ops
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from ppma_ops import reference
-
-FIXTURE = (
-    Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "attention_chunk.npz"
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -273,57 +266,10 @@ def test_clear_errors_for_bad_arguments():
         ppma_ops.criss_cross_attention(q, k, v, la.abs() + 0.5, lb)
 
 
-def _fixture_module_output(z, attention) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official criss-cross module around ``attention`` (test-side wrapper, DESIGN §2.1–2.4):
-    q/k/v projections (k scaled by d^-½, the op called with scale 1), the shared decay head,
-    1-D RoPE over the flat index, LePE and out_proj."""
-    state = {key[6:]: torch.tensor(z[key]) for key in z.files if key.startswith("state/")}
-    x = torch.tensor(z["input"])
-    b, hh, ww, c = x.shape
-    heads = state["path_embed.A_log"].numel()
-    d = c // heads
-
-    def linear(name, t):
-        return F.linear(t, state[f"{name}.weight"], state[f"{name}.bias"])
-
-    def split_heads(t):  # (B, H, W, C) → (B, heads, H, W, d)
-        return t.view(b, hh, ww, heads, d).permute(0, 3, 1, 2, 4)
-
-    q, k, v = linear("q_proj", x), linear("k_proj", x) * d**-0.5, linear("v_proj", x)
-    delta = x.view(b, hh, ww, heads, d) @ state["path_embed.dt_linear.weight"].T
-    rate = -torch.exp(state["path_embed.A_log"])
-    log_alpha = (rate * F.softplus(delta[..., 0] + state["path_embed.dt_bias"])).permute(0, 3, 1, 2)
-    log_beta = (rate * F.softplus(delta[..., 1] + state["path_embed.dt_bias"])).permute(0, 3, 1, 2)
-    theta = (1.0 / 10000 ** torch.linspace(0, 1, d // 2)).repeat_interleave(2)
-    angle = torch.arange(hh * ww, dtype=x.dtype)[:, None] * theta[None]
-    sin, cos = angle.sin().view(hh, ww, d), angle.cos().view(hh, ww, d)
-
-    def rotate(t):
-        t = split_heads(t)
-        pairs = torch.stack([-t[..., 1::2], t[..., 0::2]], dim=-1).flatten(-2)
-        return t * cos + pairs * sin
-
-    out = attention(rotate(q), rotate(k), split_heads(v), log_alpha, log_beta)
-    out = out.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)
-    lepe = F.conv2d(
-        v.permute(0, 3, 1, 2),
-        state["lepe.conv.weight"],
-        state["lepe.conv.bias"],
-        padding=2,
-        groups=c,
-    ).permute(0, 2, 3, 1)
-    return linear("out_proj", out + lepe), torch.tensor(z["output/y"])
-
-
-def test_reproduces_the_official_criss_cross_fixture():
-    if not FIXTURE.is_file():
-        pytest.fail(
-            f"official fixture missing: {FIXTURE} (expected ../shared/reference/ next to the repo)"
-        )
-    with np.load(FIXTURE) as z:
-        y, expected = _fixture_module_output(
-            z, lambda q, k, v, la, lb: torch.ops.ppma.criss_cross_attention(q, k, v, la, lb, 1.0)
-        )
+def test_reproduces_the_official_criss_cross_fixture(official_attention):
+    y, expected = official_attention(
+        "chunk", lambda q, k, v, la, lb: torch.ops.ppma.criss_cross_attention(q, k, v, la, lb, 1.0)
+    )
     assert y.dtype == torch.float32
     error = (y - expected).abs().max().item() / expected.abs().max().item()
     assert error <= 1e-5, f"relative error {error:.2e} against the official output"

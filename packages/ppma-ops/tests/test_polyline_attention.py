@@ -7,21 +7,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import ppma_mask
 import ppma_ops
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ppma_ops import reference
-
-FIXTURE = (
-    Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "attention_whole.npz"
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -196,52 +190,13 @@ def test_torch_compile_fullgraph_forward_and_backward() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _official_attention(path: Path, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixture's attention module around the native op: projections, decay head, RoPE over
-    the flat index, LePE and out_proj (DESIGN §2.1–2.3), written out test-side."""
-    z = np.load(path)
-    st_ = {
-        n[len("state/") :]: torch.tensor(z[n]).to(dtype) for n in z.files if n.startswith("state/")
-    }
-    x = torch.tensor(z["input"]).to(dtype)
-    b, h, w, c = x.shape
-    heads = 4
-    d = c // heads
-
-    def lin(name: str, t: torch.Tensor) -> torch.Tensor:
-        return F.linear(t, st_[name + ".weight"], st_[name + ".bias"])
-
-    q, k, v = lin("q_proj", x), lin("k_proj", x) * d**-0.5, lin("v_proj", x)
-    delta = x.view(b, h, w, heads, d) @ st_["path_embed.dt_linear.weight"].T  # (b,h,w,heads,2)
-    rate = -torch.exp(st_["path_embed.A_log"])
-    la = (rate * F.softplus(delta[..., 0] + st_["path_embed.dt_bias"])).permute(0, 3, 1, 2)
-    lb = (rate * F.softplus(delta[..., 1] + st_["path_embed.dt_bias"])).permute(0, 3, 1, 2)
-    theta = (1.0 / 10000 ** torch.linspace(0, 1, d // 2, dtype=dtype)).repeat_interleave(2)
-    angle = torch.arange(h * w, dtype=dtype)[:, None] * theta[None]
-    sin, cos = angle.sin().view(h, w, d), angle.cos().view(h, w, d)
-
-    def heads_first(t: torch.Tensor) -> torch.Tensor:
-        return t.view(b, h, w, heads, d).permute(0, 3, 1, 2, 4)
-
-    def rotate(t: torch.Tensor) -> torch.Tensor:
-        t = heads_first(t)
-        pairs = torch.stack([-t[..., 1::2], t[..., 0::2]], -1).flatten(-2)
-        return t * cos + pairs * sin
-
-    o = ppma_ops.polyline_attention(
-        rotate(q), rotate(k), heads_first(v), la.contiguous(), lb.contiguous(), scale=1.0
-    )
-    o = o.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
-    lepe = F.conv2d(
-        v.permute(0, 3, 1, 2), st_["lepe.conv.weight"], st_["lepe.conv.bias"], padding=2, groups=c
-    ).permute(0, 2, 3, 1)
-    return lin("out_proj", o + lepe), torch.tensor(z["output/y"]).to(dtype)
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
-def test_official_attention_fixture(dtype, tol) -> None:
-    assert FIXTURE.is_file(), f"official fixture missing: {FIXTURE} (expected ../shared/reference)"
-    y, expected = _official_attention(FIXTURE, dtype)
+def test_official_attention_fixture(official_attention, dtype, tol) -> None:
+    y, expected = official_attention(
+        "whole",
+        lambda q, k, v, la, lb: torch.ops.ppma.polyline_attention(q, k, v, la, lb, 1.0),
+        dtype,
+    )
     assert y.shape == expected.shape
     rel = ((y - expected).abs().max() / expected.abs().max()).item()
     assert rel < tol, f"relative error {rel:.2e} against the official fixture"
