@@ -82,12 +82,17 @@ void masked_softmax_tile(T* s, int64_t n, const T* C) {
 }
 
 // In place over an n×n tile: dp ← p ⊙ (dp − rowsum(p ⊙ dp)), then the tile's contribution to
-// the gradient of its line's cumsum table, dC (n values, overwritten).
+// the gradient of its line's cumsum table, dC (n values, overwritten). The vector loop fuses
+// the softmax backward with criss_cross::mask_grad_row: with s = sign(x − row) and g the
+// new dp[x] where C[x] ≠ C[row], dC[x] += s·g and dC[row] −= Σ s·g.
 template <typename T>
 void softmax_and_mask_backward_tile(const T* p, T* dp, const T* C, int64_t n, T* dC) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
   const int64_t nv = n - n % L;
+  T lane[L];
+  for (int64_t e = 0; e < L; ++e) lane[e] = T(e);
+  const Vec iota = Vec::loadu(lane), zero(T(0)), one(T(1)), minus_one(T(-1));
   std::fill(dC, dC + n, T(0));
   for (int64_t row = 0; row < n; ++row) {
     const T* pr = p + row * n;
@@ -96,12 +101,31 @@ void softmax_and_mask_backward_tile(const T* p, T* dp, const T* C, int64_t n, T*
     for (int64_t x = 0; x < nv; x += L) vdot = vdot + Vec::loadu(pr + x) * Vec::loadu(dr + x);
     T dot = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, vdot);
     for (int64_t x = nv; x < n; ++x) dot += pr[x] * dr[x];
-    const Vec vd(dot);
+    const Vec vd(dot), c_row(C[row]), v_row(static_cast<T>(row));
+    Vec own(T(0));
     for (int64_t x = 0; x < nv; x += L) {
-      (Vec::loadu(pr + x) * (Vec::loadu(dr + x) - vd)).store(dr + x);
+      const Vec ds = Vec::loadu(pr + x) * (Vec::loadu(dr + x) - vd);
+      ds.store(dr + x);
+      const Vec g = Vec::blendv(zero, ds, Vec::loadu(C + x) != c_row);
+      const Vec idx = iota + Vec(static_cast<T>(x));
+      const Vec sign = Vec::blendv(Vec::blendv(zero, one, idx > v_row), minus_one, idx < v_row);
+      const Vec sg = sign * g;
+      (Vec::loadu(dC + x) + sg).store(dC + x);
+      own = own - sg;
     }
-    for (int64_t x = nv; x < n; ++x) dr[x] = pr[x] * (dr[x] - dot);
-    criss_cross::mask_grad_row(dr, C, n, row, dC);
+    T own_sum = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, own);
+    for (int64_t x = nv; x < n; ++x) {
+      dr[x] = pr[x] * (dr[x] - dot);
+      const T g = C[x] != C[row] ? dr[x] : T(0);
+      if (x < row) {
+        dC[x] -= g;
+        own_sum += g;
+      } else if (x > row) {
+        dC[x] += g;
+        own_sum -= g;
+      }
+    }
+    dC[row] += own_sum;
   }
 }
 

@@ -46,6 +46,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scale = scale
     # parts and lse are statistics for the backward, not differentiable results.
     ctx.mark_non_differentiable(parts, lse)
+    # Their gradients are never used: don't let autograd allocate zero tensors for them.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_parts, grad_lse):
