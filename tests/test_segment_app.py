@@ -208,3 +208,32 @@ def test_bf16_autocast_training(tmp_path):
     assert np.isfinite(record["train_loss"]) and 0.0 <= record["val_miou"] <= 1.0
     weights = load_file(run / "last.safetensors")
     assert all(t.dtype != torch.bfloat16 for t in weights.values())  # autocast, not bf16 weights
+
+
+THREE_STAGES = [
+    "--model-arg", "dims=16,32,64", "--model-arg", "depths=1,1,1", "--model-arg", "heads=2,2,4",
+    "--model-arg", "mlp_ratios=2,2,2", "--model-arg", "attention_kinds=X,X,V",
+    "--model-arg", "layer_scale=false,false,false",
+]  # fmt: skip
+
+
+def test_model_args_shape_the_backbone_and_travel_with_the_checkpoint(tmp_path):
+    run = tmp_path / "three"
+    _train(run, "--epochs", "1", *THREE_STAGES)
+    model, spec = load_trained(run)
+    assert spec.backbone_args["dims"] == (16, 32, 64) and spec.num_stages == 3
+    # UPerNet fuses the three stages; the auxiliary head sits on the penultimate one.
+    assert len(model.decode_head.lateral_convs) + 1 == 3
+    assert model.auxiliary_head.in_index == 1
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 11, 32, 32)
+
+
+def test_bad_model_arg_stops_before_training(tmp_path, capsys):
+    run = tmp_path / "bad"
+    for bad, message in (("no_such_field=3", "unknown PPMAConfig field"), ("dims", "KEY=VALUE")):
+        args = ["train", *SCENES, *TINY, "--out", str(run), "--epochs", "1", "--model-arg", bad]
+        assert main(args) == 2
+        captured = capsys.readouterr()
+        assert "--model-arg" in captured.err + captured.out
+        assert message in captured.err + captured.out
+    assert not (run / "last.pt").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from apps.engine import (
     load_training_state,
     seed_everything,
 )
+from apps.engine.model_args import parse_model_args as engine_model_args
 
 __all__ = ["RECIPE_KEYS", "parse_model_args", "run_train"]
 
@@ -44,23 +44,12 @@ RECIPE_KEYS = (
 )  # fmt: skip
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
-    """``["dims=32,64", "head_hidden=256"]`` -> ``{"dims": (32, 64), "head_hidden": 256}``."""
-    overrides: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DataError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        parts = [_parse_value(v.strip()) for v in value.split(",")]
-        overrides[key.strip()] = tuple(parts) if "," in value else parts[0]
-    return overrides
+    """``--model-arg`` items as PPMAConfig overrides (see apps.engine.model_args)."""
+    try:
+        return engine_model_args(items)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def _loader(dataset, batch_size: int, sampler, workers: int, drop_last: bool) -> DataLoader:

@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, curves)")
     m = t.add_argument_group("model")
     m.add_argument("--backbone", default="ppma_nano", help="ppma_nano, ppma_tiny, ppma_small, ...")
+    m.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a backbone PPMAConfig field, e.g. depths=1,2,2 (repeatable); the "
+        "number of dims sets the number of stages the UPerNet head fuses",
+    )
     m.add_argument("--pretrained", default=None, help="backbone checkpoint (authors' .pth or ours)")
     m.add_argument("--channels", type=int, default=64, help="UPerNet channels (512 upstream)")
     m.add_argument(

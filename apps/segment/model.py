@@ -6,11 +6,12 @@ A run stores a plain-dict :class:`ModelSpec` in its checkpoints' metadata, so ``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from ppma_models.registry import get_config
 from ppma_models.segmentation import SegmentationModel, create_segmentation_model
 
 from apps.engine.checkpoint import CheckpointError, load_training_state, load_weights
@@ -28,10 +29,19 @@ class ModelSpec:
     ignore_index: int = 255
     crop: int = 64  # training crop: the default sliding window for larger images
     drop_path: float = 0.0
+    # PPMAConfig overrides of the registered backbone (--model-arg), e.g. {"depths": (1, 2, 2)}
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_stages(self) -> int:
+        return len(get_config(self.backbone).replace(**self.backbone_args).dims)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["class_names"] = list(self.class_names)
+        d["backbone_args"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in self.backbone_args.items()
+        }
         return d
 
     @classmethod
@@ -42,14 +52,25 @@ class ModelSpec:
             raise CheckpointError(f"checkpoint metadata lacks {sorted(missing)}")
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["class_names"] = tuple(kwargs["class_names"])
+        kwargs["backbone_args"] = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in (kwargs.get("backbone_args") or {}).items()
+        }
         return cls(**kwargs)
 
 
 def build_model(
     spec: ModelSpec, *, attention: str = "native", pretrained: str | None = None
 ) -> SegmentationModel:
-    """UPerNet on ``spec.backbone``; ``pretrained`` loads backbone weights (authors' or ours)."""
-    kwargs: dict[str, Any] = {"attention": attention, "drop_path_rate": spec.drop_path}
+    """UPerNet on ``spec.backbone`` over all its stages (the auxiliary FCN head on the
+    penultimate one, as MMSeg's on stage 3 of 4); ``pretrained`` loads backbone weights."""
+    stages = spec.num_stages
+    kwargs: dict[str, Any] = {
+        "attention": attention,
+        "drop_path_rate": spec.drop_path,
+        "out_indices": tuple(range(stages)),
+        **spec.backbone_args,
+    }
     if pretrained is not None:
         kwargs.update(pretrained=pretrained, strict=False)
     return create_segmentation_model(
@@ -57,6 +78,7 @@ def build_model(
         spec.num_classes,
         channels=spec.channels,
         aux_channels=spec.aux_channels or None,
+        aux_in_index=max(stages - 2, 0),
         **kwargs,
     )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from ppma_models.registry import get_config
 from torch.utils.data import DataLoader
 
 from apps.engine import (
@@ -26,6 +27,7 @@ from apps.engine import (
     init_distributed,
     progress_enabled,
 )
+from apps.engine.model_args import parse_model_args
 from apps.segment.data import EpochShuffleSampler, SegmentationSamples, build_sources
 from apps.segment.evaluate import evaluate_segmentation
 from apps.segment.model import ModelSpec, build_model, count_parameters
@@ -77,6 +79,16 @@ def _check_autocast(model: torch.nn.Module, device: torch.device, attention: str
         model.train()
 
 
+def _backbone_args(args: argparse.Namespace) -> dict:
+    """``--model-arg`` overrides, checked against the backbone's config before any work."""
+    try:
+        overrides = parse_model_args(getattr(args, "model_arg", None))
+        get_config(args.backbone).replace(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"error: --model-arg: {exc}") from exc
+    return overrides
+
+
 def run_train(args: argparse.Namespace) -> list[dict]:
     """Train as the parsed command line says; returns the epoch records."""
     ctx = init_distributed(args.device)
@@ -101,6 +113,7 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
         ignore_index=sources.ignore_index,
         crop=args.crop,
         drop_path=args.drop_path,
+        backbone_args=_backbone_args(args),
     )
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(spec, attention=args.attention, pretrained=args.pretrained)

@@ -349,3 +349,22 @@ def test_inference_and_training_modes_agree():
     with torch.no_grad():
         fast = model(x)
     assert torch.allclose(model(x), fast, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["native", "reference"])
+def test_bf16_autocast_runs_and_tracks_float32(attention):
+    # Under autocast the projections are bf16 while the decay head is not: the attention
+    # layer must hand the ops one dtype. The result should stay close to the float32 model.
+    torch.manual_seed(0)
+    model = create_model("ppma_nano", num_classes=10, attention=attention).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert torch.isfinite(low).all()
+    err = (low.float() - reference).norm() / reference.norm()
+    assert err < 0.1, err
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()(x).float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

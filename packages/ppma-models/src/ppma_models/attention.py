@@ -88,8 +88,13 @@ class MaskedAttention(nn.Module):
         # k is scaled by d^-1/2 (as upstream); folded into its rotation to save a pass.
         k = apply_rotary(self._split_heads(k), rotation * self.head_dim**-0.5)
         op = type(self).native_op if self.impl == "native" else type(self).reference_op
-        # The operator must not scale again.
-        out = op(q, k, self._split_heads(v), log_alpha, log_beta, scale=1.0)
+        # Under bf16/fp16 autocast the projections come out in low precision while the decay
+        # head may not; the ops take one dtype (and accumulate in float32 regardless).
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), log_alpha.dtype)
+        q, k, v_heads, log_alpha, log_beta = (
+            t.to(dtype) for t in (q, k, self._split_heads(v), log_alpha, log_beta)
+        )
+        out = op(q, k, v_heads, log_alpha, log_beta, scale=1.0)  # the op must not scale again
         out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.out_proj(out + lepe)
