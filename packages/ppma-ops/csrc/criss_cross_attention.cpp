@@ -19,101 +19,27 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_dispatch.h"
 #include "criss_cross_attention_kernel.h"
+#include "op_args.h"
 
 namespace ppma {
 namespace {
 
 constexpr const char* kOp = "criss_cross_attention";
-
-at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Shapes, dtypes and devices, naming the offending argument.
-void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& log_alpha, const at::Tensor& log_beta) {
-  TORCH_CHECK(q.dim() == 5, kOp, ": q must have shape (B, heads, H, W, d), got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), kOp, ": k must have the shape of q ", q.sizes(), ", got ",
-              k.sizes());
-  TORCH_CHECK(v.dim() == 5 && v.sizes().slice(0, 4) == q.sizes().slice(0, 4), kOp,
-              ": v must have shape (B, heads, H, W, c) matching q's ", q.sizes().slice(0, 4),
-              ", got ", v.sizes());
-  const auto grid = q.sizes().slice(0, 4);
-  TORCH_CHECK(log_alpha.sizes() == grid, kOp, ": log_alpha must have shape (B, heads, H, W) = ",
-              grid, ", got ", log_alpha.sizes());
-  TORCH_CHECK(log_beta.sizes() == grid, kOp, ": log_beta must have shape (B, heads, H, W) = ",
-              grid, ", got ", log_beta.sizes());
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(at::isFloatingType(dtype), kOp, ": q must be a floating-point tensor, got ", dtype);
-  TORCH_CHECK(q.device().is_cpu(), kOp, ": the CPU kernel got q on ", q.device());
-  TORCH_CHECK(q.size(4) > 0, kOp, ": q must have a non-empty head dimension d");
-  const std::pair<const char*, const at::Tensor*> args[] = {
-      {"k", &k}, {"v", &v}, {"log_alpha", &log_alpha}, {"log_beta", &log_beta}};
-  for (const auto& [name, t] : args) {
-    TORCH_CHECK(t->scalar_type() == dtype, kOp, ": ", name, " has dtype ", t->scalar_type(),
-                " but q has ", dtype);
-    TORCH_CHECK(t->device() == q.device(), kOp, ": ", name, " is on ", t->device(),
-                " but q is on ", q.device());
-  }
-}
-
-void check_log_decay_values(const at::Tensor& log_alpha, const at::Tensor& log_beta) {
-  const std::pair<const char*, const at::Tensor*> args[] = {{"log_alpha", &log_alpha},
-                                                            {"log_beta", &log_beta}};
-  for (const auto& [name, t] : args) {
-    if (t->numel() == 0) continue;
-    TORCH_CHECK(!at::isnan(*t).any().item<bool>(), kOp, ": ", name, " contains NaN");
-    const double top = t->max().item<double>();
-    TORCH_CHECK(top <= 0.0, kOp, ": ", name, " must be <= 0 (log of a decay in (0, 1]); max is ",
-                top);
-  }
-}
+// Any floating dtype (fp16 included), checked on the CPU with d > 0.
+constexpr unsigned kArgRules = kAnyFloatingDtype | kCpuNonEmptyHead;
 
 // (B, heads, H, W, x) → contiguous (B·heads, H, W, x) in the accumulation dtype.
 at::Tensor per_head(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous().view({t.size(0) * t.size(1), t.size(2), t.size(3), t.size(4)});
 }
 
-#define PPMA_CRISS_CROSS_DISPATCH(FN, ...)       \
-  switch (selected_cpu_isa()) {                  \
-    case CpuIsa::Avx512:                         \
-      PPMA_CALL_IF_BUILT_AVX512(FN, __VA_ARGS__) \
-    case CpuIsa::Avx2:                           \
-      PPMA_CALL_IF_BUILT_AVX2(FN, __VA_ARGS__)   \
-    default:                                     \
-      DEFAULT::FN(__VA_ARGS__);                  \
-  }
-
-#if defined(PPMA_BUILT_AVX512)
-#define PPMA_CALL_IF_BUILT_AVX512(FN, ...) \
-  AVX512::FN(__VA_ARGS__);                 \
-  break;
-#else
-#define PPMA_CALL_IF_BUILT_AVX512(FN, ...) [[fallthrough]];
-#endif
-#if defined(PPMA_BUILT_AVX2)
-#define PPMA_CALL_IF_BUILT_AVX2(FN, ...) \
-  AVX2::FN(__VA_ARGS__);                 \
-  break;
-#else
-#define PPMA_CALL_IF_BUILT_AVX2(FN, ...) [[fallthrough]];
-#endif
-
-// Cumsum tables (B·heads, H, W) in float32 or wider: Ca along each row, Cb along each column.
-std::pair<at::Tensor, at::Tensor> cumsum_tables(const at::Tensor& log_alpha,
-                                                const at::Tensor& log_beta, at::ScalarType acc) {
-  const int64_t bh = log_alpha.size(0) * log_alpha.size(1);
-  const int64_t H = log_alpha.size(2), W = log_alpha.size(3);
-  return {at::cumsum(log_alpha.to(acc), -1).contiguous().view({bh, H, W}),
-          at::cumsum(log_beta.to(acc), -2).contiguous().view({bh, H, W})};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
     const at::Tensor& log_beta, double scale) {
-  check_args(q, k, v, log_alpha, log_beta);
-  check_log_decay_values(log_alpha, log_beta);
+  check_attention_args(kOp, q, k, v, log_alpha, log_beta, kArgRules);
+  check_log_decay_values(kOp, log_alpha, log_beta);
   const auto acc = accumulation_type(q.scalar_type());
   const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3), c = v.size(4);
   const at::Tensor qh = per_head(q, acc), kh = per_head(k, acc), vh = per_head(v, acc);
@@ -125,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   at::Tensor rows_v = at::empty({B * heads, H, W, c}, opts);
   at::Tensor cols_v = at::empty({B * heads, H, W, c}, opts);
   if (out.numel() > 0) {
-    PPMA_CRISS_CROSS_DISPATCH(criss_cross_forward, qh, kh, vh, ca, cb, scale, out, row_probs,
-                              col_probs, rows_v, cols_v)
+    PPMA_DISPATCH_CPU_ISA(criss_cross_forward, qh, kh, vh, ca, cb, scale, out, row_probs,
+                          col_probs, rows_v, cols_v)
   }
   return {out.view({B, heads, H, W, c}).to(v.scalar_type()),
           row_probs.view({B, heads, H, W, W}), col_probs.view({B, heads, W, H, H}),
@@ -137,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& log_alpha, const at::Tensor& log_beta, const at::Tensor& row_probs, const at::Tensor& col_probs, const at::Tensor& rows_v,
     const at::Tensor& cols_v, double scale) {
-  check_args(q, k, v, log_alpha, log_beta);
+  check_attention_args(kOp, q, k, v, log_alpha, log_beta, kArgRules);
   TORCH_CHECK(grad_out.sizes() == v.sizes(), "criss_cross_attention_backward: grad_out must ",
               "have the shape of v ", v.sizes(), ", got ", grad_out.sizes());
   const auto acc = accumulation_type(q.scalar_type());
@@ -170,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   at::Tensor dv = alloc({B * heads, H, W, c});
   at::Tensor dla = alloc({B * heads, H, W}), dlb = alloc({B * heads, H, W});
   if (work) {
-    PPMA_CRISS_CROSS_DISPATCH(criss_cross_backward, go, qh, kh, vh, ca, cb, rp, cp, x1, x2, scale, dq, dk,
-                              dv, dla, dlb)
+    PPMA_DISPATCH_CPU_ISA(criss_cross_backward, go, qh, kh, vh, ca, cb, rp, cp, x1, x2, scale,
+                          dq, dk, dv, dla, dlb)
   }
   const auto dt = q.scalar_type();
   return {dq.view({B, heads, H, W, d}).to(dt), dk.view({B, heads, H, W, d}).to(dt),

@@ -17,102 +17,25 @@
 #include <tuple>
 
 #include "common.h"
+#include "cpu_dispatch.h"
+#include "op_args.h"
 #include "polyline_attention_kernel.h"
 
 namespace ppma {
 namespace {
 
-at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Shapes, dtypes, devices and values, naming the offending argument.
-void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& log_alpha, const at::Tensor& log_beta) {
-  TORCH_CHECK(q.dim() == 5, "polyline_attention: q must have shape (B, heads, H, W, d), got ",
-              q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "polyline_attention: k must have the shape of q ",
-              q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.dim() == 5 && v.sizes().slice(0, 4) == q.sizes().slice(0, 4),
-              "polyline_attention: v must have shape (B, heads, H, W, c) matching q's ",
-              q.sizes().slice(0, 4), ", got ", v.sizes());
-  TORCH_CHECK(log_alpha.sizes() == q.sizes().slice(0, 4),
-              "polyline_attention: log_alpha must have shape (B, heads, H, W) = ",
-              q.sizes().slice(0, 4), ", got ", log_alpha.sizes());
-  TORCH_CHECK(log_beta.sizes() == q.sizes().slice(0, 4),
-              "polyline_attention: log_beta must have shape (B, heads, H, W) = ",
-              q.sizes().slice(0, 4), ", got ", log_beta.sizes());
-  const std::pair<const char*, const at::Tensor*> args[] = {
-      {"k", &k}, {"v", &v}, {"log_alpha", &log_alpha}, {"log_beta", &log_beta}};
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
-              "polyline_attention: q must be float32, float64 or bfloat16, got ", dtype);
-  for (const auto& [name, t] : args) {
-    TORCH_CHECK(t->scalar_type() == dtype, "polyline_attention: ", name, " has dtype ",
-                t->scalar_type(), " but q has ", dtype);
-    TORCH_CHECK(t->device() == q.device(), "polyline_attention: ", name, " is on ",
-                t->device(), " but q is on ", q.device());
-  }
-}
-
-void check_log_decay_values(const at::Tensor& log_alpha, const at::Tensor& log_beta) {
-  const std::pair<const char*, const at::Tensor*> args[] = {{"log_alpha", &log_alpha},
-                                                            {"log_beta", &log_beta}};
-  for (const auto& [name, t] : args) {
-    if (t->numel() == 0) continue;
-    TORCH_CHECK(!at::isnan(*t).any().item<bool>(), "polyline_attention: ", name,
-                " contains NaN");
-    const double top = t->max().item<double>();
-    TORCH_CHECK(top <= 0.0, "polyline_attention: ", name,
-                " must be <= 0 (log of a decay in (0, 1]); max is ", top);
-  }
-}
+constexpr const char* kOp = "polyline_attention";
 
 // (B, heads, H, W, x) → contiguous (B·heads, H·W, x) in the accumulation dtype.
 at::Tensor flat_tokens(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous().view({t.size(0) * t.size(1), t.size(2) * t.size(3), t.size(4)});
 }
 
-// Cumsum tables (B·heads, H, W): Ca along each row, Cb along each column, at least float32.
-std::pair<at::Tensor, at::Tensor> cumsum_tables(const at::Tensor& log_alpha,
-                                                const at::Tensor& log_beta, at::ScalarType acc) {
-  const auto bh = log_alpha.size(0) * log_alpha.size(1);
-  const auto h = log_alpha.size(2), w = log_alpha.size(3);
-  at::Tensor ca = at::cumsum(log_alpha.to(acc), -1).contiguous().view({bh, h, w});
-  at::Tensor cb = at::cumsum(log_beta.to(acc), -2).contiguous().view({bh, h, w});
-  return {ca, cb};
-}
-
-#define PPMA_DISPATCH_ISA(FN, ...)                    \
-  switch (selected_cpu_isa()) {                       \
-    case CpuIsa::Avx512:                              \
-      PPMA_CALL_IF_BUILT_AVX512(FN, __VA_ARGS__)      \
-    case CpuIsa::Avx2:                                \
-      PPMA_CALL_IF_BUILT_AVX2(FN, __VA_ARGS__)        \
-    default:                                          \
-      DEFAULT::FN(__VA_ARGS__);                       \
-  }
-
-#if defined(PPMA_BUILT_AVX512)
-#define PPMA_CALL_IF_BUILT_AVX512(FN, ...) \
-  AVX512::FN(__VA_ARGS__);                 \
-  break;
-#else
-#define PPMA_CALL_IF_BUILT_AVX512(FN, ...) [[fallthrough]];
-#endif
-#if defined(PPMA_BUILT_AVX2)
-#define PPMA_CALL_IF_BUILT_AVX2(FN, ...) \
-  AVX2::FN(__VA_ARGS__);                 \
-  break;
-#else
-#define PPMA_CALL_IF_BUILT_AVX2(FN, ...) [[fallthrough]];
-#endif
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
     const at::Tensor& log_beta, double scale) {
-  check_args(q, k, v, log_alpha, log_beta);
-  check_log_decay_values(log_alpha, log_beta);
+  check_attention_args(kOp, q, k, v, log_alpha, log_beta);
+  check_log_decay_values(kOp, log_alpha, log_beta);
   const auto acc = accumulation_type(q.scalar_type());
   const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3);
   const int64_t N = H * W, c = v.size(4);
@@ -123,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd_cpu(
   at::Tensor parts = at::empty({B * heads, 2, N, c}, opts);
   at::Tensor lse = at::empty({B * heads, 2, N}, opts);
   if (B * heads * N > 0) {
-    PPMA_DISPATCH_ISA(polyline_attention_forward, qf, kf, vf, ca, cb, scale, out, parts, lse)
+    PPMA_DISPATCH_CPU_ISA(polyline_attention_forward, qf, kf, vf, ca, cb, scale, out, parts, lse)
   }
   return {out.view({B, heads, H, W, c}).to(v.scalar_type()),
           parts.view({B, heads, 2, H, W, c}), lse.view({B, heads, 2, H, W})};
@@ -134,7 +57,7 @@ polyline_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
                                 const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& log_alpha, const at::Tensor& log_beta,
                                 const at::Tensor& parts, const at::Tensor& lse, double scale) {
-  check_args(q, k, v, log_alpha, log_beta);
+  check_attention_args(kOp, q, k, v, log_alpha, log_beta);
   TORCH_CHECK(grad_out.sizes() == v.sizes(), "polyline_attention_backward: grad_out must have ",
               "the shape of v ", v.sizes(), ", got ", grad_out.sizes());
   const auto acc = accumulation_type(q.scalar_type());
@@ -161,8 +84,8 @@ polyline_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
   at::Tensor dca = at::zeros({B * heads, H, W}, opts);
   at::Tensor dcb = at::zeros({B * heads, H, W}, opts);
   if (B * heads * N > 0) {
-    PPMA_DISPATCH_ISA(polyline_attention_backward, go, qf, kf, vf, ca, cb, lse_f, delta, scale,
-                      dq, dk, dv, dca, dcb)
+    PPMA_DISPATCH_CPU_ISA(polyline_attention_backward, go, qf, kf, vf, ca, cb, lse_f, delta,
+                          scale, dq, dk, dv, dca, dcb)
   }
   // Gradients of the cumsum tables → of the log decays: reverse cumsums (along W for Ca,
   // along H for Cb).

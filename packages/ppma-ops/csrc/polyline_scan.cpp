@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "op_args.h"
 #include "scan_math.h"
 
 namespace ppma {
@@ -23,11 +24,6 @@ struct ScanGrid {
   int64_t heads;  // B · heads
   int64_t H, W, c;
 };
-
-at::ScalarType scan_acc_type(at::ScalarType t) {
-  // Cumulative products are formed in float32 or wider (bf16/fp16 inputs are upcast).
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 void check_scan_args(const char* op, const at::Tensor& x, const at::Tensor& log_alpha,
                      const at::Tensor& log_beta) {
@@ -45,17 +41,6 @@ void check_scan_args(const char* op, const at::Tensor& x, const at::Tensor& log_
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
               ": x must be a floating-point tensor, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got x on ", x.device());
-}
-
-void check_log_decay_values(const at::Tensor& log_alpha, const at::Tensor& log_beta) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"log_alpha", &log_alpha},
-                                {"log_beta", &log_beta}}) {
-    if (t->numel() == 0) continue;
-    TORCH_CHECK(!at::isnan(*t).any().item<bool>(), "polyline_scan: ", name, " contains NaN");
-    const double top = t->max().item<double>();
-    TORCH_CHECK(top <= 0.0, "polyline_scan: ", name,
-                " must be <= 0 (log of a decay in (0, 1]); max is ", top);
-  }
 }
 
 ScanGrid grid_of(const at::Tensor& x) {
@@ -146,8 +131,8 @@ void mix_columns_backward(const acc_t* u, const acc_t* gy, acc_t* grad_u, acc_t*
 at::Tensor polyline_scan_cpu(const at::Tensor& x, const at::Tensor& log_alpha,
                              const at::Tensor& log_beta, bool transpose) {
   check_scan_args("polyline_scan", x, log_alpha, log_beta);
-  check_log_decay_values(log_alpha, log_beta);
-  const auto acc = scan_acc_type(x.scalar_type());
+  check_log_decay_values("polyline_scan", log_alpha, log_beta);
+  const auto acc = accumulation_type(x.scalar_type());
   const at::Tensor xa = x.to(acc).contiguous();
   const at::Tensor la = log_alpha.to(acc).contiguous();
   const at::Tensor lb = log_beta.to(acc).contiguous();
@@ -178,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_scan_backward_cpu(
   check_scan_args("polyline_scan_backward", x, log_alpha, log_beta);
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "polyline_scan_backward: grad_y must have x's shape ",
               x.sizes(), ", got ", grad_y.sizes());
-  const auto acc = scan_acc_type(x.scalar_type());
+  const auto acc = accumulation_type(x.scalar_type());
   const at::Tensor xa = x.to(acc).contiguous();
   const at::Tensor gy = grad_y.to(acc).contiguous();
   const at::Tensor la = log_alpha.to(acc).contiguous();
