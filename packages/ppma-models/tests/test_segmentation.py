@@ -9,6 +9,7 @@ from ppma_models.segmentation import (
     FCNHead,
     SegmentationModel,
     UPerHead,
+    _resize,
     backbone_channels,
     create_segmentation_model,
 )
@@ -187,3 +188,22 @@ def test_bad_inputs_name_the_argument():
         SegmentationModel(ToyBackbone(), head)(torch.randn(3, 8, 8))
     with pytest.raises(TypeError, match="backbone_kwargs"):
         create_segmentation_model(ToyBackbone(), 3, depth=2)
+
+
+@pytest.mark.parametrize(
+    "shape,size",
+    [((2, 3, 16, 16), (64, 64)), ((1, 5, 7, 9), (31, 17)), ((2, 4, 40, 30), (13, 11)),
+     ((1, 2, 1, 1), (5, 6)), ((1, 2, 5, 6), (1, 1)), ((3, 8, 8), (8, 20))],
+)  # fmt: skip
+def test_resize_equals_bilinear_interpolation_values_and_gradients(shape, size):
+    # The separable GEMM form must reproduce F.interpolate(bilinear, align_corners=False).
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    batched = x if x.dim() == 4 else x[None]
+    got = _resize(batched, size)
+    expected = F.interpolate(batched, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(expected)
+    (g_got,) = torch.autograd.grad(got, x, grad)
+    (g_expected,) = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
