@@ -79,3 +79,18 @@ def test_pointwise_model_gives_whole_image_result_for_any_windows():
 def test_wrong_model_output_is_reported():
     with pytest.raises(ValueError, match="expected .* logits at the window's resolution"):
         sliding_window_logits(lambda t: t[:, :2, ::2, ::2], torch.randn(1, 3, 8, 8), 2, 4, 4)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_flip_averages_the_logits_of_the_mirrored_image(mode):
+    from apps.segment.evaluate import predict_logits
+
+    torch.manual_seed(0)
+    model = ContextModel().eval()
+    x = torch.randn(2, 3, 10, 13)
+    with torch.no_grad():
+        plain = predict_logits(model, x, 4, mode, window=6, stride=4)
+        mirrored = predict_logits(model, x.flip(-1), 4, mode, window=6, stride=4).flip(-1)
+        both = predict_logits(model, x, 4, mode, window=6, stride=4, flip=True)
+    assert not torch.allclose(plain, mirrored)  # the model is not mirror-symmetric
+    torch.testing.assert_close(both, (plain + mirrored) / 2)

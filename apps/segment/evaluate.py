@@ -62,13 +62,22 @@ def predict_logits(
     mode: InferenceMode = "whole",
     window: int = 512,
     stride: int = 341,
+    flip: bool = False,
 ) -> torch.Tensor:
-    """(B, 3, H, W) → float32 logits (B, classes, H, W)."""
-    if mode == "whole":
-        return model(x).float()
-    if mode == "slide":
-        return sliding_window_logits(model, x, num_classes, window, stride)
-    raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    """(B, 3, H, W) → float32 logits (B, classes, H, W); ``flip`` averages them with those of
+    the horizontally flipped image, flipped back."""
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+
+    def run(image: torch.Tensor) -> torch.Tensor:
+        if mode == "whole":
+            return model(image).float()
+        return sliding_window_logits(model, image, num_classes, window, stride)
+
+    logits = run(x)
+    if flip:
+        logits = (logits + run(x.flip(-1)).flip(-1)) / 2
+    return logits
 
 
 def _use_rank0_buffers(model: torch.nn.Module, ctx: DistributedContext) -> None:
@@ -101,6 +110,7 @@ def evaluate_segmentation(
     batch_size: int = 16,
     workers: int = 0,
     progress: bool = False,
+    flip: bool = False,
 ) -> EvalResult:
     """Scores of ``model`` on ``dataset`` (pairs of (3, H, W) tensors and (H, W) masks)."""
     ctx = ctx or DistributedContext()
@@ -117,7 +127,7 @@ def evaluate_segmentation(
     loss_sum = torch.zeros((), dtype=torch.float64)
     for x, y in progress_bar(loader, total=len(loader), desc="eval", enabled=progress):
         x, y = x.to(ctx.device), y.to(ctx.device)
-        logits = predict_logits(model, x, num_classes, mode, window, stride)
+        logits = predict_logits(model, x, num_classes, mode, window, stride, flip)
         loss_sum += (
             F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum").double().cpu()
         )
@@ -192,6 +202,7 @@ def run_eval(args) -> EvalResult:
             batch_size=args.batch_size if same_size else 1,
             workers=args.workers,
             progress=progress_enabled(False if args.no_progress else None, ctx.is_main),
+            flip=args.flip,
         )
         if ctx.is_main:
             print(format_scores(result, spec.class_names))
@@ -202,6 +213,7 @@ def run_eval(args) -> EvalResult:
                     **result.scores.as_dict(spec.class_names),
                     "loss": result.loss,
                     "mode": args.mode,
+                    "flip": args.flip,
                     "window": window if args.mode == "slide" else None,
                     "stride": stride if args.mode == "slide" else None,
                     "images": len(dataset),

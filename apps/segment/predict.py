@@ -61,7 +61,7 @@ def run_predict(args) -> list[Path]:
             console(f"skipped unreadable image {path}: {exc}")
             continue
         x = to_tensors(image)[None].to(device)
-        logits = predict_logits(model, x, spec.num_classes, args.mode, window, stride)
+        logits = predict_logits(model, x, spec.num_classes, args.mode, window, stride, args.flip)
         mask = logits.argmax(1)[0].cpu().numpy().astype(np.int64)
         mask_path = out / f"{path.stem}_mask.png"
         save_index_png(mask, mask_path, spec.num_classes)

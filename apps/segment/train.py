@@ -153,6 +153,7 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
             ignore_index=spec.ignore_index,
             ctx=ctx_,
             mode=args.eval_mode,
+            flip=args.eval_flip,
             window=window,
             stride=stride,
             batch_size=eval_batch,
