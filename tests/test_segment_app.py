@@ -67,11 +67,12 @@ def test_eval_reproduces_the_training_evaluation(trained_run, tmp_path, capsys):
     assert "mIoU" in out and "Sneaker" in out
 
 
-def test_eval_with_flip_is_recorded_and_differs_from_plain(trained_run, tmp_path):
-    assert main(["eval", str(trained_run), "--val-scenes", "6", "--flip", "--out", str(tmp_path),
-                 "--no-progress"]) == 0  # fmt: skip
+def test_eval_with_test_time_augmentation_is_recorded_and_differs_from_plain(trained_run, tmp_path):
+    assert main(["eval", str(trained_run), "--val-scenes", "6", "--flip", "--scales", "0.75", "1",
+                 "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["flip"] is True and 0.0 <= report["miou"] <= 1.0
+    assert report["flip"] is True and report["scales"] == [0.75, 1.0]
+    assert 0.0 <= report["miou"] <= 1.0
     assert report["loss"] != pytest.approx(_records(trained_run)[-1]["val_loss"], abs=1e-9)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from apps.segment.inference import sliding_window_logits, window_starts
@@ -82,15 +83,27 @@ def test_wrong_model_output_is_reported():
 
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
-def test_flip_averages_the_logits_of_the_mirrored_image(mode):
+def test_flip_and_scales_average_the_probabilities_of_each_view(mode):
     from apps.segment.evaluate import predict_logits
 
     torch.manual_seed(0)
     model = ContextModel().eval()
     x = torch.randn(2, 3, 10, 13)
+    kw = {"window": 6, "stride": 4}
     with torch.no_grad():
-        plain = predict_logits(model, x, 4, mode, window=6, stride=4)
-        mirrored = predict_logits(model, x.flip(-1), 4, mode, window=6, stride=4).flip(-1)
-        both = predict_logits(model, x, 4, mode, window=6, stride=4, flip=True)
+        plain = predict_logits(model, x, 4, mode, **kw)
+        mirrored = predict_logits(model, x.flip(-1), 4, mode, **kw).flip(-1)
+        flipped = predict_logits(model, x, 4, mode, **kw, flip=True)
+        big = F.interpolate(x, size=(15, 20), mode="bilinear", align_corners=False)
+        scaled = F.interpolate(
+            predict_logits(model, big, 4, mode, **kw), size=(10, 13), mode="bilinear",
+            align_corners=False,
+        )  # fmt: skip
+        multi = predict_logits(model, x, 4, mode, **kw, scales=(1.0, 1.5))
     assert not torch.allclose(plain, mirrored)  # the model is not mirror-symmetric
-    torch.testing.assert_close(both, (plain + mirrored) / 2)
+    expected = ((plain.softmax(1) + mirrored.softmax(1)) / 2).log()
+    torch.testing.assert_close(flipped, expected)
+    expected = ((plain.softmax(1) + scaled.softmax(1)) / 2).log()
+    torch.testing.assert_close(multi, expected)
+    with pytest.raises(ValueError, match="scales"):
+        predict_logits(model, x, 4, mode, **kw, scales=(0.0,))

@@ -76,16 +76,25 @@ def _folder_options(p: argparse.ArgumentParser, *, for_eval: bool) -> None:
     )
 
 
-def _inference_options(p: argparse.ArgumentParser, *, flag: str, flip_flag: str) -> None:
+def _inference_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
     g = p.add_argument_group("inference")
     g.add_argument(
-        flip_flag,
+        f"--{prefix}flip",
         action="store_true",
-        help="also run the horizontally flipped image and average the logits (flip test-time "
-        "augmentation: two forward passes)",
+        help="also run the mirrored image and average the softmax probabilities (flip "
+        "test-time augmentation)",
     )
     g.add_argument(
-        flag,
+        f"--{prefix}scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="S",
+        help="run the image resized by each factor and average the probabilities "
+        "(multi-scale test-time augmentation, e.g. 0.75 1 1.25)",
+    )
+    g.add_argument(
+        f"--{prefix}mode",
         choices=("whole", "slide"),
         default="whole",
         help="whole image in one pass, or sliding windows with averaged overlaps",
@@ -168,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     ev = t.add_argument_group("evaluation during training")
     ev.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
-    _inference_options(t, flag="--eval-mode", flip_flag="--eval-flip")
+    _inference_options(t, prefix="eval-")
     t.add_argument(
         "--stop-after-epochs",
         type=int,
@@ -191,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="scenes", help="`scenes` (held-out) or a folder")
     e.add_argument("--out", default=None, help="write eval.json and confusion.png here")
     e.add_argument("--batch-size", type=int, default=32)
-    _inference_options(e, flag="--mode", flip_flag="--flip")
+    _inference_options(e)
     _scene_options(e, for_eval=True)
     _folder_options(e, for_eval=True)
     _runtime_options(e)
@@ -201,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders of images")
     p.add_argument("--out", default="predictions", help="output directory")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask")
-    _inference_options(p, flag="--mode", flip_flag="--flip")
+    _inference_options(p)
     _runtime_options(p)
     return parser
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -63,21 +64,42 @@ def predict_logits(
     window: int = 512,
     stride: int = 341,
     flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> torch.Tensor:
-    """(B, 3, H, W) → float32 logits (B, classes, H, W); ``flip`` averages them with those of
-    the horizontally flipped image, flipped back."""
+    """(B, 3, H, W) → float32 logits (B, classes, H, W).
+
+    With ``flip`` and/or several ``scales`` (MMSegmentation's aug test) the image is also run
+    mirrored and/or resized by each factor; the views' softmax probabilities are averaged at
+    the input resolution and their log is returned (so argmax and cross-entropy refer to the
+    averaged prediction). A single unflipped view at scale 1 returns the raw logits.
+    """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be positive factors, got {list(scales)}")
 
     def run(image: torch.Tensor) -> torch.Tensor:
         if mode == "whole":
             return model(image).float()
         return sliding_window_logits(model, image, num_classes, window, stride)
 
-    logits = run(x)
-    if flip:
-        logits = (logits + run(x.flip(-1)).flip(-1)) / 2
-    return logits
+    views = [(s, mirror) for s in scales for mirror in ((False, True) if flip else (False,))]
+    if views == [(1.0, False)]:
+        return run(x)
+    size = x.shape[-2:]
+    probs = torch.zeros((), device=x.device)
+    for factor, mirror in views:
+        image = x
+        if factor != 1.0:
+            scaled = [max(1, round(n * factor)) for n in size]
+            image = F.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
+        logits = run(image.flip(-1) if mirror else image)
+        if mirror:
+            logits = logits.flip(-1)
+        if factor != 1.0:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        probs = probs + logits.softmax(1)
+    return (probs / len(views)).log()
 
 
 def _use_rank0_buffers(model: torch.nn.Module, ctx: DistributedContext) -> None:
@@ -111,6 +133,7 @@ def evaluate_segmentation(
     workers: int = 0,
     progress: bool = False,
     flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> EvalResult:
     """Scores of ``model`` on ``dataset`` (pairs of (3, H, W) tensors and (H, W) masks)."""
     ctx = ctx or DistributedContext()
@@ -127,7 +150,7 @@ def evaluate_segmentation(
     loss_sum = torch.zeros((), dtype=torch.float64)
     for x, y in progress_bar(loader, total=len(loader), desc="eval", enabled=progress):
         x, y = x.to(ctx.device), y.to(ctx.device)
-        logits = predict_logits(model, x, num_classes, mode, window, stride, flip)
+        logits = predict_logits(model, x, num_classes, mode, window, stride, flip, scales)
         loss_sum += (
             F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum").double().cpu()
         )
@@ -203,6 +226,7 @@ def run_eval(args) -> EvalResult:
             workers=args.workers,
             progress=progress_enabled(False if args.no_progress else None, ctx.is_main),
             flip=args.flip,
+            scales=args.scales,
         )
         if ctx.is_main:
             print(format_scores(result, spec.class_names))
@@ -214,6 +238,7 @@ def run_eval(args) -> EvalResult:
                     "loss": result.loss,
                     "mode": args.mode,
                     "flip": args.flip,
+                    "scales": list(args.scales),
                     "window": window if args.mode == "slide" else None,
                     "stride": stride if args.mode == "slide" else None,
                     "images": len(dataset),

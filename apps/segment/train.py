@@ -154,6 +154,7 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
             ctx=ctx_,
             mode=args.eval_mode,
             flip=args.eval_flip,
+            scales=args.eval_scales,
             window=window,
             stride=stride,
             batch_size=eval_batch,
