@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from baselines import make_flex_polyline_attention, sdpa_polyline_attention
 
 Thunk = Callable[[], object]
 
@@ -115,58 +116,6 @@ def fwd_bwd(fn: Callable, tensors: list[torch.Tensor]) -> Thunk:
             t.grad = None
         out = fn(*tensors)
         out.backward(torch.ones_like(out))
-
-    return run
-
-
-# ----------------------------------------------------------------------------- baselines
-def cumsum_tables(log_alpha, log_beta):
-    return torch.cumsum(log_alpha.float(), -1), torch.cumsum(log_beta.float(), -2)
-
-
-def sdpa_polyline_attention(q, k, v, log_alpha, log_beta, scale):
-    """Two SDPA calls with materialised float masks M and Mᵀ (built here, timed)."""
-    import torch.nn.functional as F
-    from ppma_ops import reference
-
-    mask = reference.log_polyline_mask(log_alpha, log_beta).to(q.dtype)  # (B, h, N, N)
-    qf, kf, vf = (t.flatten(2, 3) for t in (q, k, v))
-    out = 0.5 * F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
-    out = out + 0.5 * F.scaled_dot_product_attention(
-        qf, kf, vf, attn_mask=mask.transpose(-1, -2), scale=scale
-    )
-    return out.unflatten(2, q.shape[2:4])
-
-
-def make_flex_polyline_attention(h: int, w: int) -> Callable:
-    """FlexAttention: two compiled flex_attention calls (M and Mᵀ as score_mods), averaged."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def run(q, k, v, log_alpha, log_beta, scale):
-        ca, cb = cumsum_tables(log_alpha, log_beta)
-
-        def mask_v2h(score, b, hh, qi, ki):
-            i, j, kk, ll = qi // w, qi % w, ki // w, ki % w
-            return (
-                score
-                - (ca[b, hh, i, j] - ca[b, hh, i, ll]).abs()
-                - (cb[b, hh, i, ll] - cb[b, hh, kk, ll]).abs()
-            )
-
-        def mask_h2v(score, b, hh, qi, ki):
-            i, j, kk, ll = qi // w, qi % w, ki // w, ki % w
-            return (
-                score
-                - (ca[b, hh, kk, j] - ca[b, hh, kk, ll]).abs()
-                - (cb[b, hh, kk, j] - cb[b, hh, i, j]).abs()
-            )
-
-        qf, kf, vf = (t.flatten(2, 3) for t in (q, k, v))
-        out = 0.5 * compiled(qf, kf, vf, score_mod=mask_v2h, scale=scale)
-        out = out + 0.5 * compiled(qf, kf, vf, score_mod=mask_h2v, scale=scale)
-        return out.unflatten(2, (h, w))
 
     return run
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import ppma_ops
 import torch
-import torch.nn.functional as F
+from baselines import make_flex_polyline_attention, sdpa_polyline_attention
 from ppma_ops import _native, reference
 
 # (H, W, heads, d, batch) from the real configs (DESIGN §6).
@@ -115,54 +115,6 @@ def matmul_call() -> Callable[[], object]:
 def matmul_peak_gflops(rounds: int = 7) -> float:
     """fp32 matmul rate, median of a few calls (standalone, for the report header)."""
     return 2 * PEAK_N**3 / interleaved_medians({"mm": matmul_call()}, rounds, 0.0)["mm"] / 1e9
-
-
-# ---------------------------------------------------------------- vanilla attention baselines
-
-
-def sdpa_polyline_attention(q, k, v, log_alpha, log_beta, scale):
-    """Two SDPA calls with the materialised float log-mask (mask construction included)."""
-    mask = reference.log_polyline_mask(log_alpha, log_beta).to(q.dtype)
-    qf, kf, vf = (t.flatten(2, 3) for t in (q, k, v))
-    out = 0.5 * F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
-    out = out + 0.5 * F.scaled_dot_product_attention(
-        qf, kf, vf, attn_mask=mask.transpose(-1, -2), scale=scale
-    )
-    return out.unflatten(2, q.shape[2:4])
-
-
-def make_flex_polyline_attention(h: int, w: int) -> Callable:
-    """FlexAttention forward: two compiled calls whose score_mods read the cumsum tables."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def run(q, k, v, log_alpha, log_beta, scale):
-        ca = torch.cumsum(log_alpha, -1)
-        cb = torch.cumsum(log_beta, -2)
-
-        def mask_v2h(score, b, hh, qi, ki):
-            i, j, kr, l = qi // w, qi % w, ki // w, ki % w
-            return (
-                score
-                - (ca[b, hh, i, j] - ca[b, hh, i, l]).abs()
-                - (cb[b, hh, i, l] - cb[b, hh, kr, l]).abs()
-            )
-
-        def mask_h2v(score, b, hh, qi, ki):
-            i, j, kr, l = qi // w, qi % w, ki // w, ki % w
-            return (
-                score
-                - (ca[b, hh, kr, l] - ca[b, hh, kr, j]).abs()
-                - (cb[b, hh, kr, j] - cb[b, hh, i, j]).abs()
-            )
-
-        qf, kf, vf = (t.flatten(2, 3) for t in (q, k, v))
-        out = 0.5 * compiled(qf, kf, vf, score_mod=mask_v2h, scale=scale)
-        out = out + 0.5 * compiled(qf, kf, vf, score_mod=mask_h2v, scale=scale)
-        return out.unflatten(2, (h, w))
-
-    return run
 
 
 def _inputs(b, heads, h, w, d, seed=0, requires_grad=False):
