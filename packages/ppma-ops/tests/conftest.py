@@ -4,7 +4,8 @@
 test-side module around an op: q/k/v projections (k scaled by d^-½, the op called with
 scale 1), the shared decay head, 1-D RoPE over the flat token index, LePE and out_proj
 (DESIGN §2.1–2.4). The real modules live in ppma_models; this copy keeps the op tests free
-of that dependency.
+of that dependency. ``no_compile_caches`` turns off torch.compile's on-disk caches for the
+compiled-op tests.
 """
 
 from __future__ import annotations
@@ -75,3 +76,17 @@ def official_attention(reference_dir: Path):
         return _module_output(reference_dir / f"attention_{kind}.npz", attention, dtype)
 
     return run
+
+
+@pytest.fixture
+def no_compile_caches():
+    """Compiled graphs cached on disk by an earlier build of the ops (another schema) would be
+    reused: their cache keys do not cover custom-op schemas."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with (
+        inductor_config.patch(fx_graph_cache=False),
+        functorch_config.patch(enable_autograd_cache=False),
+    ):
+        yield

@@ -195,21 +195,7 @@ def test_opcheck(dtype):
     )
 
 
-@pytest.fixture
-def _no_compile_caches():
-    # Compiled graphs cached on disk by an earlier build of the ops (another schema) would be
-    # reused: their cache keys do not cover custom-op schemas.
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    with (
-        inductor_config.patch(fx_graph_cache=False),
-        functorch_config.patch(enable_autograd_cache=False),
-    ):
-        yield
-
-
-@pytest.mark.usefixtures("_no_compile_caches")
+@pytest.mark.usefixtures("no_compile_caches")
 def test_compiled_forward_and_backward_match_eager():
     def f(q, k, v, la, lb):
         return ppma_ops.criss_cross_attention(q, k, v, la, lb).tanh()
