@@ -121,6 +121,23 @@ def fwd_bwd(fn: Callable, tensors: list[torch.Tensor]) -> Thunk:
 
 
 # ----------------------------------------------------------------------------- op benchmarks
+def time_impls(
+    impls: dict[str, Callable], inputs: list, grad_inputs: list, *, warmup: int, rounds: int
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Rows per implementation: forward without grad on ``inputs``, then forward+backward on
+    ``grad_inputs`` (tensors that require grad)."""
+    with torch.no_grad():
+        fwd = run_group(
+            {name: (lambda f=f: f(*inputs)) for name, f in impls.items()},
+            warmup=warmup,
+            rounds=rounds,
+        )
+    both = run_group(
+        {name: fwd_bwd(f, grad_inputs) for name, f in impls.items()}, warmup=warmup, rounds=rounds
+    )
+    return fwd, both
+
+
 def attention_flops(b, heads, h, w, d) -> float:
     """Forward FLOPs of one masked attention direction as FlashAttention counts them (QKᵀ, PV)."""
     n = h * w
@@ -147,14 +164,9 @@ def bench_vanilla(shape, *, warmup, rounds, with_flex: bool) -> dict:
     if with_flex:
         flex = make_flex_polyline_attention(h, w)
         impls["flex_compiled"] = lambda *a: flex(*a, scale)
-    x = make_inputs(b, heads, h, w, d, requires_grad=False)
     xg = make_inputs(b, heads, h, w, d, requires_grad=True)
-    with torch.no_grad():
-        fwd = run_group(
-            {name: (lambda f=f: f(*x)) for name, f in impls.items()}, warmup=warmup, rounds=rounds
-        )
-    both = run_group(
-        {name: fwd_bwd(f, xg) for name, f in impls.items()}, warmup=warmup, rounds=rounds
+    fwd, both = time_impls(
+        impls, make_inputs(b, heads, h, w, d, requires_grad=False), xg, warmup=warmup, rounds=rounds
     )
     if with_flex and "error" in both["flex_compiled"]:
         # Older FlexAttention cannot differentiate through tensors captured by a score_mod:
@@ -180,14 +192,9 @@ def bench_criss_cross(shape, *, warmup, rounds) -> dict:
 
     b, heads, h, w, d = shape
     impls = {"native": ppma_ops.criss_cross_attention, "reference": reference.criss_cross_attention}
-    x = make_inputs(b, heads, h, w, d, requires_grad=False)
     xg = make_inputs(b, heads, h, w, d, requires_grad=True)
-    with torch.no_grad():
-        fwd = run_group(
-            {name: (lambda f=f: f(*x)) for name, f in impls.items()}, warmup=warmup, rounds=rounds
-        )
-    both = run_group(
-        {name: fwd_bwd(f, xg) for name, f in impls.items()}, warmup=warmup, rounds=rounds
+    fwd, both = time_impls(
+        impls, make_inputs(b, heads, h, w, d, requires_grad=False), xg, warmup=warmup, rounds=rounds
     )
     return {"shape": list(shape), "forward": fwd, "forward_backward": both}
 
@@ -203,15 +210,8 @@ def bench_scan(shape, *, warmup, rounds) -> dict:
     impls: dict[str, Callable] = {"native": ppma_ops.polyline_scan}
     if (h * w) ** 2 * b * heads * 4 <= 8 * 2**30:  # the reference's N×N mask must fit
         impls["reference"] = reference.polyline_scan
-    with torch.no_grad():
-        fwd = run_group(
-            {name: (lambda f=f: f(*(t.detach() for t in tensors))) for name, f in impls.items()},
-            warmup=warmup,
-            rounds=rounds,
-        )
-    both = run_group(
-        {name: fwd_bwd(f, tensors) for name, f in impls.items()}, warmup=warmup, rounds=rounds
-    )
+    detached = [t.detach() for t in tensors]
+    fwd, both = time_impls(impls, detached, tensors, warmup=warmup, rounds=rounds)
     return {"shape": list(shape), "forward": fwd, "forward_backward": both}
 
 
