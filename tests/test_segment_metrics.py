@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from apps.segment.metrics import ConfusionMatrix, confusion_matrix, scores_from_confusion
+from apps.segment.metrics import (
+    ConfusionMatrix,
+    confusion_matrix,
+    predicted_classes,
+    scores_from_confusion,
+)
 
 # 3 classes, 255 = ignore. Truth and prediction of 10 pixels:
 TRUTH = torch.tensor([[0, 0, 0, 1, 1], [1, 2, 2, 255, 255]])
@@ -55,3 +60,13 @@ def test_bad_targets_are_errors():
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), 3)
     with pytest.raises(ValueError, match="pred shape"):
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0]), 3)
+
+
+def test_predicted_classes_is_the_argmax_over_the_class_axis():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11, 7, 5, requires_grad=True)
+    logits.data[0, 4, 2, 3] = 1e9  # one sure pixel
+    pred = predicted_classes(logits)
+    assert pred.shape == (3, 7, 5) and not pred.requires_grad
+    assert torch.equal(pred, logits.detach().argmax(1))
+    assert pred[0, 2, 3] == 4

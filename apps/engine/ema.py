@@ -24,6 +24,7 @@ class ModelEMA:
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(model).eval()
+        self._source: torch.nn.Module | None = None
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -34,13 +35,34 @@ class ModelEMA:
     def update(self, model: torch.nn.Module) -> None:
         d = self.current_decay()
         self.updates += 1
-        source = model.state_dict()
-        for name, ema_value in self.module.state_dict().items():
-            value = source[name].detach()
-            if ema_value.dtype.is_floating_point:
-                ema_value.lerp_(value.to(ema_value.dtype), 1.0 - d)
-            else:
-                ema_value.copy_(value)
+        averaged, sources, copied, copy_sources = self._pairs(model)
+        # One multi-tensor kernel instead of ~250 tiny lerps: several % of a small model's step.
+        torch._foreach_lerp_(averaged, sources, 1.0 - d)
+        for target, value in zip(copied, copy_sources, strict=True):
+            target.copy_(value)
+
+    def _pairs(self, model: torch.nn.Module) -> tuple[list, list, list, list]:
+        """(EMA, model) tensors matched by name, built once per model: walking two state
+        dicts every step costs more than the averaging. State-dict tensors share storage with
+        the parameters and buffers, which the optimizer and ``load_state_dict`` update in place."""
+        if self._source is not model:
+            source = model.state_dict()
+            pairs = [(v, source[k]) for k, v in self.module.state_dict().items()]
+            for ema_value, value in pairs:
+                if ema_value.dtype != value.dtype:
+                    raise TypeError(
+                        f"EMA and model dtypes differ: {ema_value.dtype}, {value.dtype}"
+                    )
+            floating = [p for p in pairs if p[0].dtype.is_floating_point]
+            other = [p for p in pairs if not p[0].dtype.is_floating_point]
+            self._cached = (
+                [e for e, _ in floating],
+                [v for _, v in floating],
+                [e for e, _ in other],
+                [v for _, v in other],
+            )
+            self._source = model
+        return self._cached
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}

@@ -43,5 +43,13 @@ def build_adamw(
     weight_decay: float = 0.05,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`weight_decay_groups` (``foreach`` kernels, fast on CPU)."""
-    return torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, betas=betas)
+    """AdamW over :func:`weight_decay_groups`.
+
+    The fused kernel where every parameter lives on a device that has one (CPU, CUDA): the
+    default for-loop update costs ~10 % of a small model's CPU training step.
+    """
+    devices = {p.device.type for p in model.parameters()}
+    fused = devices <= {"cpu", "cuda"} or None
+    return torch.optim.AdamW(
+        weight_decay_groups(model, weight_decay), lr=lr, betas=betas, fused=fused
+    )

@@ -30,6 +30,7 @@ from apps.engine import (
 from apps.engine.model_args import parse_model_args
 from apps.segment.data import EpochShuffleSampler, SegmentationSamples, build_sources
 from apps.segment.evaluate import evaluate_segmentation
+from apps.segment.metrics import predicted_classes
 from apps.segment.model import ModelSpec, build_model, count_parameters
 from apps.segment.transforms import TrainAugment
 
@@ -53,7 +54,7 @@ def make_train_step(aux_weight: float, ignore_index: int):
                     aux.float(), y, ignore_index=ignore_index
                 )
         with torch.no_grad():
-            correct = ((logits.argmax(1) == y) & valid).sum()
+            correct = ((predicted_classes(logits) == y) & valid).sum()
         b = len(y)
         return loss, {
             "loss": loss.detach() * b,
