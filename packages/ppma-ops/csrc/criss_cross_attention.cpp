@@ -20,6 +20,7 @@
 
 #include "common.h"
 #include "cpu_dispatch.h"
+#include "fresh_memory.h"
 #include "criss_cross_attention_kernel.h"
 #include "op_args.h"
 
@@ -45,11 +46,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   const at::Tensor qh = per_head(q, acc), kh = per_head(k, acc), vh = per_head(v, acc);
   const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
   const auto opts = qh.options();
-  at::Tensor out = at::empty({B * heads, H, W, c}, opts);
-  at::Tensor row_probs = at::empty({B * heads, H, W, W}, opts);
-  at::Tensor col_probs = at::empty({B * heads, W, H, H}, opts);
-  at::Tensor rows_v = at::empty({B * heads, H, W, c}, opts);
-  at::Tensor cols_v = at::empty({B * heads, H, W, c}, opts);
+  at::Tensor out = empty_for_write({B * heads, H, W, c}, opts);
+  at::Tensor row_probs = empty_for_write({B * heads, H, W, W}, opts);
+  at::Tensor col_probs = empty_for_write({B * heads, W, H, H}, opts);
+  at::Tensor rows_v = empty_for_write({B * heads, H, W, c}, opts);
+  at::Tensor cols_v = empty_for_write({B * heads, H, W, c}, opts);
   if (out.numel() > 0) {
     PPMA_DISPATCH_CPU_ISA(criss_cross_forward, qh, kh, vh, ca, cb, scale, out, row_probs,
                           col_probs, rows_v, cols_v)
@@ -90,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   // The kernel writes every element; without work (c = 0) all gradients are zero.
   const bool work = B * heads * H * W > 0 && d > 0 && c > 0;
   const auto alloc = [&](at::IntArrayRef shape) {
-    return work ? at::empty(shape, opts) : at::zeros(shape, opts);
+    return work ? empty_for_write(shape, opts) : at::zeros(shape, opts);
   };
   at::Tensor dq = alloc({B * heads, H, W, d}), dk = alloc({B * heads, H, W, d});
   at::Tensor dv = alloc({B * heads, H, W, c});

@@ -130,6 +130,27 @@ def test_gradients_match_reference_autograd(problem):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("grid", [(9, 19), (20, 8), (3, 17), (1, 33)])
+def test_wide_grids_match_reference_values_and_gradients(grid):
+    # The CPU kernel handles columns in blocks of 8 (kColumnBlock); the Hypothesis shapes
+    # above stay within one block, these span several and end in a ragged one.
+    gen = torch.Generator().manual_seed(2)
+    shape = (2, 2, *grid)
+    q, k = (torch.randn(*shape, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(*shape, 5, generator=gen, dtype=torch.float64)
+    la, lb = (_log_decays(shape, "uniform", gen) for _ in range(2))
+    args = [t.requires_grad_() for t in (q, k, v, la, lb)]
+    out = _native(args, 0.25)
+    expected = reference.criss_cross_attention(*args, scale=0.25)
+    torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    native = torch.autograd.grad(out, args, grad_out)
+    wanted = torch.autograd.grad(expected, args, grad_out)
+    names = ("q", "k", "v", "log_alpha", "log_beta")
+    for name, got, want in zip(names, native, wanted, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
 @pytest.mark.parametrize(
     ("regime", "grid"), [("uniform", (3, 4)), ("near_one", (1, 5)), ("near_zero", (4, 1))]
 )
