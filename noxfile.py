@@ -120,7 +120,9 @@ def bench_models(session: nox.Session) -> None:
 # 2x2) under UPerNet(48) with the auxiliary head on stage 2. Scenes already vary position and
 # scale, so the crop keeps the canvas (scale range 1..1) and only flips are added; 32,000 fresh
 # scenes x 4 epochs beat 8,000 x 16. Two single-threaded DDP processes: at these sizes the two
-# cores do ~25% more work that way than one process with two threads.
+# cores do ~25% more work that way than one process with two threads. Batches of 16 per process
+# (lr 3e-3, 96,000 fresh scenes x 1 epoch) fit in 17.5 min but reached only 62.0% single-scale,
+# 62.9% with the aug test: in DDP they were no faster per image, and learned less per image.
 SEGMENT_DEMO = [
     "--data", "scenes", "--canvas", "64", "--train-scenes", "32000", "--val-scenes", "500",
     "--epochs", "4", "--batch-size", "8", "--channels", "48", "--aux-channels", "32",
