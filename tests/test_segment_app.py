@@ -246,3 +246,26 @@ def test_bad_model_arg_stops_before_training(tmp_path, capsys):
         assert "--model-arg" in captured.err + captured.out
         assert message in captured.err + captured.out
     assert not (run / "last.pt").exists()
+
+
+def test_greyscale_classifier_weights_initialise_the_backbone(tmp_path):
+    # The segment_demo recipe pretrains its backbone with apps.classify on Fashion-MNIST (one
+    # input channel) and trains on RGB scenes: the loader spreads the stem over three channels.
+    from ppma_models import create_model, save_safetensors
+
+    from apps.engine.model_args import parse_model_args
+    from apps.segment.model import ModelSpec, build_model
+
+    overrides = parse_model_args(THREE_STAGES[1::2])
+    torch.manual_seed(0)
+    classifier = create_model("ppma_nano", num_classes=10, in_chans=1, **overrides)
+    path = tmp_path / "fashion.safetensors"
+    save_safetensors(classifier, path)
+    spec = ModelSpec("ppma_nano", 11, tuple("abcdefghijk"), 16, 8, backbone_args=overrides)
+    model = build_model(spec, pretrained=str(path))
+    stem = classifier.stem.conv1.weight.detach()
+    torch.testing.assert_close(model.backbone.stem.conv1.weight, stem.expand(-1, 3, -1, -1) / 3)
+    torch.testing.assert_close(model.backbone.stages[2].blocks[0].ffn.fc1.weight,
+                               classifier.stages[2].blocks[0].ffn.fc1.weight)  # fmt: skip
+    _train(tmp_path / "run", "--epochs", "1", *THREE_STAGES, "--pretrained", str(path))
+    assert (tmp_path / "run" / "best.safetensors").is_file()

@@ -258,3 +258,22 @@ def test_upstream_export_and_load_model_from_the_authors_layout(tmp_path):
     _classification_file(cls, up, up, model_name="SomethingElse")
     with pytest.raises(CheckpointError, match="cannot tell which model"):
         load_model(cls)
+
+
+def test_greyscale_stem_initialises_an_rgb_backbone(tmp_path):
+    torch.manual_seed(0)
+    grey = create_model("ppma_nano", num_classes=10, in_chans=1, attention="reference").eval()
+    path = tmp_path / "grey.safetensors"
+    save_safetensors(grey, path)
+    rgb = create_model("ppma_nano", features_only=True, attention="reference").eval()
+    result = load_checkpoint(rgb, path)
+    assert result.adapted == ["stem.conv1.weight"]
+    assert rgb.stem.conv1.weight.shape[1] == 3
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        # A grey image given as three identical channels gets the pretrained stem response.
+        torch.testing.assert_close(rgb.stem(x.expand(-1, 3, -1, -1)), grey.stem(x))
+    two = create_model("ppma_nano", num_classes=10, in_chans=2, attention="reference")
+    save_safetensors(two, tmp_path / "two.safetensors")
+    with pytest.raises(CheckpointError, match="cannot adapt a stem kernel with 2"):
+        load_checkpoint(rgb, tmp_path / "two.safetensors")

@@ -39,6 +39,7 @@ from .model import PPMA
 __all__ = [
     "CheckpointError",
     "LoadResult",
+    "adapt_input_channels",
     "load_checkpoint",
     "load_model",
     "read_checkpoint",
@@ -74,7 +75,34 @@ class LoadResult:
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  #: in the file, deliberately not loaded
     kept_init: list[str] = field(default_factory=list)  #: in the model, deliberately not loaded
+    adapted: list[str] = field(default_factory=list)  #: loaded after adapt_input_channels
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+# The first convolution of the stem: the only weight whose shape depends on in_chans.
+INPUT_CONV = "stem.conv1.weight"
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A stem kernel (out, c, kh, kw) for ``in_chans`` input channels instead of c.
+
+    From one channel (a greyscale model, e.g. Fashion-MNIST) to several, the kernel is shared
+    by every channel and divided by their number, so a grey image given as identical channels
+    yields the pretrained response. Other conversions are refused: which channel means what
+    is not known.
+    """
+    if weight.ndim != 4:
+        raise CheckpointError(
+            f"stem kernel must be 4-D (out, in, kh, kw), got {tuple(weight.shape)}"
+        )
+    if weight.shape[1] == in_chans:
+        return weight
+    if weight.shape[1] != 1:
+        raise CheckpointError(
+            f"cannot adapt a stem kernel with {weight.shape[1]} input channels to {in_chans}; "
+            "only one-channel (greyscale) kernels are spread over several channels"
+        )
+    return weight.expand(-1, in_chans, -1, -1) / in_chans
 
 
 # --------------------------------------------------------------------------------- reading
@@ -208,7 +236,8 @@ def load_checkpoint(
     * with ``reset_mismatched_classifier`` a head with another number of classes is dropped
       and the model's fresh final layer is kept (fine-tuning);
     * any other missing or unexpected key raises :class:`CheckpointError` unless
-      ``strict=False``; a shape mismatch always raises.
+      ``strict=False``; a shape mismatch always raises, except a one-channel stem kernel
+      loaded into a model with more input channels (:func:`adapt_input_channels`).
     """
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
@@ -239,6 +268,11 @@ def load_checkpoint(
             result.dropped += [k for k in fc_keys if k in state]
             result.kept_init += [k for k in fc_keys if k in own]
             state = {k: v for k, v in state.items() if k not in fc_keys}
+
+    stem = state.get(INPUT_CONV)
+    if stem is not None and INPUT_CONV in own and stem.shape[1] != own[INPUT_CONV].shape[1]:
+        state = {**state, INPUT_CONV: adapt_input_channels(stem, own[INPUT_CONV].shape[1])}
+        result.adapted.append(INPUT_CONV)
 
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
