@@ -84,6 +84,16 @@ def _loop_oracle(q, k, v, la, lb, scale):
     return 0.5 * apply_cols(apply_rows(v)) + 0.5 * apply_rows(apply_cols(v))
 
 
+def _assert_gradients_match(out, expected, args, grad_out):
+    """The native output's gradients w.r.t. (q, k, v, log_alpha, log_beta) equal the
+    reference output's, for the same upstream gradient."""
+    native = torch.autograd.grad(out, args, grad_out)
+    wanted = torch.autograd.grad(expected, args, grad_out)
+    names = ("q", "k", "v", "log_alpha", "log_beta")
+    for name, got, want in zip(names, native, wanted, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
 @given(problem=attention_problems())
 def test_float64_matches_reference(problem):
     args, scale = problem
@@ -120,14 +130,8 @@ def test_gradients_match_reference_autograd(problem):
     args, scale = problem
     args = [a.clone().requires_grad_() for a in args]
     out = _native(args, scale)
-    grad_out = torch.randn_like(out)
-    native = torch.autograd.grad(out, args, grad_out)
-    expected = torch.autograd.grad(
-        reference.criss_cross_attention(*args, scale=scale), args, grad_out
-    )
-    names = ("q", "k", "v", "log_alpha", "log_beta")
-    for name, got, want in zip(names, native, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+    expected = reference.criss_cross_attention(*args, scale=scale)
+    _assert_gradients_match(out, expected, args, torch.randn_like(out))
 
 
 @pytest.mark.parametrize("grid", [(9, 19), (20, 8), (3, 17), (1, 33)])
@@ -144,11 +148,7 @@ def test_wide_grids_match_reference_values_and_gradients(grid):
     expected = reference.criss_cross_attention(*args, scale=0.25)
     torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
     grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    native = torch.autograd.grad(out, args, grad_out)
-    wanted = torch.autograd.grad(expected, args, grad_out)
-    names = ("q", "k", "v", "log_alpha", "log_beta")
-    for name, got, want in zip(names, native, wanted, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+    _assert_gradients_match(out, expected, args, grad_out)
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,17 @@ void gather_columns(const T* head, int64_t H, int64_t W, int64_t width, int64_t 
   }
 }
 
+// Task `task` of a column phase: head bh, columns [l0, l0 + n) (n < kColumnBlock for the last
+// block of a head when kColumnBlock does not divide W).
+struct ColumnBlock {
+  static int64_t count(int64_t W) { return (W + kColumnBlock - 1) / kColumnBlock; }
+  ColumnBlock(int64_t task, int64_t W)
+      : bh(task / count(W)),
+        l0(task % count(W) * kColumnBlock),
+        n(std::min(kColumnBlock, W - l0)) {}
+  int64_t bh, l0, n;
+};
+
 // The inverse of gather_columns: n (H, width) tiles back into columns [l0, l0 + n).
 template <typename T>
 void scatter_columns(const T* tiles, int64_t H, int64_t W, int64_t width, int64_t l0, int64_t n,
@@ -190,10 +201,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     }
   });
   // Columns: B̂_l, X₂ = Cc(V), out = ½ Cc(X₁), a block of columns per task.
-  const int64_t blocks = (W + kColumnBlock - 1) / kColumnBlock;
-  at::parallel_for(0, g.BH * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.BH * ColumnBlock::count(W), 1, [&](int64_t begin, int64_t end) {
     const int64_t td = kColumnBlock * H * d, tc = kColumnBlock * H * c;
-    std::vector<T> C(H), buf(2 * td + 4 * tc);
+    std::vector<T> C(kColumnBlock * H), buf(2 * td + 4 * tc);
     T* qc = buf.data();
     T* kc = qc + td;
     T* vc = kc + td;
@@ -201,19 +211,18 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     T* x2c = x1c + tc;
     T* oc = x2c + tc;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, l0 = task % blocks * kColumnBlock;
-      const int64_t n = std::min(kColumnBlock, W - l0);
+      const auto [bh, l0, n] = ColumnBlock(task, W);
       const int64_t qh = bh * H * W * d, vh = bh * H * W * c;
+      gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C.data());
       gather_columns(qp + qh, H, W, d, l0, n, qc);
       gather_columns(kp + qh, H, W, d, l0, n, kc);
       gather_columns(vp + vh, H, W, c, l0, n, vc);
       gather_columns(x1p + vh, H, W, c, l0, n, x1c);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t l = l0 + j, jd = j * H * d, jc = j * H * c;
-        T* p = cp + (bh * W + l) * H * H;
-        for (int64_t i = 0; i < H; ++i) C[i] = cbp[bh * H * W + i * W + l];
+        const int64_t jd = j * H * d, jc = j * H * c;
+        T* p = cp + (bh * W + l0 + j) * H * H;
         tile_gemm<T>(false, true, H, H, d, scale, qc + jd, d, kc + jd, d, T(0), p, H);
-        masked_softmax_tile<T>(p, H, C.data());
+        masked_softmax_tile<T>(p, H, C.data() + j * H);
         tile_gemm<T>(false, false, H, c, H, T(1), p, H, vc + jc, c, T(0), x2c + jc, c);
         tile_gemm<T>(false, false, H, c, H, T(0.5), p, H, x1c + jc, c, T(0), oc + jc, c);
       }
@@ -262,15 +271,15 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const int64_t rows = g.BH * H;
 
   // Columns: dX₁ = ½ B̂ᵀ g, a block of columns per task.
-  const int64_t blocks = (W + kColumnBlock - 1) / kColumnBlock;
-  at::parallel_for(0, g.BH * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t column_tasks = g.BH * ColumnBlock::count(W);
+  at::parallel_for(0, column_tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t tc = kColumnBlock * H * c;
     std::vector<T> buf(2 * tc);
     T* gc = buf.data();
     T* dx1c = gc + tc;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, l0 = task % blocks * kColumnBlock;
-      const int64_t n = std::min(kColumnBlock, W - l0), vh = bh * H * W * c;
+      const auto [bh, l0, n] = ColumnBlock(task, W);
+      const int64_t vh = bh * H * W * c;
       gather_columns(gp + vh, H, W, c, l0, n, gc);
       for (int64_t j = 0; j < n; ++j) {
         const T* p = cp + (bh * W + l0 + j) * H * H;
@@ -298,9 +307,9 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   });
   // Columns: dB̂ → dS, the column parts of dq, dk, dv (accumulated), d log_beta; a block of
   // columns per task.
-  at::parallel_for(0, g.BH * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, column_tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t td = kColumnBlock * H * d, tc = kColumnBlock * H * c;
-    std::vector<T> ds(H * H), dC(H), C(H), buf(4 * td + 5 * tc);
+    std::vector<T> ds(H * H), dC(H), C(kColumnBlock * H), buf(4 * td + 5 * tc);
     T* qc = buf.data();
     T* kc = qc + td;
     T* dqc = kc + td;
@@ -311,9 +320,9 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
     T* dx2c = x1c + tc;
     T* dvc = dx2c + tc;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, l0 = task % blocks * kColumnBlock;
-      const int64_t n = std::min(kColumnBlock, W - l0);
+      const auto [bh, l0, n] = ColumnBlock(task, W);
       const int64_t qh = bh * H * W * d, vh = bh * H * W * c;
+      gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C.data());
       gather_columns(qp + qh, H, W, d, l0, n, qc);
       gather_columns(kp + qh, H, W, d, l0, n, kc);
       gather_columns(dqp + qh, H, W, d, l0, n, dqc);
@@ -329,8 +338,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         tile_gemm<T>(false, true, H, H, c, T(0.5), gc + jc, c, x1c + jc, c, T(0), ds.data(), H);
         tile_gemm<T>(false, true, H, H, c, T(1), dx2c + jc, c, vc + jc, c, T(1), ds.data(), H);
         tile_gemm<T>(true, false, H, c, H, T(1), p, H, dx2c + jc, c, T(1), dvc + jc, c);
-        for (int64_t i = 0; i < H; ++i) C[i] = cbp[bh * H * W + i * W + l];
-        softmax_and_mask_backward_tile<T>(p, ds.data(), C.data(), H, dC.data());
+        softmax_and_mask_backward_tile<T>(p, ds.data(), C.data() + j * H, H, dC.data());
         tile_gemm<T>(false, false, H, d, H, scale, ds.data(), H, kc + jd, d, T(1), dqc + jd, d);
         tile_gemm<T>(true, false, H, d, H, scale, ds.data(), H, qc + jd, d, T(1), dkc + jd, d);
         criss_cross::cumsum_grad(dC.data(), H, dlbp + bh * H * W + l, W);
