@@ -24,7 +24,9 @@ class ModelEMA:
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(model).eval()
+        # (EMA floats, model floats, EMA others, model others) of the model last seen.
         self._source: torch.nn.Module | None = None
+        self._cached: tuple[list, list, list, list] = ([], [], [], [])
         for p in self.module.parameters():
             p.requires_grad_(False)
 
