@@ -4,12 +4,12 @@
 //   ppma::criss_cross_attention(q, k, v, log_alpha, log_beta, scale) -> out
 //       public op; CompositeImplicitAutograd over criss_cross_attention_fwd, so autograd and
 //       torch.compile see the fwd/backward pair.
-//   ppma::criss_cross_attention_fwd(...) -> (out, row_probs, col_probs, rows_v, cols_v)
-//       row_probs (B, heads, H, W, W): the row softmaxes Â_i; col_probs (B, heads, W, H, H):
-//       the column softmaxes B̂_l; rows_v = R(V), cols_v = Cc(V) (B, heads, H, W, c). All in
-//       the accumulation dtype (float32; float64 for float64 inputs), saved for the backward.
+//   ppma::criss_cross_attention_fwd(...) -> (out, row_probs, rows_v, cols_v)
+//       row_probs (B, heads, H, W, W): the row softmaxes Â_i; rows_v = R(V), cols_v = Cc(V)
+//       (B, heads, H, W, c). All in the accumulation dtype (float32; float64 for float64
+//       inputs), saved for the backward, which recomputes the column softmaxes B̂_l.
 //   ppma::criss_cross_attention_backward(grad_out, q, k, v, log_alpha, log_beta, row_probs,
-//       col_probs, rows_v, cols_v, scale) -> (dq, dk, dv, dlog_alpha, dlog_beta)
+//       rows_v, cols_v, scale) -> (dq, dk, dv, dlog_alpha, dlog_beta)
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -36,7 +36,7 @@ at::Tensor per_head(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous().view({t.size(0) * t.size(1), t.size(2), t.size(3), t.size(4)});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
     const at::Tensor& log_beta, double scale) {
   check_attention_args(kOp, q, k, v, log_alpha, log_beta, kArgRules);
@@ -48,22 +48,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   const auto opts = qh.options();
   at::Tensor out = empty_for_write({B * heads, H, W, c}, opts);
   at::Tensor row_probs = empty_for_write({B * heads, H, W, W}, opts);
-  at::Tensor col_probs = empty_for_write({B * heads, W, H, H}, opts);
   at::Tensor rows_v = empty_for_write({B * heads, H, W, c}, opts);
   at::Tensor cols_v = empty_for_write({B * heads, H, W, c}, opts);
   if (out.numel() > 0) {
     PPMA_DISPATCH_CPU_ISA(criss_cross_forward, qh, kh, vh, ca, cb, scale, out, row_probs,
-                          col_probs, rows_v, cols_v)
+                          rows_v, cols_v)
   }
   return {out.view({B, heads, H, W, c}).to(v.scalar_type()),
-          row_probs.view({B, heads, H, W, W}), col_probs.view({B, heads, W, H, H}),
-          rows_v.view({B, heads, H, W, c}), cols_v.view({B, heads, H, W, c})};
+          row_probs.view({B, heads, H, W, W}), rows_v.view({B, heads, H, W, c}), cols_v.view({B, heads, H, W, c})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& log_alpha, const at::Tensor& log_beta, const at::Tensor& row_probs, const at::Tensor& col_probs, const at::Tensor& rows_v,
-    const at::Tensor& cols_v, double scale) {
+    const at::Tensor& log_alpha, const at::Tensor& log_beta, const at::Tensor& row_probs,
+    const at::Tensor& rows_v, const at::Tensor& cols_v, double scale) {
   check_attention_args(kOp, q, k, v, log_alpha, log_beta, kArgRules);
   TORCH_CHECK(grad_out.sizes() == v.sizes(), "criss_cross_attention_backward: grad_out must ",
               "have the shape of v ", v.sizes(), ", got ", grad_out.sizes());
@@ -72,7 +70,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   const int64_t d = q.size(4), c = v.size(4);
   const std::tuple<const char*, const at::Tensor*, std::vector<int64_t>> saved[] = {
       {"row_probs", &row_probs, {B, heads, H, W, W}},
-      {"col_probs", &col_probs, {B, heads, W, H, H}},
       {"rows_v", &rows_v, {B, heads, H, W, c}},
       {"cols_v", &cols_v, {B, heads, H, W, c}}};
   for (const auto& [name, t, shape] : saved) {
@@ -85,7 +82,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
   const at::Tensor qh = per_head(q, acc), kh = per_head(k, acc), vh = per_head(v, acc);
   const at::Tensor rp = row_probs.contiguous().view({B * heads, H, W, W});
-  const at::Tensor cp = col_probs.contiguous().view({B * heads, W, H, H});
   const at::Tensor x1 = per_head(rows_v, acc), x2 = per_head(cols_v, acc);
   const auto opts = qh.options();
   // The kernel writes every element; without work (c = 0) all gradients are zero.
@@ -97,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   at::Tensor dv = alloc({B * heads, H, W, c});
   at::Tensor dla = alloc({B * heads, H, W}), dlb = alloc({B * heads, H, W});
   if (work) {
-    PPMA_DISPATCH_CPU_ISA(criss_cross_backward, go, qh, kh, vh, ca, cb, rp, cp, x1, x2, scale,
+    PPMA_DISPATCH_CPU_ISA(criss_cross_backward, go, qh, kh, vh, ca, cb, rp, x1, x2, scale,
                           dq, dk, dv, dla, dlb)
   }
   const auto dt = q.scalar_type();
@@ -113,8 +109,8 @@ at::Tensor criss_cross_composite(const at::Tensor& q, const at::Tensor& k, const
                                  double scale) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ppma::criss_cross_attention_fwd", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                         at::Tensor>(const at::Tensor&, const at::Tensor&,
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, double)>();
   return std::get<0>(op.call(q, k, v, log_alpha, log_beta, scale));
@@ -129,12 +125,13 @@ TORCH_LIBRARY_FRAGMENT(ppma, m) {
       "float scale) -> Tensor");
   m.def(
       "criss_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor log_alpha, "
-      "Tensor log_beta, float scale) -> (Tensor out, Tensor row_probs, Tensor col_probs, "
-      "Tensor rows_v, Tensor cols_v)",
+      "Tensor log_beta, float scale) -> (Tensor out, Tensor row_probs, Tensor rows_v, "
+      "Tensor cols_v)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "criss_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-      "Tensor log_alpha, Tensor log_beta, Tensor row_probs, Tensor col_probs, Tensor rows_v, Tensor cols_v, float scale) -> "
+      "Tensor log_alpha, Tensor log_beta, Tensor row_probs, Tensor rows_v, Tensor cols_v, "
+      "float scale) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }

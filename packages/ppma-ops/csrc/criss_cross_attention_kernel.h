@@ -5,9 +5,9 @@
 // All tensors are contiguous and of one accumulation dtype (float32 or float64); BH = B·heads:
 //   q, k (BH, H, W, d); v (BH, H, W, c); ca, cb (BH, H, W): cumsums of log_alpha along W and
 //   of log_beta along H.
-// Saved for backward (memory O(N·(H + W)) per head):
-//   row_probs (BH, H, W, W): Â_i; col_probs (BH, W, H, H): B̂_l;
-//   rows_v = R(V), cols_v = Cc(V), both (BH, H, W, c).
+// Saved for backward (memory O(N·W) per head): row_probs (BH, H, W, W), the row softmaxes
+//   Â_i; rows_v = R(V), cols_v = Cc(V), both (BH, H, W, c). The column softmaxes B̂_l are
+//   recomputed by the backward.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,17 +16,17 @@ namespace ppma {
 
 #define PPMA_DECLARE_CRISS_CROSS_KERNELS(ISA)                                                 \
   namespace ISA {                                                                            \
-  /* out = ½·Cc(R(V)) + ½·R(Cc(V)); fills row_probs, col_probs, rows_v, cols_v. */            \
+  /* out = ½·Cc(R(V)) + ½·R(Cc(V)); fills row_probs, rows_v, cols_v. */                       \
   void criss_cross_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,     \
                            const at::Tensor& ca, const at::Tensor& cb, double scale,          \
-                           at::Tensor& out, at::Tensor& row_probs, at::Tensor& col_probs,     \
-                           at::Tensor& rows_v, at::Tensor& cols_v);                           \
+                           at::Tensor& out, at::Tensor& row_probs, at::Tensor& rows_v,        \
+                           at::Tensor& cols_v);                                               \
   /* Writes dq, dk, dv and the log-decay gradients d_log_alpha, d_log_beta (BH, H, W). */     \
   void criss_cross_backward(const at::Tensor& grad_out, const at::Tensor& q,                  \
                             const at::Tensor& k, const at::Tensor& v,                         \
                             const at::Tensor& ca, const at::Tensor& cb,                       \
-                            const at::Tensor& row_probs, const at::Tensor& col_probs,         \
-                            const at::Tensor& rows_v, const at::Tensor& cols_v, double scale, \
+                            const at::Tensor& row_probs, const at::Tensor& rows_v,            \
+                            const at::Tensor& cols_v, double scale,                           \
                             at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,                   \
                             at::Tensor& d_log_alpha, at::Tensor& d_log_beta);                 \
   }

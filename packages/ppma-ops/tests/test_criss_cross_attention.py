@@ -246,6 +246,34 @@ def test_backward_is_bitwise_deterministic():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_results_do_not_depend_on_the_thread_count(threads):
+    # Three heads: one or three threads take whole heads through every phase, two threads
+    # split each phase over the lines (the kernel's two schedules); a line's arithmetic must
+    # not change with either.
+    gen = torch.Generator().manual_seed(5)
+    shape = (1, 3, 10, 17)
+    args = [torch.randn(*shape, 16, generator=gen) for _ in range(3)]
+    args += [_log_decays(shape, "uniform", gen, torch.float32) for _ in range(2)]
+    args = [a.requires_grad_() for a in args]
+    grad_out = torch.randn(*shape, 16, generator=gen)
+
+    def run():
+        out = _native(args, 0.25)
+        return (out.detach(), *torch.autograd.grad(out, args, grad_out))
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = run()
+        torch.set_num_threads(threads)
+        got = run()
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_bfloat16_runs_in_float32_and_returns_bfloat16():
     args = [a.detach().bfloat16() for a in _small_args(torch.float64)]
     out = _native(args, 0.35)

@@ -2,26 +2,31 @@
 // set (CPU_CAPABILITY = DEFAULT / AVX2 / AVX512) like ATen's kernels.
 //
 // Every line (grid row or grid column of one head) is one task: its n×n score tile comes from
-// a tile GEMM, the mask and the softmax are fused into one pass over the tile while it is in
-// cache, and the probabilities are kept for the backward pass (O(N·(H + W)) per head, which is
-// 7× the size of V at 56×56, d 16 — recomputing them would add about a fifth to the backward).
+// a tile GEMM, and the mask and the softmax are fused into one pass over the tile while it is
+// in cache. The row softmaxes Â are kept for the backward (O(N·W) per head); the column
+// softmaxes B̂ are recomputed by it from q and k, one extra QKᵀ tile per column, which costs
+// no more time than writing and twice reading them back and keeps a third less memory alive.
 //
 // Forward, with X₁ = R(V) and X₂ = Cc(V):
-//   rows:     Â_i, X₁ rows = Â_i V_i
+//   rows:     Â_i (kept), X₁ rows = Â_i V_i
 //   columns:  B̂_l, X₂ columns = B̂_l V_l, out columns = ½ B̂_l X₁_l
 //   rows:     out rows += ½ Â_i X₂_i
 // Backward, with g = dout:
-//   columns:  dX₁ = ½ B̂ᵀ g
-//   rows:     dX₂ = ½ Âᵀ g; dÂ = dX₁ Vᵀ + ½ g X₂ᵀ; dV = Âᵀ dX₁; dS → dq, dk, d log_alpha
-//   columns:  dB̂ = ½ g X₁ᵀ + dX₂ Vᵀ; dV += B̂ᵀ dX₂; dS → dq, dk (accumulated), d log_beta
-// Each phase writes disjoint lines, so no atomics are needed and results are bitwise
-// reproducible for any thread count.
+//   rows:     dX₂ = ½ Âᵀ g
+//   columns:  B̂_l again; dX₁ = ½ B̂ᵀ g; dB̂ = ½ g X₁ᵀ + dX₂ Vᵀ; dV = B̂ᵀ dX₂; dS → dq, dk,
+//             d log_beta
+//   rows:     dÂ = dX₁ Vᵀ + ½ g X₂ᵀ; dV += Âᵀ dX₁; dS → dq, dk (accumulated), d log_alpha
+// Each phase writes disjoint lines, so no atomics are needed; with enough heads each thread
+// runs all phases of whole heads (run_phases). Results are bitwise reproducible for any
+// thread count.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -158,15 +163,12 @@ void gather_columns(const T* head, int64_t H, int64_t W, int64_t width, int64_t 
   }
 }
 
-// Task `task` of a column phase: head bh, columns [l0, l0 + n) (n < kColumnBlock for the last
-// block of a head when kColumnBlock does not divide W).
+// Column blocks of one head: block t covers columns [l0, l0 + n) (n < kColumnBlock for the
+// last block when kColumnBlock does not divide W).
 struct ColumnBlock {
   static int64_t count(int64_t W) { return (W + kColumnBlock - 1) / kColumnBlock; }
-  ColumnBlock(int64_t task, int64_t W)
-      : bh(task / count(W)),
-        l0(task % count(W) * kColumnBlock),
-        n(std::min(kColumnBlock, W - l0)) {}
-  int64_t bh, l0, n;
+  ColumnBlock(int64_t t, int64_t W) : l0(t * kColumnBlock), n(std::min(kColumnBlock, W - l0)) {}
+  int64_t l0, n;
 };
 
 // The inverse of gather_columns: n (H, width) tiles back into columns [l0, l0 + n).
@@ -179,11 +181,62 @@ void scatter_columns(const T* tiles, int64_t H, int64_t W, int64_t width, int64_
   }
 }
 
+// One pass over the lines of every head: run(bh, begin, end) handles tasks [begin, end) of
+// head bh, of which there are tasks_per_head (grid rows, or column blocks).
+struct Phase {
+  int64_t tasks_per_head;
+  std::function<void(int64_t bh, int64_t begin, int64_t end)> run;
+};
+
+// Runs the phases in order over BH heads. With enough heads each thread takes whole heads
+// through every phase: a head's operands and intermediates (≈2 MB at 56×56, d 16) stay in
+// that core's caches between phases instead of returning from memory, and no barrier
+// separates the phases. Otherwise (few heads) each phase is split over all lines. A line's
+// arithmetic is the same either way, so results are bitwise identical.
+inline void run_phases(int64_t BH, std::initializer_list<Phase> phases) {
+  const int64_t threads = at::get_num_threads();
+  if (BH % threads == 0 || BH >= 4 * threads) {
+    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        for (const Phase& phase : phases) phase.run(bh, 0, phase.tasks_per_head);
+      }
+    });
+    return;
+  }
+  for (const Phase& phase : phases) {
+    const int64_t per = phase.tasks_per_head;
+    at::parallel_for(0, BH * per, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end;) {  // split [begin, end) at head boundaries
+        const int64_t bh = t / per, stop = std::min(end, (bh + 1) * per);
+        phase.run(bh, t - bh * per, stop - bh * per);
+        t = stop;
+      }
+    });
+  }
+}
+
+// A per-thread scratch buffer of at least n elements (reused across calls).
+template <typename T, int Slot>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// The column softmaxes B̂_l of a block of gathered columns: scores, mask and softmax of column
+// j into `tile` (H×H). Shared by the forward and the backward, which recomputes them rather
+// than reading them back from memory, so both see bitwise the same tile.
+template <typename T>
+void column_probs(const T* qc, const T* kc, const T* C, int64_t H, int64_t d, T scale,
+                  int64_t j, T* tile) {
+  tile_gemm<T>(false, true, H, H, d, scale, qc + j * H * d, d, kc + j * H * d, d, T(0), tile, H);
+  masked_softmax_tile<T>(tile, H, C + j * H);
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& ca, const at::Tensor& cb, T scale, at::Tensor& out,
-                  at::Tensor& row_probs, at::Tensor& col_probs, at::Tensor& rows_v,
-                  at::Tensor& cols_v) {
+                  at::Tensor& row_probs, at::Tensor& rows_v, at::Tensor& cols_v) {
   const Grid g{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
   const int64_t H = g.H, W = g.W, d = g.d, c = g.c;
   const T* qp = q.const_data_ptr<T>();
@@ -193,67 +246,64 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const T* cbp = cb.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   T* rp = row_probs.mutable_data_ptr<T>();
-  T* cp = col_probs.mutable_data_ptr<T>();
   T* x1p = rows_v.mutable_data_ptr<T>();
   T* x2p = cols_v.mutable_data_ptr<T>();
-  const int64_t rows = g.BH * H;
 
-  // Rows: Â_i and X₁ = R(V).
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+  // Rows: Â_i (kept) and X₁ = R(V).
+  const Phase rows{H, [&](int64_t bh, int64_t i0, int64_t i1) {
+    for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
       T* p = rp + r * W * W;
       tile_gemm<T>(false, true, W, W, d, scale, qp + r * W * d, d, kp + r * W * d, d, T(0), p, W);
       masked_softmax_tile<T>(p, W, cap + r * W);
       tile_gemm<T>(false, false, W, c, W, T(1), p, W, vp + r * W * c, c, T(0), x1p + r * W * c,
                    c);
     }
-  });
-  // Columns: B̂_l, X₂ = Cc(V), out = ½ Cc(X₁), a block of columns per task.
-  at::parallel_for(0, g.BH * ColumnBlock::count(W), 1, [&](int64_t begin, int64_t end) {
+  }};
+  // Columns: B̂_l (not kept), X₂ = Cc(V), out = ½ Cc(X₁), a block of columns at a time.
+  const Phase columns{ColumnBlock::count(W), [&](int64_t bh, int64_t t0, int64_t t1) {
     const int64_t td = kColumnBlock * H * d, tc = kColumnBlock * H * c;
-    std::vector<T> C(kColumnBlock * H), buf(2 * td + 4 * tc);
-    T* qc = buf.data();
+    T* C = scratch<T, 0>(kColumnBlock * H);
+    T* p = scratch<T, 1>(H * H);
+    T* qc = scratch<T, 2>(2 * td + 4 * tc);
     T* kc = qc + td;
     T* vc = kc + td;
     T* x1c = vc + tc;
     T* x2c = x1c + tc;
     T* oc = x2c + tc;
-    for (int64_t task = begin; task < end; ++task) {
-      const auto [bh, l0, n] = ColumnBlock(task, W);
-      const int64_t qh = bh * H * W * d, vh = bh * H * W * c;
-      gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C.data());
+    const int64_t qh = bh * H * W * d, vh = bh * H * W * c;
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [l0, n] = ColumnBlock(t, W);
+      gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C);
       gather_columns(qp + qh, H, W, d, l0, n, qc);
       gather_columns(kp + qh, H, W, d, l0, n, kc);
       gather_columns(vp + vh, H, W, c, l0, n, vc);
       gather_columns(x1p + vh, H, W, c, l0, n, x1c);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t jd = j * H * d, jc = j * H * c;
-        T* p = cp + (bh * W + l0 + j) * H * H;
-        tile_gemm<T>(false, true, H, H, d, scale, qc + jd, d, kc + jd, d, T(0), p, H);
-        masked_softmax_tile<T>(p, H, C.data() + j * H);
+        const int64_t jc = j * H * c;
+        column_probs(qc, kc, C, H, d, scale, j, p);
         tile_gemm<T>(false, false, H, c, H, T(1), p, H, vc + jc, c, T(0), x2c + jc, c);
         tile_gemm<T>(false, false, H, c, H, T(0.5), p, H, x1c + jc, c, T(0), oc + jc, c);
       }
       scatter_columns(x2c, H, W, c, l0, n, x2p + vh);
       scatter_columns(oc, H, W, c, l0, n, op + vh);
     }
-  });
+  }};
   // Rows again: out += ½ R(X₂).
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+  const Phase rows_again{H, [&](int64_t bh, int64_t i0, int64_t i1) {
+    for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
       tile_gemm<T>(false, false, W, c, W, T(0.5), rp + r * W * W, W, x2p + r * W * c, c, T(1),
                    op + r * W * c, c);
     }
-  });
+  }};
+  run_phases(g.BH, {rows, columns, rows_again});
 }
 
 template <typename T>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& ca, const at::Tensor& cb,
-                   const at::Tensor& row_probs, const at::Tensor& col_probs,
-                   const at::Tensor& rows_v, const at::Tensor& cols_v, T scale, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv, at::Tensor& d_log_alpha,
-                   at::Tensor& d_log_beta) {
+                   const at::Tensor& row_probs, const at::Tensor& rows_v,
+                   const at::Tensor& cols_v, T scale, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv, at::Tensor& d_log_alpha, at::Tensor& d_log_beta) {
   const Grid g{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
   const int64_t H = g.H, W = g.W, d = g.d, c = g.c;
   const T* gp = grad_out.const_data_ptr<T>();
@@ -263,7 +313,6 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const T* cap = ca.const_data_ptr<T>();
   const T* cbp = cb.const_data_ptr<T>();
   const T* rp = row_probs.const_data_ptr<T>();
-  const T* cp = col_probs.const_data_ptr<T>();
   const T* x1p = rows_v.const_data_ptr<T>();
   const T* x2p = cols_v.const_data_ptr<T>();
   T* dqp = dq.mutable_data_ptr<T>();
@@ -276,49 +325,23 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const at::Tensor dx2 = empty_for_write({g.BH, H, W, c}, v.options());
   T* dx1p = dx1.mutable_data_ptr<T>();
   T* dx2p = dx2.mutable_data_ptr<T>();
-  const int64_t rows = g.BH * H;
 
-  // Columns: dX₁ = ½ B̂ᵀ g, a block of columns per task.
-  const int64_t column_tasks = g.BH * ColumnBlock::count(W);
-  at::parallel_for(0, column_tasks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tc = kColumnBlock * H * c;
-    std::vector<T> buf(2 * tc);
-    T* gc = buf.data();
-    T* dx1c = gc + tc;
-    for (int64_t task = begin; task < end; ++task) {
-      const auto [bh, l0, n] = ColumnBlock(task, W);
-      const int64_t vh = bh * H * W * c;
-      gather_columns(gp + vh, H, W, c, l0, n, gc);
-      for (int64_t j = 0; j < n; ++j) {
-        const T* p = cp + (bh * W + l0 + j) * H * H;
-        tile_gemm<T>(true, false, H, c, H, T(0.5), p, H, gc + j * H * c, c, T(0),
-                     dx1c + j * H * c, c);
-      }
-      scatter_columns(dx1c, H, W, c, l0, n, dx1p + vh);
+  // Rows: dX₂ = ½ Âᵀ g.
+  const Phase rows_first{H, [&](int64_t bh, int64_t i0, int64_t i1) {
+    for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
+      tile_gemm<T>(true, false, W, c, W, T(0.5), rp + r * W * W, W, gp + r * W * c, c, T(0),
+                   dx2p + r * W * c, c);
     }
-  });
-  // Rows: dX₂, dÂ → dS, and the row parts of dq, dk, dv (first writers), d log_alpha.
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> ds(W * W), dC(W);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* p = rp + r * W * W;
-      const int64_t ro = r * W * c, qo = r * W * d;
-      tile_gemm<T>(true, false, W, c, W, T(0.5), p, W, gp + ro, c, T(0), dx2p + ro, c);
-      tile_gemm<T>(false, true, W, W, c, T(1), dx1p + ro, c, vp + ro, c, T(0), ds.data(), W);
-      tile_gemm<T>(false, true, W, W, c, T(0.5), gp + ro, c, x2p + ro, c, T(1), ds.data(), W);
-      tile_gemm<T>(true, false, W, c, W, T(1), p, W, dx1p + ro, c, T(0), dvp + ro, c);
-      softmax_and_mask_backward_tile<T>(p, ds.data(), cap + r * W, W, dC.data());
-      tile_gemm<T>(false, false, W, d, W, scale, ds.data(), W, kp + qo, d, T(0), dqp + qo, d);
-      tile_gemm<T>(true, false, W, d, W, scale, ds.data(), W, qp + qo, d, T(0), dkp + qo, d);
-      criss_cross::cumsum_grad(dC.data(), W, dlap + r * W, int64_t(1));
-    }
-  });
-  // Columns: dB̂ → dS, the column parts of dq, dk, dv (accumulated), d log_beta; a block of
-  // columns per task.
-  at::parallel_for(0, column_tasks, 1, [&](int64_t begin, int64_t end) {
+  }};
+  // Columns, a block at a time, B̂ recomputed: dX₁ = ½ B̂ᵀ g; dB̂ = ½ g X₁ᵀ + dX₂ Vᵀ → dS;
+  // the column parts of dq, dk, dv (first writers) and d log_beta.
+  const Phase columns{ColumnBlock::count(W), [&](int64_t bh, int64_t t0, int64_t t1) {
     const int64_t td = kColumnBlock * H * d, tc = kColumnBlock * H * c;
-    std::vector<T> ds(H * H), dC(H), C(kColumnBlock * H), buf(4 * td + 5 * tc);
-    T* qc = buf.data();
+    T* C = scratch<T, 0>(kColumnBlock * H);
+    T* p = scratch<T, 1>(2 * H * H + H);
+    T* ds = p + H * H;
+    T* dC = ds + H * H;
+    T* qc = scratch<T, 2>(4 * td + 7 * tc);
     T* kc = qc + td;
     T* dqc = kc + td;
     T* dkc = dqc + td;
@@ -326,64 +349,80 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
     T* gc = vc + tc;
     T* x1c = gc + tc;
     T* dx2c = x1c + tc;
-    T* dvc = dx2c + tc;
-    for (int64_t task = begin; task < end; ++task) {
-      const auto [bh, l0, n] = ColumnBlock(task, W);
-      const int64_t qh = bh * H * W * d, vh = bh * H * W * c;
-      gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C.data());
+    T* dx1c = dx2c + tc;
+    T* dvc = dx1c + tc;
+    const int64_t qh = bh * H * W * d, vh = bh * H * W * c;
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [l0, n] = ColumnBlock(t, W);
+      gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C);
       gather_columns(qp + qh, H, W, d, l0, n, qc);
       gather_columns(kp + qh, H, W, d, l0, n, kc);
-      gather_columns(dqp + qh, H, W, d, l0, n, dqc);
-      gather_columns(dkp + qh, H, W, d, l0, n, dkc);
       gather_columns(vp + vh, H, W, c, l0, n, vc);
       gather_columns(gp + vh, H, W, c, l0, n, gc);
       gather_columns(x1p + vh, H, W, c, l0, n, x1c);
       gather_columns(dx2p + vh, H, W, c, l0, n, dx2c);
-      gather_columns(dvp + vh, H, W, c, l0, n, dvc);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t l = l0 + j, jd = j * H * d, jc = j * H * c;
-        const T* p = cp + (bh * W + l) * H * H;
-        tile_gemm<T>(false, true, H, H, c, T(0.5), gc + jc, c, x1c + jc, c, T(0), ds.data(), H);
-        tile_gemm<T>(false, true, H, H, c, T(1), dx2c + jc, c, vc + jc, c, T(1), ds.data(), H);
-        tile_gemm<T>(true, false, H, c, H, T(1), p, H, dx2c + jc, c, T(1), dvc + jc, c);
-        softmax_and_mask_backward_tile<T>(p, ds.data(), C.data() + j * H, H, dC.data());
-        tile_gemm<T>(false, false, H, d, H, scale, ds.data(), H, kc + jd, d, T(1), dqc + jd, d);
-        tile_gemm<T>(true, false, H, d, H, scale, ds.data(), H, qc + jd, d, T(1), dkc + jd, d);
-        criss_cross::cumsum_grad(dC.data(), H, dlbp + bh * H * W + l, W);
+        const int64_t jd = j * H * d, jc = j * H * c;
+        column_probs(qc, kc, C, H, d, scale, j, p);
+        tile_gemm<T>(true, false, H, c, H, T(0.5), p, H, gc + jc, c, T(0), dx1c + jc, c);
+        tile_gemm<T>(false, true, H, H, c, T(0.5), gc + jc, c, x1c + jc, c, T(0), ds, H);
+        tile_gemm<T>(false, true, H, H, c, T(1), dx2c + jc, c, vc + jc, c, T(1), ds, H);
+        tile_gemm<T>(true, false, H, c, H, T(1), p, H, dx2c + jc, c, T(0), dvc + jc, c);
+        softmax_and_mask_backward_tile<T>(p, ds, C + j * H, H, dC);
+        tile_gemm<T>(false, false, H, d, H, scale, ds, H, kc + jd, d, T(0), dqc + jd, d);
+        tile_gemm<T>(true, false, H, d, H, scale, ds, H, qc + jd, d, T(0), dkc + jd, d);
+        criss_cross::cumsum_grad(dC, H, dlbp + bh * H * W + l0 + j, W);
       }
+      scatter_columns(dx1c, H, W, c, l0, n, dx1p + vh);
       scatter_columns(dqc, H, W, d, l0, n, dqp + qh);
       scatter_columns(dkc, H, W, d, l0, n, dkp + qh);
       scatter_columns(dvc, H, W, c, l0, n, dvp + vh);
     }
-  });
+  }};
+  // Rows: dÂ = dX₁ Vᵀ + ½ g X₂ᵀ → dS; the row parts of dq, dk, dv (accumulated), d log_alpha.
+  const Phase rows{H, [&](int64_t bh, int64_t i0, int64_t i1) {
+    T* ds = scratch<T, 1>(W * W + W);
+    T* dC = ds + W * W;
+    for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
+      const T* p = rp + r * W * W;
+      const int64_t ro = r * W * c, qo = r * W * d;
+      tile_gemm<T>(false, true, W, W, c, T(1), dx1p + ro, c, vp + ro, c, T(0), ds, W);
+      tile_gemm<T>(false, true, W, W, c, T(0.5), gp + ro, c, x2p + ro, c, T(1), ds, W);
+      tile_gemm<T>(true, false, W, c, W, T(1), p, W, dx1p + ro, c, T(1), dvp + ro, c);
+      softmax_and_mask_backward_tile<T>(p, ds, cap + r * W, W, dC);
+      tile_gemm<T>(false, false, W, d, W, scale, ds, W, kp + qo, d, T(1), dqp + qo, d);
+      tile_gemm<T>(true, false, W, d, W, scale, ds, W, qp + qo, d, T(1), dkp + qo, d);
+      criss_cross::cumsum_grad(dC, W, dlap + r * W, int64_t(1));
+    }
+  }};
+  run_phases(g.BH, {rows_first, columns, rows});
 }
 
 }  // namespace
 
 void criss_cross_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& ca, const at::Tensor& cb, double scale,
-                         at::Tensor& out, at::Tensor& row_probs, at::Tensor& col_probs,
-                         at::Tensor& rows_v, at::Tensor& cols_v) {
+                         at::Tensor& out, at::Tensor& row_probs, at::Tensor& rows_v,
+                         at::Tensor& cols_v) {
   if (q.scalar_type() == at::kDouble) {
-    forward_impl<double>(q, k, v, ca, cb, scale, out, row_probs, col_probs, rows_v, cols_v);
+    forward_impl<double>(q, k, v, ca, cb, scale, out, row_probs, rows_v, cols_v);
   } else {
-    forward_impl<float>(q, k, v, ca, cb, static_cast<float>(scale), out, row_probs, col_probs,
-                        rows_v, cols_v);
+    forward_impl<float>(q, k, v, ca, cb, static_cast<float>(scale), out, row_probs, rows_v,
+                        cols_v);
   }
 }
 
 void criss_cross_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& ca, const at::Tensor& cb,
-                          const at::Tensor& row_probs,
-                          const at::Tensor& col_probs, const at::Tensor& rows_v,
+                          const at::Tensor& row_probs, const at::Tensor& rows_v,
                           const at::Tensor& cols_v, double scale, at::Tensor& dq,
                           at::Tensor& dk, at::Tensor& dv, at::Tensor& d_log_alpha,
                           at::Tensor& d_log_beta) {
   if (q.scalar_type() == at::kDouble) {
-    backward_impl<double>(grad_out, q, k, v, ca, cb, row_probs, col_probs, rows_v, cols_v, scale, dq, dk,
+    backward_impl<double>(grad_out, q, k, v, ca, cb, row_probs, rows_v, cols_v, scale, dq, dk,
                           dv, d_log_alpha, d_log_beta);
   } else {
-    backward_impl<float>(grad_out, q, k, v, ca, cb, row_probs, col_probs, rows_v, cols_v,
+    backward_impl<float>(grad_out, q, k, v, ca, cb, row_probs, rows_v, cols_v,
                          static_cast<float>(scale), dq, dk, dv, d_log_alpha, d_log_beta);
   }
 }

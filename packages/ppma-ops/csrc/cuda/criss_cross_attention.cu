@@ -169,7 +169,7 @@ std::pair<at::Tensor, at::Tensor> line_tables(const at::Tensor& log_alpha,
   return {ca, cb_t};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
     const at::Tensor& log_beta, double scale) {
   check_attention_args("criss_cross_attention", q, k, v, log_alpha, log_beta);
@@ -180,7 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   const auto opts = q.options().dtype(acc);
   at::Tensor out = at::zeros({BH, H, W, c}, opts);
   at::Tensor row_probs = at::zeros({BH, H, W, W}, opts);
-  at::Tensor col_probs = at::zeros({BH, W, H, H}, opts);
+  // Not returned: the backward recomputes the column softmaxes (O(N·H) per head) instead.
+  at::Tensor col_probs = at::empty({BH, W, H, H}, opts);
   at::Tensor rows_v = at::zeros({BH, H, W, c}, opts);
   at::Tensor cols_v = at::zeros({BH, H, W, c}, opts);
   if (BH * H * W > 0) {
@@ -216,15 +217,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
     });
   }
   return {out.view({B, heads, H, W, c}).to(v.scalar_type()),
-          row_probs.view({B, heads, H, W, W}), col_probs.view({B, heads, W, H, H}),
-          rows_v.view({B, heads, H, W, c}), cols_v.view({B, heads, H, W, c})};
+          row_probs.view({B, heads, H, W, W}), rows_v.view({B, heads, H, W, c}), cols_v.view({B, heads, H, W, c})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& log_alpha, const at::Tensor& log_beta, const at::Tensor& row_probs,
-    const at::Tensor& col_probs, const at::Tensor& rows_v, const at::Tensor& cols_v,
-    double scale) {
+    const at::Tensor& rows_v, const at::Tensor& cols_v, double scale) {
   constexpr const char* op = "criss_cross_attention_backward";
   check_attention_args(op, q, k, v, log_alpha, log_beta);
   TORCH_CHECK(grad_out.sizes() == v.sizes(), op, ": grad_out must have the shape of v ",
@@ -236,7 +235,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   TORCH_CHECK(grad_out.device() == dev, op, ": grad_out is on ", grad_out.device(),
               " but q is on ", dev);
   check_like(op, "row_probs", row_probs, {B, heads, H, W, W}, acc, dev);
-  check_like(op, "col_probs", col_probs, {B, heads, W, H, H}, acc, dev);
   check_like(op, "rows_v", rows_v, {B, heads, H, W, c}, acc, dev);
   check_like(op, "cols_v", cols_v, {B, heads, H, W, c}, acc, dev);
   const c10::cuda::CUDAGuard guard(dev);
@@ -247,7 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   if (BH * H * W > 0) {
     const at::Tensor g = as_acc(grad_out, acc);
     const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
-    const at::Tensor rp = row_probs.contiguous(), cp = col_probs.contiguous();
+    const at::Tensor rp = row_probs.contiguous();
+    at::Tensor cp = at::empty({BH, W, H, H}, opts);  // B̂, recomputed below
     const at::Tensor x1 = rows_v.contiguous(), x2 = cols_v.contiguous();
     // Plain variables, not structured bindings: lambdas may not capture those before C++20.
     at::Tensor ca, cb_t;
@@ -264,6 +263,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
       const T* gp = g.const_data_ptr<T>();
       const T* vp = vf.const_data_ptr<T>();
       const T* rpp = rp.const_data_ptr<T>();
+      // The same kernel and inputs as the forward's, so bitwise the same column softmaxes.
+      launch(line_softmax_kernel<T>, n_cols * H, qf.const_data_ptr<T>(), kf.const_data_ptr<T>(),
+             cb_t.const_data_ptr<T>(), cols, n_cols, d, static_cast<T>(scale),
+             cp.mutable_data_ptr<T>());
       const T* cpp = cp.const_data_ptr<T>();
       const T* x1p = x1.const_data_ptr<T>();
       const T* x2p = x2.const_data_ptr<T>();

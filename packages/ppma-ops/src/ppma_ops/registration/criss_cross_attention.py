@@ -1,9 +1,9 @@
 """Fake kernels and autograd for criss-cross polyline attention (csrc/criss_cross_attention.cpp).
 
 ``torch.ops.ppma.criss_cross_attention`` is CompositeImplicitAutograd over
-``criss_cross_attention_fwd``, which also returns what the backward needs: the row and column
-softmaxes (O(N·(H + W)) per head) and the two half-way products R(V), Cc(V). Autograd is
-registered on the fwd op, so the public op's gradient never recomputes a softmax.
+``criss_cross_attention_fwd``, which also returns what the backward needs: the row softmaxes
+(O(N·W) per head) and the two half-way products R(V), Cc(V). The backward recomputes the column
+softmaxes from q and k. Autograd is registered on the fwd op.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ def _criss_cross_fwd_fake(
     return (
         v.new_empty((b, heads, h, w, c)),
         q.new_empty((b, heads, h, w, w), dtype=acc),
-        q.new_empty((b, heads, w, h, h), dtype=acc),
         q.new_empty((b, heads, h, w, c), dtype=acc),
         q.new_empty((b, heads, h, w, c), dtype=acc),
     )
@@ -45,7 +44,6 @@ def _criss_cross_backward_fake(
     log_alpha: torch.Tensor,
     log_beta: torch.Tensor,
     row_probs: torch.Tensor,
-    col_probs: torch.Tensor,
     rows_v: torch.Tensor,
     cols_v: torch.Tensor,
     scale: float,
@@ -62,17 +60,17 @@ def _criss_cross_backward_fake(
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, log_alpha, log_beta, scale = inputs
-    _out, row_probs, col_probs, rows_v, cols_v = output
-    ctx.save_for_backward(q, k, v, log_alpha, log_beta, row_probs, col_probs, rows_v, cols_v)
+    _out, row_probs, rows_v, cols_v = output
+    ctx.save_for_backward(q, k, v, log_alpha, log_beta, row_probs, rows_v, cols_v)
     ctx.scale = scale
     # Set by autograd on the saved outputs otherwise; the statistics carry no gradient.
-    ctx.mark_non_differentiable(row_probs, col_probs, rows_v, cols_v)
-    # Autograd would otherwise pass zero tensors for the four unused outputs' gradients:
+    ctx.mark_non_differentiable(row_probs, rows_v, cols_v)
+    # Autograd would otherwise pass zero tensors for the three unused outputs' gradients:
     # allocating and filling them cost more than a tenth of the backward.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_row_probs, _grad_col_probs, _grad_rows_v, _grad_cols_v):
+def _backward(ctx, grad_out, _grad_row_probs, _grad_rows_v, _grad_cols_v):
     q, k, v, log_alpha, log_beta, *saved = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(v)
