@@ -148,6 +148,26 @@ def test_weight_decay_groups_exempt_vectors_and_decay_parameters():
     assert len(free["params"]) == 4
 
 
+def test_lr_scales_give_prefixed_parameters_their_own_learning_rate():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = build_adamw(model, lr=1e-3, weight_decay=0.1, lr_scales={"0.": 0.25})
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert len(lr_of) == 4  # every parameter in exactly one group
+    for name, p in model.named_parameters():
+        assert lr_of[id(p)] == (2.5e-4 if name.startswith("0.") else 1e-3), name
+        assert decay_of[id(p)] == (0.1 if p.ndim > 1 else 0.0), name
+    assert opt.param_groups[0]["lr"] == 1e-3  # the logged lr is the unscaled one
+    # A schedule scales every group alike.
+    schedule = WarmupSchedule(opt, total_steps=10, warmup_steps=0, decay="poly")
+    for _ in range(5):
+        schedule.step()
+    ratios = {g["lr"] / g["initial_lr"] for g in opt.param_groups}
+    assert len(ratios) == 1 and 0 < ratios.pop() < 1
+    with pytest.raises(ValueError, match="must be > 0"):
+        build_adamw(model, lr=1e-3, lr_scales={"0.": 0.0})
+
+
 def test_shard_sampler_partitions_without_padding():
     shards = [list(ShardSampler(10, r, 3)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(10))

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from apps.engine.checkpoint import load_training_state
 from apps.segment.cli import main
 from apps.segment.model import load_trained
 from apps.segment.transforms import to_tensors
@@ -267,5 +268,10 @@ def test_greyscale_classifier_weights_initialise_the_backbone(tmp_path):
     torch.testing.assert_close(model.backbone.stem.conv1.weight, stem.expand(-1, 3, -1, -1) / 3)
     torch.testing.assert_close(model.backbone.stages[2].blocks[0].ffn.fc1.weight,
                                classifier.stages[2].blocks[0].ffn.fc1.weight)  # fmt: skip
-    _train(tmp_path / "run", "--epochs", "1", *THREE_STAGES, "--pretrained", str(path))
+    _train(tmp_path / "run", "--epochs", "1", *THREE_STAGES, "--pretrained", str(path),
+           "--lr", "1e-3", "--backbone-lr-scale", "0.1")  # fmt: skip
     assert (tmp_path / "run" / "best.safetensors").is_file()
+    # The pretrained backbone is fine-tuned at a tenth of the head's learning rate.
+    state = load_training_state(tmp_path / "run" / "last.pt")
+    initial = sorted({g["initial_lr"] for g in state["optimizer"]["param_groups"]})
+    assert initial == pytest.approx([1e-4, 1e-3])

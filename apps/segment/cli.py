@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, default=16, help="per process")
     o.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
     o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=1.0,
+        help="backbone lr / head lr (e.g. 0.1 to fine-tune a --pretrained backbone gently)",
+    )
     o.add_argument("--schedule", choices=("poly", "cosine"), default="poly")
     o.add_argument("--poly-power", type=float, default=1.0)
     o.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr")
@@ -229,6 +235,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         )
     if getattr(args, "lr", 1.0) <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    if getattr(args, "backbone_lr_scale", 1.0) <= 0:
+        parser.error(f"--backbone-lr-scale must be > 0, got {args.backbone_lr_scale}")
     if getattr(args, "aux_channels", 0) < 0:
         parser.error(f"--aux-channels must be >= 0, got {args.aux_channels}")
     if getattr(args, "grad_clip", None) == 0:

@@ -164,7 +164,12 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
         )
         return result.metrics()
 
-    optimizer = build_adamw(model, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_adamw(
+        model,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        lr_scales={"backbone.": args.backbone_lr_scale},
+    )
     total_steps = args.epochs * len(loader)
     schedule = WarmupSchedule(
         optimizer,
