@@ -233,13 +233,16 @@ def test_compiled_forward_and_backward_match_eager():
         torch.testing.assert_close(b.grad, a.grad)
 
 
-def test_backward_is_bitwise_deterministic():
-    gen = torch.Generator().manual_seed(4)
-    shape = (2, 3, 9, 11)
+def _float32_problem(shape, seed):
+    """q, k, v (d = 16), log decays, all requiring grad, and an output gradient."""
+    gen = torch.Generator().manual_seed(seed)
     args = [torch.randn(*shape, 16, generator=gen) for _ in range(3)]
     args += [_log_decays(shape, "uniform", gen, torch.float32) for _ in range(2)]
-    args = [a.requires_grad_() for a in args]
-    grad_out = torch.randn(*shape, 16, generator=gen)
+    return [a.requires_grad_() for a in args], torch.randn(*shape, 16, generator=gen)
+
+
+def test_backward_is_bitwise_deterministic():
+    args, grad_out = _float32_problem((2, 3, 9, 11), seed=4)
     runs = [torch.autograd.grad(_native(args, 0.25), args, grad_out) for _ in range(3)]
     for run in runs[1:]:
         for a, b in zip(runs[0], run, strict=True):
@@ -251,12 +254,7 @@ def test_results_do_not_depend_on_the_thread_count(threads):
     # Three heads: one or three threads take whole heads through every phase, two threads
     # split each phase over the lines (the kernel's two schedules); a line's arithmetic must
     # not change with either.
-    gen = torch.Generator().manual_seed(5)
-    shape = (1, 3, 10, 17)
-    args = [torch.randn(*shape, 16, generator=gen) for _ in range(3)]
-    args += [_log_decays(shape, "uniform", gen, torch.float32) for _ in range(2)]
-    args = [a.requires_grad_() for a in args]
-    grad_out = torch.randn(*shape, 16, generator=gen)
+    args, grad_out = _float32_problem((1, 3, 10, 17), seed=5)
 
     def run():
         out = _native(args, 0.25)
