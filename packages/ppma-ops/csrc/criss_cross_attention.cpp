@@ -10,7 +10,11 @@
 //       inputs), saved for the backward, which recomputes the column softmaxes B̂_l.
 //   ppma::criss_cross_attention_backward(grad_out, q, k, v, log_alpha, log_beta, row_probs,
 //       rows_v, cols_v, scale) -> (dq, dk, dv, dlog_alpha, dlog_beta)
+//   ppma::criss_cross_attention_inference(q, k, v, log_alpha, log_beta, scale) -> out
+//       the forward without the saved tensors (no autograd): what the public op runs when no
+//       input needs a gradient.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -58,6 +62,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cpu(
           row_probs.view({B, heads, H, W, W}), rows_v.view({B, heads, H, W, c}), cols_v.view({B, heads, H, W, c})};
 }
 
+at::Tensor criss_cross_inference_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& log_alpha, const at::Tensor& log_beta,
+                                     double scale) {
+  check_attention_args(kOp, q, k, v, log_alpha, log_beta, kArgRules);
+  check_log_decay_values(kOp, log_alpha, log_beta);
+  const auto acc = accumulation_type(q.scalar_type());
+  const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3), c = v.size(4);
+  const at::Tensor qh = per_head(q, acc), kh = per_head(k, acc), vh = per_head(v, acc);
+  const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
+  at::Tensor out = empty_for_write({B * heads, H, W, c}, qh.options());
+  const at::Tensor none;  // undefined: keep nothing for a backward
+  if (out.numel() > 0) {
+    PPMA_DISPATCH_CPU_ISA(criss_cross_forward, qh, kh, vh, ca, cb, scale, out, none, none, none)
+  }
+  return out.view({B, heads, H, W, c}).to(v.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& log_alpha, const at::Tensor& log_beta, const at::Tensor& row_probs,
@@ -103,17 +124,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
 }
 
 // The public op: the output of criss_cross_attention_fwd (whose autograd formula is registered
-// in Python, ppma_ops/registration/criss_cross_attention.py).
+// in Python, ppma_ops/registration/criss_cross_attention.py) when a gradient may be asked for;
+// otherwise criss_cross_attention_inference, which keeps nothing for a backward. This kernel
+// runs above autograd, so grad mode and requires_grad are the caller's.
 at::Tensor criss_cross_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& log_alpha, const at::Tensor& log_beta,
                                  double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("ppma::criss_cross_attention_fwd", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&,
-                                                     const at::Tensor&, const at::Tensor&,
-                                                     const at::Tensor&, double)>();
-  return std::get<0>(op.call(q, k, v, log_alpha, log_beta, scale));
+  static auto fwd = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("ppma::criss_cross_attention_fwd", "")
+                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, double)>();
+  static auto inference = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("ppma::criss_cross_attention_inference", "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, double)>();
+  const bool needs_grad =
+      at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() ||
+                                     v.requires_grad() || log_alpha.requires_grad() ||
+                                     log_beta.requires_grad());
+  if (!needs_grad) return inference.call(q, k, v, log_alpha, log_beta, scale);
+  return std::get<0>(fwd.call(q, k, v, log_alpha, log_beta, scale));
 }
 
 }  // namespace
@@ -127,6 +159,10 @@ TORCH_LIBRARY_FRAGMENT(ppma, m) {
       "criss_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor log_alpha, "
       "Tensor log_beta, float scale) -> (Tensor out, Tensor row_probs, Tensor rows_v, "
       "Tensor cols_v)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "criss_cross_attention_inference(Tensor q, Tensor k, Tensor v, Tensor log_alpha, "
+      "Tensor log_beta, float scale) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "criss_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
@@ -143,4 +179,5 @@ TORCH_LIBRARY_IMPL(ppma, CompositeImplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(ppma, CPU, m) {
   m.impl("criss_cross_attention_fwd", &ppma::criss_cross_fwd_cpu);
   m.impl("criss_cross_attention_backward", &ppma::criss_cross_backward_cpu);
+  m.impl("criss_cross_attention_inference", &ppma::criss_cross_inference_cpu);
 }

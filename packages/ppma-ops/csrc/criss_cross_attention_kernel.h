@@ -16,11 +16,12 @@ namespace ppma {
 
 #define PPMA_DECLARE_CRISS_CROSS_KERNELS(ISA)                                                 \
   namespace ISA {                                                                            \
-  /* out = ½·Cc(R(V)) + ½·R(Cc(V)); fills row_probs, rows_v, cols_v. */                       \
+  /* out = ½·Cc(R(V)) + ½·R(Cc(V)); fills row_probs, rows_v, cols_v, or keeps nothing when */ \
+  /* they are undefined (inference). */                                                      \
   void criss_cross_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,     \
                            const at::Tensor& ca, const at::Tensor& cb, double scale,          \
-                           at::Tensor& out, at::Tensor& row_probs, at::Tensor& rows_v,        \
-                           at::Tensor& cols_v);                                               \
+                           at::Tensor& out, const at::Tensor& row_probs,                      \
+                           const at::Tensor& rows_v, const at::Tensor& cols_v);               \
   /* Writes dq, dk, dv and the log-decay gradients d_log_alpha, d_log_beta (BH, H, W). */     \
   void criss_cross_backward(const at::Tensor& grad_out, const at::Tensor& q,                  \
                             const at::Tensor& k, const at::Tensor& v,                         \

@@ -272,6 +272,41 @@ def test_results_do_not_depend_on_the_thread_count(threads):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(("heads", "threads"), [(3, 1), (3, 2), (4, 2)])
+def test_inference_equals_the_training_forward_and_keeps_nothing(heads, threads):
+    # Without a gradient to compute the public op runs the inference op: per-thread state where
+    # threads take whole heads (3 heads on 1 thread, 4 on 2), temporaries otherwise (3 on 2).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    args, _ = _float32_problem((2, heads, 11, 9), seed=6)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad(), OpLog() as log:
+            fast = _native(args, 0.3)
+        trained = torch.ops.ppma.criss_cross_attention_fwd(*(a.detach() for a in args), 0.3)[0]
+        with OpLog() as grad_log:
+            _native(args, 0.3)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(fast, trained)
+    assert "ppma.criss_cross_attention_inference.default" in log.names
+    assert not any("criss_cross_attention_fwd" in name for name in log.names)
+    assert "ppma.criss_cross_attention_fwd.default" in grad_log.names
+    torch.library.opcheck(
+        torch.ops.ppma.criss_cross_attention_inference, (*(a.detach() for a in args), 0.3)
+    )
+
+
 def test_bfloat16_runs_in_float32_and_returns_bfloat16():
     args = [a.detach().bfloat16() for a in _small_args(torch.float64)]
     out = _native(args, 0.35)

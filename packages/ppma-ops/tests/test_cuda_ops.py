@@ -25,6 +25,7 @@ FORWARD_OPS = (
     "polyline_attention_backward",
     "criss_cross_attention_fwd",
     "criss_cross_attention_backward",
+    "criss_cross_attention_inference",
     "polyline_scan",
     "polyline_scan_backward",
 )

@@ -193,9 +193,13 @@ struct Phase {
 // that core's caches between phases instead of returning from memory, and no barrier
 // separates the phases. Otherwise (few heads) each phase is split over all lines. A line's
 // arithmetic is the same either way, so results are bitwise identical.
-inline void run_phases(int64_t BH, std::initializer_list<Phase> phases) {
+inline bool whole_heads_per_thread(int64_t BH) {
   const int64_t threads = at::get_num_threads();
-  if (BH % threads == 0 || BH >= 4 * threads) {
+  return BH % threads == 0 || BH >= 4 * threads;
+}
+
+inline void run_phases(int64_t BH, std::initializer_list<Phase> phases) {
+  if (whole_heads_per_thread(BH)) {
     at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         for (const Phase& phase : phases) phase.run(bh, 0, phase.tasks_per_head);
@@ -233,10 +237,23 @@ void column_probs(const T* qc, const T* kc, const T* C, int64_t H, int64_t d, T 
   masked_softmax_tile<T>(tile, H, C + j * H);
 }
 
+// Where one head's Â (H, W, W), X₁ and X₂ (H, W, c) live during the forward.
+template <typename T>
+struct HeadState {
+  T* probs;
+  T* x1;
+  T* x2;
+};
+
+// row_probs, rows_v and cols_v undefined: inference, nothing is kept for a backward. Where each
+// thread runs whole heads, a head's Â, X₁ and X₂ then live in one buffer per thread (O(H·W²)
+// per thread instead of per head, reused head after head while in cache); otherwise in
+// temporaries.
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& ca, const at::Tensor& cb, T scale, at::Tensor& out,
-                  at::Tensor& row_probs, at::Tensor& rows_v, at::Tensor& cols_v) {
+                  const at::Tensor& row_probs, const at::Tensor& rows_v,
+                  const at::Tensor& cols_v) {
   const Grid g{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
   const int64_t H = g.H, W = g.W, d = g.d, c = g.c;
   const T* qp = q.const_data_ptr<T>();
@@ -245,22 +262,41 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const T* cap = ca.const_data_ptr<T>();
   const T* cbp = cb.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
-  T* rp = row_probs.mutable_data_ptr<T>();
-  T* x1p = rows_v.mutable_data_ptr<T>();
-  T* x2p = cols_v.mutable_data_ptr<T>();
+  const bool keep = row_probs.defined();
+  const bool per_thread = !keep && whole_heads_per_thread(g.BH);
+  at::Tensor probs = row_probs, x1 = rows_v, x2 = cols_v, thread_states;
+  const int64_t per_head = H * W * W + 2 * H * W * c;
+  if (per_thread) {
+    thread_states = empty_for_write({at::get_num_threads(), per_head}, v.options());
+  } else if (!keep) {
+    probs = empty_for_write({g.BH, H, W, W}, v.options());
+    x1 = empty_for_write({g.BH, H, W, c}, v.options());
+    x2 = empty_for_write({g.BH, H, W, c}, v.options());
+  }
+  const auto head_state = [&](int64_t bh) -> HeadState<T> {
+    if (per_thread) {  // the same thread runs all phases of bh, one head after another
+      T* buf = thread_states.mutable_data_ptr<T>() + at::get_thread_num() * per_head;
+      return {buf, buf + H * W * W, buf + H * W * W + H * W * c};
+    }
+    return {probs.mutable_data_ptr<T>() + bh * H * W * W, x1.mutable_data_ptr<T>() + bh * H * W * c,
+            x2.mutable_data_ptr<T>() + bh * H * W * c};
+  };
 
-  // Rows: Â_i (kept) and X₁ = R(V).
+  // Rows: Â_i and X₁ = R(V).
   const Phase rows{H, [&](int64_t bh, int64_t i0, int64_t i1) {
-    for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
-      T* p = rp + r * W * W;
+    const HeadState<T> st = head_state(bh);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = bh * H + i;
+      T* p = st.probs + i * W * W;
       tile_gemm<T>(false, true, W, W, d, scale, qp + r * W * d, d, kp + r * W * d, d, T(0), p, W);
       masked_softmax_tile<T>(p, W, cap + r * W);
-      tile_gemm<T>(false, false, W, c, W, T(1), p, W, vp + r * W * c, c, T(0), x1p + r * W * c,
-                   c);
+      tile_gemm<T>(false, false, W, c, W, T(1), p, W, vp + r * W * c, c, T(0),
+                   st.x1 + i * W * c, c);
     }
   }};
-  // Columns: B̂_l (not kept), X₂ = Cc(V), out = ½ Cc(X₁), a block of columns at a time.
+  // Columns: B̂_l (never kept), X₂ = Cc(V), out = ½ Cc(X₁), a block of columns at a time.
   const Phase columns{ColumnBlock::count(W), [&](int64_t bh, int64_t t0, int64_t t1) {
+    const HeadState<T> st = head_state(bh);
     const int64_t td = kColumnBlock * H * d, tc = kColumnBlock * H * c;
     T* C = scratch<T, 0>(kColumnBlock * H);
     T* p = scratch<T, 1>(H * H);
@@ -277,22 +313,24 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       gather_columns(qp + qh, H, W, d, l0, n, qc);
       gather_columns(kp + qh, H, W, d, l0, n, kc);
       gather_columns(vp + vh, H, W, c, l0, n, vc);
-      gather_columns(x1p + vh, H, W, c, l0, n, x1c);
+      gather_columns(st.x1, H, W, c, l0, n, x1c);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t jc = j * H * c;
         column_probs(qc, kc, C, H, d, scale, j, p);
         tile_gemm<T>(false, false, H, c, H, T(1), p, H, vc + jc, c, T(0), x2c + jc, c);
         tile_gemm<T>(false, false, H, c, H, T(0.5), p, H, x1c + jc, c, T(0), oc + jc, c);
       }
-      scatter_columns(x2c, H, W, c, l0, n, x2p + vh);
+      scatter_columns(x2c, H, W, c, l0, n, st.x2);
       scatter_columns(oc, H, W, c, l0, n, op + vh);
     }
   }};
   // Rows again: out += ½ R(X₂).
   const Phase rows_again{H, [&](int64_t bh, int64_t i0, int64_t i1) {
-    for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
-      tile_gemm<T>(false, false, W, c, W, T(0.5), rp + r * W * W, W, x2p + r * W * c, c, T(1),
-                   op + r * W * c, c);
+    const HeadState<T> st = head_state(bh);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = bh * H + i;
+      tile_gemm<T>(false, false, W, c, W, T(0.5), st.probs + i * W * W, W, st.x2 + i * W * c, c,
+                   T(1), op + r * W * c, c);
     }
   }};
   run_phases(g.BH, {rows, columns, rows_again});
@@ -402,8 +440,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
 
 void criss_cross_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& ca, const at::Tensor& cb, double scale,
-                         at::Tensor& out, at::Tensor& row_probs, at::Tensor& rows_v,
-                         at::Tensor& cols_v) {
+                         at::Tensor& out, const at::Tensor& row_probs, const at::Tensor& rows_v,
+                         const at::Tensor& cols_v) {
   if (q.scalar_type() == at::kDouble) {
     forward_impl<double>(q, k, v, ca, cb, scale, out, row_probs, rows_v, cols_v);
   } else {

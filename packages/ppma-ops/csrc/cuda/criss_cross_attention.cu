@@ -306,10 +306,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
           dlb.view({B, heads, H, W}).to(dt)};
 }
 
+// The forward's output alone (the saved tensors are dropped as soon as it returns).
+at::Tensor criss_cross_inference_cuda(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& log_alpha,
+                                      const at::Tensor& log_beta, double scale) {
+  return std::get<0>(criss_cross_fwd_cuda(q, k, v, log_alpha, log_beta, scale));
+}
+
 }  // namespace
 }  // namespace ppma::cuda
 
 TORCH_LIBRARY_IMPL(ppma, CUDA, m) {
   m.impl("criss_cross_attention_fwd", &ppma::cuda::criss_cross_fwd_cuda);
   m.impl("criss_cross_attention_backward", &ppma::cuda::criss_cross_backward_cuda);
+  m.impl("criss_cross_attention_inference", &ppma::cuda::criss_cross_inference_cuda);
 }

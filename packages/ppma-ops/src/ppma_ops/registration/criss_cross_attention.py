@@ -3,7 +3,8 @@
 ``torch.ops.ppma.criss_cross_attention`` is CompositeImplicitAutograd over
 ``criss_cross_attention_fwd``, which also returns what the backward needs: the row softmaxes
 (O(N·W) per head) and the two half-way products R(V), Cc(V). The backward recomputes the column
-softmaxes from q and k. Autograd is registered on the fwd op.
+softmaxes from q and k. Autograd is registered on the fwd op. When no input needs a gradient the
+public op runs ``criss_cross_attention_inference`` instead, which keeps nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def _criss_cross_fwd_fake(
         q.new_empty((b, heads, h, w, c), dtype=acc),
         q.new_empty((b, heads, h, w, c), dtype=acc),
     )
+
+
+@torch.library.register_fake("ppma::criss_cross_attention_inference")
+def _criss_cross_inference_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    log_beta: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return v.new_empty((*q.shape[:4], v.shape[-1]))
 
 
 @torch.library.register_fake("ppma::criss_cross_attention_backward")
