@@ -40,9 +40,11 @@ at::Tensor per_head(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous().view({t.size(0) * t.size(1), t.size(2), t.size(3), t.size(4)});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cpu(
+// The forward on the CPU: out, and with ``keep`` the saved tensors (row_probs, rows_v, cols_v;
+// undefined otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
-    const at::Tensor& log_beta, double scale) {
+    const at::Tensor& log_beta, double scale, bool keep) {
   check_attention_args(kOp, q, k, v, log_alpha, log_beta, kArgRules);
   check_log_decay_values(kOp, log_alpha, log_beta);
   const auto acc = accumulation_type(q.scalar_type());
@@ -51,32 +53,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cpu(
   const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
   const auto opts = qh.options();
   at::Tensor out = empty_for_write({B * heads, H, W, c}, opts);
-  at::Tensor row_probs = empty_for_write({B * heads, H, W, W}, opts);
-  at::Tensor rows_v = empty_for_write({B * heads, H, W, c}, opts);
-  at::Tensor cols_v = empty_for_write({B * heads, H, W, c}, opts);
+  at::Tensor row_probs, rows_v, cols_v;
+  if (keep) {
+    row_probs = empty_for_write({B * heads, H, W, W}, opts);
+    rows_v = empty_for_write({B * heads, H, W, c}, opts);
+    cols_v = empty_for_write({B * heads, H, W, c}, opts);
+  }
   if (out.numel() > 0) {
     PPMA_DISPATCH_CPU_ISA(criss_cross_forward, qh, kh, vh, ca, cb, scale, out, row_probs,
                           rows_v, cols_v)
   }
-  return {out.view({B, heads, H, W, c}).to(v.scalar_type()),
-          row_probs.view({B, heads, H, W, W}), rows_v.view({B, heads, H, W, c}), cols_v.view({B, heads, H, W, c})};
+  out = out.view({B, heads, H, W, c}).to(v.scalar_type());
+  if (!keep) return {out, row_probs, rows_v, cols_v};
+  return {out, row_probs.view({B, heads, H, W, W}), rows_v.view({B, heads, H, W, c}),
+          cols_v.view({B, heads, H, W, c})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
+    const at::Tensor& log_beta, double scale) {
+  return forward_cpu(q, k, v, log_alpha, log_beta, scale, /*keep=*/true);
 }
 
 at::Tensor criss_cross_inference_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& log_alpha, const at::Tensor& log_beta,
                                      double scale) {
-  check_attention_args(kOp, q, k, v, log_alpha, log_beta, kArgRules);
-  check_log_decay_values(kOp, log_alpha, log_beta);
-  const auto acc = accumulation_type(q.scalar_type());
-  const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3), c = v.size(4);
-  const at::Tensor qh = per_head(q, acc), kh = per_head(k, acc), vh = per_head(v, acc);
-  const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
-  at::Tensor out = empty_for_write({B * heads, H, W, c}, qh.options());
-  const at::Tensor none;  // undefined: keep nothing for a backward
-  if (out.numel() > 0) {
-    PPMA_DISPATCH_CPU_ISA(criss_cross_forward, qh, kh, vh, ca, cb, scale, out, none, none, none)
-  }
-  return out.view({B, heads, H, W, c}).to(v.scalar_type());
+  return std::get<0>(forward_cpu(q, k, v, log_alpha, log_beta, scale, /*keep=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cpu(
