@@ -217,7 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cuda(
     });
   }
   return {out.view({B, heads, H, W, c}).to(v.scalar_type()),
-          row_probs.view({B, heads, H, W, W}), rows_v.view({B, heads, H, W, c}), cols_v.view({B, heads, H, W, c})};
+          row_probs.view({B, heads, H, W, W}), rows_v.view({B, heads, H, W, c}),
+          cols_v.view({B, heads, H, W, c})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cuda(
