@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from apps.segment.data import SceneSource
 from apps.segment.scenes import SCENE_CLASSES, SceneConfig, SceneGenerator
 
 
@@ -89,3 +90,22 @@ def test_bad_item_pool_is_refused():
         SceneGenerator(images, labels[:3])
     with pytest.raises(ValueError, match="labels must be in"):
         SceneGenerator(images, labels + 5)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 3 * 2 * 32**2])
+def test_scene_source_serves_the_generator_scenes_with_or_without_its_cache(cache_bytes):
+    images, labels = _solid_pool()
+    generator = SceneGenerator(images, labels, SceneConfig(canvas=32, min_size=8), seed=5)
+    source = SceneSource(generator, 10, cache_bytes=cache_bytes)
+    assert source.cache_capacity == (3 if cache_bytes else 0)
+    for _ in range(2):  # the second pass reads the cached scenes
+        for i in range(10):
+            image, mask = source[i]
+            expected_image, expected_mask = generator.scene(i)
+            np.testing.assert_array_equal(image, expected_image)
+            np.testing.assert_array_equal(mask, expected_mask)
+            assert mask.dtype == np.int64
+    assert len(source._cache) == source.cache_capacity
+    if cache_bytes:  # cached scenes are shared between reads, so nobody may write into them
+        with pytest.raises(ValueError, match="read-only"):
+            source[0][0][0, 0] = 1
