@@ -167,6 +167,9 @@ def test_bad_arguments_and_files_give_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", *SCENES, "--out", str(tmp_path), "--batch-size", "1"])
     assert "needs more than one value per channel" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", *SCENES, "--out", str(tmp_path), "--head-dropout", "1"])
+    assert "--head-dropout must be in [0, 1)" in capsys.readouterr().err
 
     assert main(["eval", str(tmp_path / "missing.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -229,9 +232,13 @@ THREE_STAGES = [
 
 def test_model_args_shape_the_backbone_and_travel_with_the_checkpoint(tmp_path):
     run = tmp_path / "three"
-    _train(run, "--epochs", "1", *THREE_STAGES)
+    head = ["--head-dropout", "0.25", "--fuse-kernel", "1"]
+    _train(run, "--epochs", "1", *THREE_STAGES, *head)
     model, spec = load_trained(run)
     assert spec.backbone_args["dims"] == (16, 32, 64) and spec.num_stages == 3
+    assert spec.dropout == 0.25 and spec.fuse_kernel == 1
+    assert model.decode_head.dropout.p == model.auxiliary_head.dropout.p == 0.25
+    assert model.decode_head.fpn_bottleneck.conv.kernel_size == (1, 1)
     # UPerNet fuses the three stages; the auxiliary head sits on the penultimate one.
     assert len(model.decode_head.lateral_convs) + 1 == 3
     assert model.auxiliary_head.in_index == 1

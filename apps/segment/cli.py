@@ -151,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary loss weight")
     m.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    m.add_argument(
+        "--fuse-kernel",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="kernel of the conv fusing UPerNet's levels (3 as published; 1 is cheaper)",
+    )
+    m.add_argument(
+        "--head-dropout",
+        type=float,
+        default=0.1,
+        help="channel dropout before the heads' classifiers (MMSegmentation's 0.1)",
+    )
     o = t.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=12)
     o.add_argument("--batch-size", type=int, default=16, help="per process")
@@ -237,6 +250,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if getattr(args, "backbone_lr_scale", 1.0) <= 0:
         parser.error(f"--backbone-lr-scale must be > 0, got {args.backbone_lr_scale}")
+    if not 0.0 <= getattr(args, "head_dropout", 0.0) < 1.0:
+        parser.error(f"--head-dropout must be in [0, 1), got {args.head_dropout}")
     if getattr(args, "aux_channels", 0) < 0:
         parser.error(f"--aux-channels must be >= 0, got {args.aux_channels}")
     if getattr(args, "grad_clip", None) == 0:

@@ -29,6 +29,8 @@ class ModelSpec:
     ignore_index: int = 255
     crop: int = 64  # training crop: the default sliding window for larger images
     drop_path: float = 0.0
+    dropout: float = 0.1  # Dropout2d before each head's classifier (MMSeg's default)
+    fuse_kernel: int = 3  # UPerHead's fpn_bottleneck kernel (UPerNet: 3)
     # PPMAConfig overrides of the registered backbone (--model-arg), e.g. {"depths": (1, 2, 2)}
     backbone_args: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +81,8 @@ def build_model(
         channels=spec.channels,
         aux_channels=spec.aux_channels or None,
         aux_in_index=max(stages - 2, 0),
+        dropout=spec.dropout,
+        fuse_kernel_size=spec.fuse_kernel,
         **kwargs,
     )
 

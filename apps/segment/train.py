@@ -114,6 +114,8 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
         ignore_index=sources.ignore_index,
         crop=args.crop,
         drop_path=args.drop_path,
+        dropout=args.head_dropout,
+        fuse_kernel=args.fuse_kernel,
         backbone_args=_backbone_args(args),
     )
     torch.manual_seed(args.seed)  # identical initial weights on every rank

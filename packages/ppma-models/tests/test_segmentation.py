@@ -115,10 +115,11 @@ def _up(x, size):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def test_uperhead_matches_a_functional_oracle():
+@pytest.mark.parametrize("fuse_kernel_size", [3, 1])
+def test_uperhead_matches_a_functional_oracle(fuse_kernel_size):
     """The head equals UPerNet written out by hand: PPM, top-down FPN, fuse, classify."""
     torch.manual_seed(0)
-    head = UPerHead(DIMS, num_classes=3, channels=6).eval()
+    head = UPerHead(DIMS, num_classes=3, channels=6, fuse_kernel_size=fuse_kernel_size).eval()
     with torch.no_grad():  # non-trivial BN statistics so the oracle checks them too
         for m in head.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -141,7 +142,8 @@ def test_uperhead_matches_a_functional_oracle():
     lat[1] = lat[1] + _up(lat[2], sizes[1])
     lat[0] = lat[0] + _up(lat[1], sizes[0])
     outs = [_block(lat[i], sd, f"fpn_convs.{i}", 1) for i in range(3)] + [lat[3]]
-    fused = _block(torch.cat([_up(o, sizes[0]) for o in outs], 1), sd, "fpn_bottleneck", 1)
+    fused = torch.cat([_up(o, sizes[0]) for o in outs], 1)
+    fused = _block(fused, sd, "fpn_bottleneck", fuse_kernel_size // 2)
     expected = F.conv2d(fused, sd["conv_seg.weight"], sd["conv_seg.bias"])
 
     with torch.no_grad():
@@ -184,6 +186,8 @@ def test_bad_inputs_name_the_argument():
         head(bad)
     with pytest.raises(ValueError, match="num_classes"):
         UPerHead(DIMS, num_classes=0)
+    with pytest.raises(ValueError, match="fuse_kernel_size must be odd"):
+        UPerHead(DIMS, num_classes=3, fuse_kernel_size=2)
     with pytest.raises(ValueError, match="x must have shape"):
         SegmentationModel(ToyBackbone(), head)(torch.randn(3, 8, 8))
     with pytest.raises(TypeError, match="backbone_kwargs"):

@@ -125,6 +125,10 @@ class UPerHead(_DecodeHead):
 
     in_channels: channels of the input maps, finest first (strides 4, 8, 16, 32 for a PPMA
     backbone). forward: list of (B, in_channels[i], H_i, W_i) → (B, num_classes, H_0, W_0).
+
+    fuse_kernel_size: kernel of ``fpn_bottleneck``, the conv over the concatenated levels at the
+    finest resolution. UPerNet's is 3 (what the published checkpoints hold); in a small head it
+    is most of the multiply-adds, and 1 leaves the spatial mixing to ``fpn_convs``.
     """
 
     def __init__(
@@ -134,11 +138,14 @@ class UPerHead(_DecodeHead):
         channels: int = 512,
         pool_scales: Sequence[int] = (1, 2, 3, 6),
         dropout: float = 0.1,
+        fuse_kernel_size: int = 3,
     ) -> None:
         super().__init__(channels, num_classes, dropout)
         in_channels = [int(c) for c in in_channels]
         if len(in_channels) < 2:
             raise ValueError(f"in_channels needs at least two levels, got {in_channels}")
+        if fuse_kernel_size < 1 or fuse_kernel_size % 2 == 0:
+            raise ValueError(f"fuse_kernel_size must be odd and >= 1, got {fuse_kernel_size}")
         self.in_channels = in_channels
         self.pool_scales = tuple(pool_scales)
         self.psp_modules = PyramidPoolingModule(pool_scales, in_channels[-1], channels)
@@ -149,7 +156,12 @@ class UPerHead(_DecodeHead):
         self.fpn_convs = nn.ModuleList(
             ConvModule(channels, channels, 3, padding=1) for _ in in_channels[:-1]
         )
-        self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, padding=1)
+        self.fpn_bottleneck = ConvModule(
+            len(in_channels) * channels,
+            channels,
+            fuse_kernel_size,
+            padding=fuse_kernel_size // 2,
+        )
 
     def fuse(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """The fused (B, channels, H_0, W_0) map before dropout and classifier."""
@@ -286,12 +298,14 @@ def create_segmentation_model(
     aux_in_index: int = 2,
     pool_scales: Sequence[int] = (1, 2, 3, 6),
     dropout: float = 0.1,
+    fuse_kernel_size: int = 3,
     **backbone_kwargs: object,
 ) -> SegmentationModel:
     """UPerNet on a backbone given by registry name (``"ppma_tiny"``, ...) or as a module.
 
     A name is built with ``ppma_models.create_model(name, features_only=True, **backbone_kwargs)``.
-    aux_channels=None leaves out the auxiliary FCN head on map ``aux_in_index``.
+    aux_channels=None leaves out the auxiliary FCN head on map ``aux_in_index``;
+    ``fuse_kernel_size`` is :class:`UPerHead`'s.
     """
     if isinstance(backbone, str):
         from . import create_model  # the registry lives in the package root
@@ -302,7 +316,9 @@ def create_segmentation_model(
             f"backbone_kwargs {sorted(backbone_kwargs)} only apply when backbone is a name"
         )
     in_channels = backbone_channels(backbone)
-    decode_head = UPerHead(in_channels, num_classes, channels, pool_scales, dropout)
+    decode_head = UPerHead(
+        in_channels, num_classes, channels, pool_scales, dropout, fuse_kernel_size
+    )
     aux = None
     if aux_channels is not None:
         aux = FCNHead(
