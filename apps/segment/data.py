@@ -41,7 +41,7 @@ SCENE_CACHE_BYTES = 512 * 2**20
 class SceneSource(Dataset):
     """``count`` scenes of a :class:`SceneGenerator` (index i → scene i).
 
-    Generating a scene costs about as much as a tenth of a small model's training step on it,
+    Generating a scene costs about a twentieth of a small model's training step on it,
     and every epoch revisits the same scenes, so the first ``cache_bytes`` worth of generated
     scenes are kept (per process: each DataLoader worker fills its own copy).
     """
