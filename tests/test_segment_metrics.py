@@ -10,6 +10,7 @@ import torch
 from apps.segment.metrics import (
     ConfusionMatrix,
     confusion_matrix,
+    correct_pixels,
     predicted_classes,
     scores_from_confusion,
 )
@@ -70,3 +71,18 @@ def test_predicted_classes_is_the_argmax_over_the_class_axis():
     assert pred.shape == (3, 7, 5) and not pred.requires_grad
     assert torch.equal(pred, logits.detach().argmax(1))
     assert pred[0, 2, 3] == 4
+
+
+def test_correct_pixels_counts_labelled_pixels_where_the_argmax_is_the_truth():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 11, 9, 6, requires_grad=True)
+    target = torch.randint(0, 11, (2, 9, 6))
+    target[0, :3] = 255  # ignored pixels never count, whatever their logits
+    logits.data[0, 0, :3] = 1e9
+    expected = ((logits.detach().argmax(1) == target) & (target != 255)).sum()
+    got = correct_pixels(logits, target, ignore_index=255)
+    assert got.dtype == torch.int64 and got.dim() == 0 and not got.requires_grad
+    assert int(got) == int(expected) > 0
+    # Making the truth the top logit everywhere counts every labelled pixel.
+    sure = logits.detach().scatter(1, target.clamp(max=10).unsqueeze(1), 1e9)
+    assert int(correct_pixels(sure, target, ignore_index=255)) == 2 * 9 * 6 - 3 * 6

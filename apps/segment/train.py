@@ -30,7 +30,7 @@ from apps.engine import (
 from apps.engine.model_args import parse_model_args
 from apps.segment.data import EpochShuffleSampler, SegmentationSamples, build_sources
 from apps.segment.evaluate import evaluate_segmentation
-from apps.segment.metrics import predicted_classes
+from apps.segment.metrics import correct_pixels
 from apps.segment.model import ModelSpec, build_model, count_parameters
 from apps.segment.transforms import TrainAugment
 
@@ -53,8 +53,7 @@ def make_train_step(aux_weight: float, ignore_index: int):
                 loss = loss + aux_weight * F.cross_entropy(
                     aux.float(), y, ignore_index=ignore_index
                 )
-        with torch.no_grad():
-            correct = ((predicted_classes(logits) == y) & valid).sum()
+        correct = correct_pixels(logits, y, ignore_index)
         b = len(y)
         return loss, {
             "loss": loss.detach() * b,

@@ -43,8 +43,10 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     configs the published checkpoints were trained with).
 
     Bilinear resizing is separable, so it is computed as R_h · x · R_wᵀ with the 1-D matrices:
-    the same weights as F.interpolate up to float rounding, but batched GEMMs instead of a
-    gather loop, whose backward dominated small-model training steps on the CPU.
+    the same weights as F.interpolate up to float rounding, but GEMMs instead of a gather loop,
+    whose backward dominated small-model training steps on the CPU. The second GEMM is batched
+    over the maps so that it writes the output in place, without a transpose of the (largest)
+    full-resolution tensor.
     """
     (h, w), (out_h, out_w) = x.shape[-2:], tuple(size)
     if (h, w) == (out_h, out_w):
@@ -54,9 +56,8 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     lead = x.shape[:-2]
     if w != out_w:  # (…·h, w) @ (w, W): one GEMM over all rows
         x = x.reshape(-1, w) @ _linear_resize_matrix(w, out_w, x).T
-    if h != out_h:  # (H, h) @ (h, …·W) after moving h to the front: one GEMM again
-        x = x.reshape(-1, h, out_w).transpose(0, 1).reshape(h, -1)
-        x = (_linear_resize_matrix(h, out_h, x) @ x).reshape(out_h, -1, out_w).transpose(0, 1)
+    if h != out_h:  # (H, h) @ each (h, W) map: one batched GEMM
+        x = torch.matmul(_linear_resize_matrix(h, out_h, x), x.reshape(-1, h, out_w))
     return x.reshape(*lead, out_h, out_w)
 
 
