@@ -4,6 +4,7 @@
     nox -s lint         ruff
     nox -s experiments  ppma_mask theory experiments (scaling table + figures)
     nox -s bench        ppma_ops: native ops vs reference / SDPA / FlexAttention (DESIGN §6)
+    nox -s bench_depthwise ppma_ops: native depthwise convolution vs F.conv2d (oneDNN)
     nox -s bench_models ppma_models: T/S/B images/s and memory, native vs reference ops
     nox -s demo         apps.classify: train a PPMA on Fashion-MNIST, print the test accuracy
     nox -s segment_demo apps.segment: train + evaluate on the built-in Fashion-MNIST scenes
@@ -98,6 +99,18 @@ def bench(session: nox.Session) -> None:
     install_packages(session, models=False)
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     script = "packages/ppma-ops/benchmarks/bench_ops.py"
+    session.run("python", script, "--out", "benchmarks", *session.posargs, env=env)
+
+
+@nox.session(python=PYTHON)
+def bench_depthwise(session: nox.Session) -> None:
+    """ppma_ops depthwise convolution: native kernel vs F.conv2d at the models' shapes.
+
+    Writes benchmarks/depthwise.json and benchmarks/depthwise.md (``-- --quick``: 3 shapes).
+    """
+    install_packages(session, models=False)
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    script = "packages/ppma-ops/benchmarks/bench_depthwise.py"
     session.run("python", script, "--out", "benchmarks", *session.posargs, env=env)
 
 

@@ -90,7 +90,9 @@ def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
     return logits.detach().permute(0, 2, 3, 1).contiguous().argmax(-1)
 
 
-def correct_pixels(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def correct_pixels(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255
+) -> torch.Tensor:
     """Number of labelled pixels whose true class has the top logit (a 0-d int64 tensor).
 
     logits (B, classes, H, W), target (B, H, W). The training step's pixel accuracy: comparing

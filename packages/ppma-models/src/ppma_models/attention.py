@@ -96,7 +96,7 @@ class MaskedAttention(nn.Module):
         )
         out = op(q, k, v_heads, log_alpha, log_beta, scale=1.0)  # the op must not scale again
         out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
-        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        lepe = ppma_ops.depthwise_conv2d(v, self.lepe.weight, self.lepe.bias)
         return self.out_proj(out + lepe)
 
 

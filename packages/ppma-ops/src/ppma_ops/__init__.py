@@ -5,6 +5,7 @@ Public ops (q, k: (B, heads, H, W, d); v, x: (B, heads, H, W, c); log decays: (B
 - :func:`polyline_attention`    vanilla polyline attention (DESIGN §2.3)
 - :func:`criss_cross_attention` criss-cross polyline attention (DESIGN §2.4)
 - :func:`polyline_scan`         y = L·x (or Lᵀ·x) in O(N·c)
+- :func:`depthwise_conv2d`      the blocks' depthwise convolutions on (B, H, W, C) maps
 
 Each runs the fused native kernel when the compiled library is loaded, and the pure-PyTorch
 reference (:mod:`ppma_ops.reference`) otherwise, or when ``PPMA_OPS_FORCE_REFERENCE=1``.
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 from . import reference
 from ._native import FORCE_REFERENCE_ENV, native_available, native_load_error
-from .ops import criss_cross_attention, polyline_attention, polyline_scan
+from .ops import criss_cross_attention, depthwise_conv2d, polyline_attention, polyline_scan
 
 __all__ = [
     "FORCE_REFERENCE_ENV",
     "criss_cross_attention",
+    "depthwise_conv2d",
     "native_available",
     "native_load_error",
     "polyline_attention",

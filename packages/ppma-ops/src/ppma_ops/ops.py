@@ -10,7 +10,15 @@ import torch
 
 from . import reference
 from ._native import has_native_op, warn_if_unavailable
-from .validation import check_log_decays, check_same_kind, check_spatial_args
+from .validation import (
+    check_depthwise_conv_args,
+    check_log_decays,
+    check_same_kind,
+    check_spatial_args,
+)
+
+# dtypes of the native depthwise convolution (other dtypes and devices use F.conv2d).
+_DEPTHWISE_NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 def polyline_attention(
@@ -75,3 +83,29 @@ def polyline_scan(
         return torch.ops.ppma.polyline_scan(x, log_alpha, log_beta, transpose)
     warn_if_unavailable()
     return reference.polyline_scan(x, log_alpha, log_beta, transpose=transpose)
+
+
+def depthwise_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Depthwise convolution of channels-last maps, stride 1, "same" zero padding.
+
+    x: (B, H, W, C); weight: (C, 1, kh, kw) with kh, kw odd, as a depthwise
+    ``nn.Conv2d(C, C, k, groups=C)`` stores it; bias: (C,) or None. Returns (B, H, W, C), equal
+    to ``F.conv2d`` on the NCHW view of x, permuted back. The native kernel runs on float32 and
+    float64 CPU tensors of one dtype outside autocast; elsewhere (CUDA, autocast, mixed
+    dtypes) ``F.conv2d`` does, with its own casting rules and errors.
+    """
+    check_depthwise_conv_args(x, weight, bias)
+    native_case = (
+        x.device.type == "cpu"
+        and x.dtype in _DEPTHWISE_NATIVE_DTYPES
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and not torch.is_autocast_enabled("cpu")
+    )
+    if native_case:
+        if has_native_op("depthwise_conv2d"):
+            return torch.ops.ppma.depthwise_conv2d(x, weight, bias)
+        warn_if_unavailable()
+    return reference.depthwise_conv2d(x, weight, bias)

@@ -14,8 +14,10 @@ Shapes (row-major tokens, u = i·W + j):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
+    "depthwise_conv2d",
     "log_polyline_mask",
     "polyline_attention",
     "criss_cross_attention",
@@ -127,3 +129,18 @@ def polyline_scan(
         mask = mask.transpose(-1, -2)
     y = torch.exp(mask) @ _flat(x).to(mask.dtype)
     return y.unflatten(2, x.shape[2:4]).to(x.dtype)
+
+
+def depthwise_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Depthwise convolution of channels-last maps by ``F.conv2d`` on their NCHW view.
+
+    x: (B, H, W, C); weight: (C, 1, kh, kw), kh and kw odd; bias: (C,) or None. Stride 1,
+    "same" zero padding. Returns (B, H, W, C).
+    """
+    kh, kw = weight.shape[-2:]
+    y = F.conv2d(
+        x.permute(0, 3, 1, 2), weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[-1]
+    )
+    return y.permute(0, 2, 3, 1)

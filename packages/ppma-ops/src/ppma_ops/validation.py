@@ -86,3 +86,32 @@ def _is_concrete(t: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - very old torch
         pass
     return not torch.compiler.is_compiling()
+
+
+def check_depthwise_conv_args(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """x: (B, H, W, C); weight: (C, 1, kh, kw) with kh, kw odd; bias: (C,) or None.
+
+    dtypes may differ (autocast casts them); F.conv2d reports a mismatch outside autocast.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, H, W, C), got {tuple(x.shape)}")
+    c = x.shape[-1]
+    if weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1:
+        raise ValueError(
+            f"weight must have shape (C, 1, kh, kw) with C = {c} (a depthwise nn.Conv2d's "
+            f"weight), got {tuple(weight.shape)}"
+        )
+    kh, kw = weight.shape[-2:]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f'the kernel size must be odd ("same" padding), got {kh}x{kw}')
+    if bias is not None and tuple(bias.shape) != (c,):
+        raise ValueError(f"bias must have shape (C,) = ({c},), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")

@@ -7,6 +7,7 @@ Imported by :mod:`ppma_ops._native` only after the compiled library has loaded.
 
 from . import (
     criss_cross_attention,  # noqa: F401
+    depthwise_conv2d,  # noqa: F401
     polyline_attention,  # noqa: F401
     polyline_scan,  # noqa: F401
 )
