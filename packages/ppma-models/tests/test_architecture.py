@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import ppma_ops
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,17 +268,35 @@ def test_attention_switch_routes_to_the_chosen_implementation(monkeypatch):
     for cls in MaskedAttention.__subclasses__():
         monkeypatch.setattr(cls, "native_op", spy("native", cls.native_op))
         monkeypatch.setattr(cls, "reference_op", spy("reference", cls.reference_op))
+    # The blocks' depthwise convolutions (CPE, LePE, FFN: three per block) follow the switch.
+    conv_calls = {"native": 0, "reference": 0}
+
+    def conv_spy(kind, op):
+        def wrapped(*args, **kwargs):
+            conv_calls[kind] += 1
+            return op(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(ppma_ops, "depthwise_conv2d", conv_spy("native", ppma_ops.depthwise_conv2d))
+    monkeypatch.setattr(
+        ppma_ops.reference,
+        "depthwise_conv2d",
+        conv_spy("reference", ppma_ops.reference.depthwise_conv2d),
+    )
     torch.manual_seed(0)
     model = create_model("ppma_nano", attention="reference").eval()
     x = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
         ref = model(x)
         assert calls == {"native": 0, "reference": 5}
+        assert conv_calls == {"native": 0, "reference": 15}
         model.set_attention("native")
         assert model.attention == "native"
         assert all(m.impl == "native" for m in model.modules() if isinstance(m, MaskedAttention))
         nat = model(x)
     assert calls == {"native": 5, "reference": 5}
+    assert conv_calls == {"native": 15, "reference": 15}
     assert torch.allclose(nat, ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="attention must be one of"):
         model.set_attention("fast")

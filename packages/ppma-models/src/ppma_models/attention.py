@@ -12,7 +12,9 @@ from :mod:`ppma_ops` they call:
 The operator implementation is selectable per module (and per model, see
 ``PPMA.set_attention``): ``"native"`` uses the public ``ppma_ops`` entry points (fused
 kernels where the compiled library registered them, else the reference with a warning),
-``"reference"`` always uses the plain-PyTorch ``ppma_ops.reference`` functions.
+``"reference"`` always uses the plain-PyTorch ``ppma_ops.reference`` functions. The switch
+covers the block's depthwise convolutions too (LePE here, CPE and the feed-forward's in
+:mod:`.block`), which ppma_ops also provides.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ppma_ops import reference
 from torch import nn
 
 from .decay import DecayField
+from .residual_conv import depthwise_conv
 from .rope import apply_rotary
 
 #: Accepted values for the ``attention`` implementation switch.
@@ -96,7 +99,7 @@ class MaskedAttention(nn.Module):
         )
         out = op(q, k, v_heads, log_alpha, log_beta, scale=1.0)  # the op must not scale again
         out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
-        lepe = ppma_ops.depthwise_conv2d(v, self.lepe.weight, self.lepe.bias)
+        lepe = depthwise_conv(v, self.lepe.weight, self.lepe.bias, self.impl)
         return self.out_proj(out + lepe)
 
 

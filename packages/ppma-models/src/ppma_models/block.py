@@ -52,12 +52,13 @@ class PPMABlock(nn.Module):
             self.ffn_layer_scale = None
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        x = residual_depthwise_conv(x, self.cpe)  # a fresh tensor this block owns
+        impl = self.attn.impl  # the model's ppma_ops switch, for the depthwise convs too
+        x = residual_depthwise_conv(x, self.cpe, impl)  # a fresh tensor this block owns
         y = self.attn(self.attn_norm(x), rotation)
         if self.attn_layer_scale is not None:
             y = self.attn_layer_scale * y
         x = _add_residual(x, self.drop_path(y))
-        y = self.ffn(self.ffn_norm(x))
+        y = self.ffn(self.ffn_norm(x), impl)
         if self.ffn_layer_scale is not None:
             y = self.ffn_layer_scale * y
         return _add_residual(x, self.drop_path(y))

@@ -28,9 +28,9 @@ class PPMA(nn.Module):
     each through its own LayerNorm.
 
     Input x: (B, in_chans, H, W), any H, W ≥ 1 (odd sizes round up at each stride-2 step).
-    ``attention`` selects the masked-attention implementation: "native" (ppma_ops fused
-    kernels, falling back to the reference with a warning) or "reference" (plain PyTorch);
-    switch later with :meth:`set_attention`.
+    ``attention`` selects the implementation of the ppma_ops calls (masked attention and the
+    blocks' depthwise convolutions): "native" (fused kernels, falling back to the reference
+    with a warning) or "reference" (plain PyTorch); switch later with :meth:`set_attention`.
     """
 
     def __init__(
@@ -107,7 +107,8 @@ class PPMA(nn.Module):
         return self._attention
 
     def set_attention(self, impl: str) -> None:
-        """Switch every attention layer to "native" or "reference" ops."""
+        """Switch every attention layer (and its block's depthwise convolutions) to "native" or
+        "reference" ops."""
         check_attention_impl(impl)
         if impl == "native" and not ppma_ops.native_available():
             warnings.warn(
