@@ -7,7 +7,13 @@
 //       F.conv2d on the NCHW view of x, permuted back.
 //   ppma::depthwise_conv2d_backward(grad_out, x, weight) -> (grad_x, grad_weight)
 //       The bias gradient (grad_out summed over B, H, W) is left to the autograd formula.
+//
+// The autograd formula is registered here in C++ (not with torch.library.register_autograd as
+// for the attention ops): a model runs this op three times per block on small maps, where the
+// Python backward wrapper cost as much as the kernels.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -87,6 +93,42 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(const at::Tenso
   return {grad_x, grad_weight.to(weight.scalar_type())};
 }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class DepthwiseConv2dFunction : public torch::autograd::Function<DepthwiseConv2dFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("ppma::depthwise_conv2d", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return op.call(x, weight, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("ppma::depthwise_conv2d_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_out = grads[0];
+    auto [grad_x, grad_weight] = op.call(grad_out, saved[0], saved[1]);
+    at::Tensor grad_bias;
+    if (ctx->saved_data["has_bias"].toBool()) grad_bias = grad_out.sum({0, 1, 2});
+    return {grad_x, grad_weight, grad_bias};
+  }
+};
+
+at::Tensor depthwise_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias) {
+  return DepthwiseConv2dFunction::apply(x, weight, bias);
+}
+
 }  // namespace
 }  // namespace ppma
 
@@ -100,4 +142,8 @@ TORCH_LIBRARY_FRAGMENT(ppma, m) {
 TORCH_LIBRARY_IMPL(ppma, CPU, m) {
   m.impl("depthwise_conv2d", &ppma::depthwise_conv2d_cpu);
   m.impl("depthwise_conv2d_backward", &ppma::depthwise_conv2d_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(ppma, Autograd, m) {
+  m.impl("depthwise_conv2d", &ppma::depthwise_conv2d_autograd);
 }

@@ -1,7 +1,7 @@
-"""Fake kernels and autograd of ``torch.ops.ppma.depthwise_conv2d`` (csrc/depthwise_conv2d.cpp).
+"""Fake kernels of ``torch.ops.ppma.depthwise_conv2d`` and its backward.
 
-The backward op returns the gradients of x and of the weight; the bias gradient is a plain
-sum of grad_out over (B, H, W), left to ATen.
+Its autograd formula is registered in C++ (csrc/depthwise_conv2d.cpp, Autograd key): the op
+runs three times per block on small maps, where a Python backward cost as much as the kernel.
 """
 
 from __future__ import annotations
@@ -24,19 +24,3 @@ def _depthwise_conv2d_backward_fake(
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
     )
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out: torch.Tensor):
-    x, weight = ctx.saved_tensors
-    grad_x, grad_weight = torch.ops.ppma.depthwise_conv2d_backward(grad_out, x, weight)
-    grad_bias = grad_out.sum((0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_x, grad_weight, grad_bias
-
-
-torch.library.register_autograd("ppma::depthwise_conv2d", _backward, setup_context=_setup_context)
