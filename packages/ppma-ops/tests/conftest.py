@@ -79,6 +79,14 @@ def official_attention(reference_dir: Path):
 
 
 @pytest.fixture
+def set_threads():
+    """torch.set_num_threads for the test; the previous thread count is restored after it."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def no_compile_caches():
     """Compiled graphs cached on disk by an earlier build of the ops (another schema) would be
     reused: their cache keys do not cover custom-op schemas."""

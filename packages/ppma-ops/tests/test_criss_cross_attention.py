@@ -250,7 +250,7 @@ def test_backward_is_bitwise_deterministic():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_results_do_not_depend_on_the_thread_count(threads):
+def test_results_do_not_depend_on_the_thread_count(threads, set_threads):
     # Three heads: one or three threads take whole heads through every phase, two threads
     # split each phase over the lines (the kernel's two schedules); a line's arithmetic must
     # not change with either.
@@ -260,20 +260,16 @@ def test_results_do_not_depend_on_the_thread_count(threads):
         out = _native(args, 0.25)
         return (out.detach(), *torch.autograd.grad(out, args, grad_out))
 
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        expected = run()
-        torch.set_num_threads(threads)
-        got = run()
-    finally:
-        torch.set_num_threads(previous)
+    set_threads(1)
+    expected = run()
+    set_threads(threads)
+    got = run()
     for a, b in zip(expected, got, strict=True):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(("heads", "threads"), [(3, 1), (3, 2), (4, 2)])
-def test_inference_equals_the_training_forward_and_keeps_nothing(heads, threads):
+def test_inference_equals_the_training_forward_and_keeps_nothing(heads, threads, set_threads):
     # Without a gradient to compute the public op runs the inference op: per-thread state where
     # threads take whole heads (3 heads on 1 thread, 4 on 2), temporaries otherwise (3 on 2).
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -288,16 +284,12 @@ def test_inference_equals_the_training_forward_and_keeps_nothing(heads, threads)
             return func(*args, **(kwargs or {}))
 
     args, _ = _float32_problem((2, heads, 11, 9), seed=6)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        with torch.no_grad(), OpLog() as log:
-            fast = _native(args, 0.3)
-        trained = torch.ops.ppma.criss_cross_attention_fwd(*(a.detach() for a in args), 0.3)[0]
-        with OpLog() as grad_log:
-            _native(args, 0.3)
-    finally:
-        torch.set_num_threads(previous)
+    set_threads(threads)
+    with torch.no_grad(), OpLog() as log:
+        fast = _native(args, 0.3)
+    trained = torch.ops.ppma.criss_cross_attention_fwd(*(a.detach() for a in args), 0.3)[0]
+    with OpLog() as grad_log:
+        _native(args, 0.3)
     assert torch.equal(fast, trained)
     assert "ppma.criss_cross_attention_inference.default" in log.names
     assert not any("criss_cross_attention_fwd" in name for name in log.names)

@@ -89,7 +89,7 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_results_do_not_depend_on_the_thread_count(threads):
+def test_results_do_not_depend_on_the_thread_count(threads, set_threads):
     # 60 rows of 20×40 floats: several row chunks for the weight gradient and parallel rows
     # for the correlations; each output must have the same bits on any number of threads.
     gen = torch.Generator().manual_seed(3)
@@ -102,14 +102,10 @@ def test_results_do_not_depend_on_the_thread_count(threads):
         y = _native(x, w, b)
         return (y.detach(), *torch.autograd.grad(y, (x, w, b), grad_out))
 
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        expected = run()
-        torch.set_num_threads(threads)
-        got = run()
-    finally:
-        torch.set_num_threads(previous)
+    set_threads(1)
+    expected = run()
+    set_threads(threads)
+    got = run()
     for a, e in zip(got, expected, strict=True):
         assert torch.equal(a, e)
 
