@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(const at::Tenso
     PPMA_DISPATCH_CPU_ISA(depthwise_taps_grad, gy, xc, grad_taps)
   }
   at::Tensor grad_weight = grad_taps.view({kh * kw, C}).t().contiguous().view({C, 1, kh, kw});
-  return {grad_x, grad_weight.to(weight.scalar_type())};
+  return {grad_x, grad_weight};
 }
 
 using torch::autograd::AutogradContext;

@@ -18,8 +18,9 @@ namespace ppma {
      of x is the same correlation of grad_out with the flipped taps and no bias. */        \
   void depthwise_correlate(const at::Tensor& x, const at::Tensor& taps,                     \
                            const at::Tensor& bias, at::Tensor& out);                        \
-  /* grad_taps (kh, kw, C) = Σ over pixels of grad_out · x shifted by the tap; summed over  \
-     fixed row chunks in a fixed order, so the result does not depend on the threads. */   \
+  /* grad_taps (kh, kw, C, zeroed by the caller) += Σ over pixels of grad_out · x shifted  \
+     by the tap; summed over fixed row chunks in a fixed order, so the result does not      \
+     depend on the threads. */                                                             \
   void depthwise_taps_grad(const at::Tensor& grad_out, const at::Tensor& x,                 \
                            at::Tensor& grad_taps);                                          \
   }

@@ -168,8 +168,7 @@ void taps_grad(const at::Tensor& gy_t, const at::Tensor& x_t, at::Tensor& grad_t
       }
     }
   });
-  T* grad_taps = grad_taps_t.data_ptr<T>();
-  std::fill(grad_taps, grad_taps + taps * C, T(0));
+  T* grad_taps = grad_taps_t.data_ptr<T>();  // zeroed by the caller
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const T* p = partial.data() + chunk * taps * C;
     for (int64_t t = 0; t < taps * C; ++t) grad_taps[t] += p[t];

@@ -61,14 +61,14 @@ def check_log_decays(
                 )
 
 
-def check_same_kind(**tensors: torch.Tensor) -> None:
-    """All tensors floating point, of one dtype and on one device."""
+def check_same_kind(*, same_dtype: bool = True, **tensors: torch.Tensor) -> None:
+    """All tensors floating point, on one device and (with same_dtype) of one dtype."""
     items = list(tensors.items())
     first_name, first = items[0]
     for name, t in items:
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype != first.dtype:
+        if same_dtype and t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
@@ -108,10 +108,5 @@ def check_depthwise_conv_args(
         raise ValueError(f'the kernel size must be odd ("same" padding), got {kh}x{kw}')
     if bias is not None and tuple(bias.shape) != (c,):
         raise ValueError(f"bias must have shape (C,) = ({c},), got {tuple(bias.shape)}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    tensors = {"x": x, "weight": weight} | ({} if bias is None else {"bias": bias})
+    check_same_kind(same_dtype=False, **tensors)
