@@ -22,11 +22,11 @@ settings.load_profile(
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The authors' reference data (DESIGN §3): shared/reference in the checkout or beside it."""
+    """The authors' reference data (docs/design.md §3): shared/reference, in or next to the repo."""
     for root in (_REPO / "shared", _REPO.parent / "shared"):
         if (root / "reference").is_dir():
             return root / "reference"
     raise FileNotFoundError(
         f"official reference data not found: looked for shared/reference in {_REPO} and "
-        f"{_REPO.parent}; these tests need the fixtures described in DESIGN §3"
+        f"{_REPO.parent}; these tests need the fixtures described in docs/design.md §3"
     )

@@ -3,7 +3,7 @@
     nox -s tests        every package's tests (builds the native extension)
     nox -s lint         ruff
     nox -s experiments  ppma_mask theory experiments (scaling table + figures)
-    nox -s bench        ppma_ops: native ops vs reference / SDPA / FlexAttention (DESIGN §6)
+    nox -s bench        ppma_ops: native ops vs reference / SDPA / FlexAttention (docs/design.md §6)
     nox -s bench_depthwise ppma_ops: native depthwise convolution vs F.conv2d (oneDNN)
     nox -s bench_models ppma_models: T/S/B images/s and memory, native vs reference ops
     nox -s demo         apps.classify: train a PPMA on Fashion-MNIST, print the test accuracy

@@ -8,7 +8,7 @@ import torch
 
 __all__ = ["build_adamw", "weight_decay_groups"]
 
-# Mamba2-style decay parameters of the PPMA attention (DESIGN §2.1) take no weight decay.
+# Mamba2-style decay parameters of the PPMA attention (docs/design.md §2.1) take no weight decay.
 NO_DECAY_NAMES = ("A_log", "dt_bias")
 
 

@@ -1,4 +1,4 @@
-"""The 2-D polyline mask against its definition and the identities of DESIGN §1."""
+"""The 2-D polyline mask against its definition and the identities of docs/design.md §1."""
 
 import numpy as np
 from hypothesis import given

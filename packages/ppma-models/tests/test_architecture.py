@@ -1,4 +1,4 @@
-"""Architecture facts (DESIGN §2.5), the modules' math against independent formulas, and the
+"""Architecture facts (docs/design.md §2.5), the modules' math against independent formulas, and the
 model API (shapes at odd sizes, features, intermediates, attention switch, checkpointing)."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_rotary_frequencies_and_rotation_follow_the_pair_formula():
     assert rotation.shape == (h, w, d // 2) and rotation.dtype == torch.complex128
     x = torch.randn(2, h, w, d, dtype=torch.float64)
     rotated = apply_rotary(x, rotation)
-    # Oracle (DESIGN §2.2): pair (x_2m, x_2m+1) rotated by the angle u·θ_m, u = i·W + j.
+    # Oracle (docs/design.md §2.2): pair (x_2m, x_2m+1) rotated by the angle u·θ_m, u = i·W + j.
     u = torch.arange(h * w, dtype=torch.float64).reshape(h, w, 1)
     angle = u * theta[0::2]
     even, odd = x[..., 0::2], x[..., 1::2]

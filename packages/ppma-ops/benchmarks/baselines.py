@@ -1,6 +1,6 @@
 """Attention baselines shared by bench_ops.py (CPU) and bench_cuda.py (GPU), any device.
 
-Both compute vanilla polyline attention (DESIGN §2.3) without ppma_ops' kernels:
+Both compute vanilla polyline attention (docs/design.md §2.3) without ppma_ops' kernels:
 ``sdpa_polyline_attention`` with the materialised float log-mask M (and Mᵀ), the construction
 timed with it; ``make_flex_polyline_attention`` with FlexAttention score_mods that read the
 cumsum tables, so no N×N tensor exists.

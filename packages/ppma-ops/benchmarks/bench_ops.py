@@ -1,4 +1,4 @@
-"""Operator benchmark of ppma_ops (DESIGN §6): run by `nox -s bench`.
+"""Operator benchmark of ppma_ops (docs/design.md §6): run by `nox -s bench`.
 
 Vanilla polyline attention: the native kernel against (1) the reference written the upstream
 way (materialised N×N log-mask, two softmaxes), (2) SDPA with a materialised float mask, called
@@ -32,7 +32,7 @@ import torch
 from baselines import make_flex_polyline_attention, sdpa_polyline_attention
 from ppma_ops import _native, reference
 
-# (H, W, heads, d, batch) from the real configs (DESIGN §6).
+# (H, W, heads, d, batch) from the real configs (docs/design.md §6).
 ATTENTION_SHAPES = [
     (7, 7, 16, 32, 64),
     (14, 14, 8, 32, 64),

@@ -1,4 +1,4 @@
-// Criss-cross polyline attention (DESIGN §2.4): schemas and CPU dispatch. The arithmetic lives
+// Criss-cross polyline attention (docs/design.md §2.4): schemas and CPU dispatch. The arithmetic lives
 // in csrc/cpu/criss_cross_attention_kernel.cpp (one copy per ISA) and criss_cross_math.h.
 //
 //   ppma::criss_cross_attention(q, k, v, log_alpha, log_beta, scale) -> out

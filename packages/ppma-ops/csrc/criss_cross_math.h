@@ -1,4 +1,4 @@
-// Per-line math of criss-cross polyline attention (DESIGN §2.4), shared by the CPU kernels
+// Per-line math of criss-cross polyline attention (docs/design.md §2.4), shared by the CPU kernels
 // (csrc/cpu/criss_cross_attention_kernel.cpp: tails and the double path) and, under nvcc, CUDA
 // kernels. A "line" is one grid row (n = W tokens, C = that row of Ca) or one grid column
 // (n = H, C = that column of Cb); its score tile S is n×n, row-major with leading dimension ld.

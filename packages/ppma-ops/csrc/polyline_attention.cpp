@@ -1,4 +1,4 @@
-// Vanilla polyline attention (DESIGN §2.3): schemas and CPU dispatch. The arithmetic lives in
+// Vanilla polyline attention (docs/design.md §2.3): schemas and CPU dispatch. The arithmetic lives in
 // csrc/cpu/polyline_attention_kernel.cpp (one copy per ISA) and polyline_attention_math.h.
 //
 //   ppma::polyline_attention(q, k, v, log_alpha, log_beta, scale) -> out

@@ -1,5 +1,5 @@
 // Scalar tile math of vanilla polyline attention, shared by the CPU kernels (tails and
-// reductions) and, under nvcc, the CUDA kernels. Notation of DESIGN §1: query u = (i, j),
+// reductions) and, under nvcc, the CUDA kernels. Notation of docs/design.md §1: query u = (i, j),
 // key v = (k, l); Ca = cumsum of log_alpha along each row, Cb = cumsum of log_beta along
 // each column, both H×W.
 #pragma once

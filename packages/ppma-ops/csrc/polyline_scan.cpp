@@ -1,4 +1,4 @@
-// ppma::polyline_scan: y = L·x (or Lᵀ·x) for the polyline mask L (DESIGN §1), O(N·c).
+// ppma::polyline_scan: y = L·x (or Lᵀ·x) for the polyline mask L (docs/design.md §1), O(N·c).
 //
 // L = L_H·L_V (Theorem 1): y = L·x mixes every column with B_l, then every row with A_i;
 // Lᵀ·x = L_V·L_H·x mixes rows first. Each 1-D mix is a forward plus a backward scan

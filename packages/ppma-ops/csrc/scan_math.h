@@ -1,4 +1,4 @@
-// Line math of the polyline scan (DESIGN §1, Corollary 2): products with the 1-D symmetric
+// Line math of the polyline scan (docs/design.md §1, Corollary 2): products with the 1-D symmetric
 // semiseparable masks A_i and B_l by one forward and one backward scan, and their gradients.
 //
 // A "line" has n steps; each step holds `groups` groups of `c` contiguous lanes, element

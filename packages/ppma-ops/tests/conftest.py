@@ -1,9 +1,9 @@
 """Shared fixtures for the ppma_ops tests.
 
-``official_attention`` runs one of the authors' attention fixtures (DESIGN §3) through a
+``official_attention`` runs one of the authors' attention fixtures (docs/design.md §3) through a
 test-side module around an op: q/k/v projections (k scaled by d^-½, the op called with
 scale 1), the shared decay head, 1-D RoPE over the flat token index, LePE and out_proj
-(DESIGN §2.1–2.4). The real modules live in ppma_models; this copy keeps the op tests free
+(docs/design.md §2.1–2.4). The real modules live in ppma_models; this copy keeps the op tests free
 of that dependency. ``no_compile_caches`` turns off torch.compile's on-disk caches for the
 compiled-op tests.
 """

@@ -59,7 +59,7 @@ def _native(args, scale):
 
 
 def _loop_oracle(q, k, v, la, lb, scale):
-    """Straight from DESIGN §2.4 with explicit loops over rows and columns (one image, head)."""
+    """docs/design.md §2.4 with explicit loops over rows and columns (one image, one head)."""
     hh, ww, _ = q.shape
     ca, cb = np.cumsum(la, axis=1), np.cumsum(lb, axis=0)
 

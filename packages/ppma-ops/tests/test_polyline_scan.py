@@ -119,7 +119,7 @@ def test_constant_decays_give_the_manhattan_mask(transpose):
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 9), (1, 1, 9, 1), (2, 1, 1, 1)])
 def test_degenerate_grids_are_one_dimensional_masks(shape):
-    # H = 1: L = A_0; W = 1: L = B_0 (DESIGN §1); a single token is the identity.
+    # H = 1: L = A_0; W = 1: L = B_0 (docs/design.md §1); a single token is the identity.
     x = torch.randn(*shape, 3, dtype=torch.float64)
     la, lb = _log_decays(shape, "uniform", 1), _log_decays(shape, "uniform", 2)
     line = la if shape[2] == 1 else lb  # the decays along the line that exists

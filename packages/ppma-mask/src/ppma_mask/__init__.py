@@ -1,7 +1,8 @@
 """ppma_mask: the polyline path mask of PPMA and its theory, in float64 NumPy/SciPy.
 
 Tokens of an H×W grid are numbered row-major, u = i·W + j. ``log_alpha`` and ``log_beta`` are
-(H, W) tables of log decays ≤ 0 (horizontal and vertical). See DESIGN §1 and the package README.
+(H, W) tables of log decays ≤ 0 (horizontal and vertical). See docs/design.md §1 and the
+package README.
 
 This package imports no torch; it is the numerical oracle of the torch packages' tests.
 """

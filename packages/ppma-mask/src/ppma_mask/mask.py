@@ -1,8 +1,8 @@
 """The polyline path mask: 1-D masks, the 2-D mask on an H×W grid, and its layouts.
 
-Grid conventions (DESIGN §1): token (i, j) has flat index u = i·W + j. ``log_alpha`` (H, W) holds
-the horizontal log decays a = log α, ``log_beta`` (H, W) the vertical ones b = log β. The "v2h"
-mask is
+Grid conventions (docs/design.md §1): token (i, j) has flat index u = i·W + j. ``log_alpha``
+(H, W) holds the horizontal log decays a = log α, ``log_beta`` (H, W) the vertical ones
+b = log β. The "v2h" mask is
 
     L[(i,j),(k,l)] = α(i; j..l) · β(l; i..k)
                    = exp(−|Ca[i,j] − Ca[i,l]| − |Cb[i,l] − Cb[k,l]|)

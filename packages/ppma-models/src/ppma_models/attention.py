@@ -1,4 +1,4 @@
-"""Polyline-path-masked attention layers (DESIGN §2.2–2.4).
+"""Polyline-path-masked attention layers (docs/design.md §2.2–2.4).
 
 Both kinds share the plumbing — q/k/v projections, the decay field, the flat-index rotary
 embedding, LePE and the output projection — and differ only in the masked-attention operator
@@ -104,14 +104,14 @@ class MaskedAttention(nn.Module):
 
 
 class PolylineAttention(MaskedAttention):
-    """Vanilla polyline attention over all N = H·W tokens (DESIGN §2.3, "V" stages)."""
+    """Vanilla polyline attention over all N = H·W tokens (docs/design.md §2.3, "V" stages)."""
 
     native_op = staticmethod(ppma_ops.polyline_attention)
     reference_op = staticmethod(reference.polyline_attention)
 
 
 class CrissCrossAttention(MaskedAttention):
-    """Criss-cross polyline attention along rows and columns (DESIGN §2.4, "X" stages)."""
+    """Criss-cross polyline attention along rows and columns (docs/design.md §2.4, "X" stages)."""
 
     native_op = staticmethod(ppma_ops.criss_cross_attention)
     reference_op = staticmethod(reference.criss_cross_attention)

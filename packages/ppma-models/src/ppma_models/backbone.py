@@ -1,4 +1,4 @@
-"""The hierarchical trunk: convolutional stem, downsampling, and stages (DESIGN §2.5)."""
+"""The hierarchical trunk: convolutional stem, downsampling, and stages (docs/design.md §2.5)."""
 
 from __future__ import annotations
 

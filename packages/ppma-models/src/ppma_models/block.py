@@ -1,4 +1,4 @@
-"""One PPMA transformer block (DESIGN §2.5)."""
+"""One PPMA transformer block (docs/design.md §2.5)."""
 
 from __future__ import annotations
 

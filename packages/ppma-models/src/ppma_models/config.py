@@ -1,4 +1,4 @@
-"""Architecture configuration of a PPMA model (DESIGN §2.5)."""
+"""Architecture configuration of a PPMA model (docs/design.md §2.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The decay field: per-token, per-head log decay factors log α and log β (DESIGN §2.1)."""
+"""The decay field: per-token, per-head log decay factors log α and log β (docs/design.md §2.1)."""
 
 from __future__ import annotations
 

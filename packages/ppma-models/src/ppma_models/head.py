@@ -1,4 +1,4 @@
-"""The classification head of PPMA (DESIGN §2.5)."""
+"""The classification head of PPMA (docs/design.md §2.5)."""
 
 from __future__ import annotations
 

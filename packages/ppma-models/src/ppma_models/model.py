@@ -1,4 +1,4 @@
-"""The PPMA vision transformer: classifier, or dense multi-scale backbone (DESIGN §2.5)."""
+"""The PPMA vision transformer: classifier, or dense multi-scale backbone (docs/design.md §2.5)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ class PPMA(nn.Module):
             self.out_norms = None
             self.head = ClassifierHead(config.dims[-1], num_classes, config.head_hidden)
             self.num_classes = num_classes
-        # Model-wide init runs last and overrides the submodules' own (DESIGN §2.5).
+        # Model-wide init runs last and overrides the submodules' own (docs/design.md §2.5).
         self.apply(_init_weights)
         self.set_attention(attention)
 

@@ -81,7 +81,7 @@ def _stages(**fields: Sequence[object]) -> dict[str, tuple]:
     return {k: tuple(v) for k, v in fields.items()}
 
 
-# The published models (DESIGN §2.5 table).
+# The published models (docs/design.md §2.5 table).
 PPMA_TINY = register_model(
     "ppma_tiny",
     PPMAConfig(

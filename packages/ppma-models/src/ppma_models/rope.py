@@ -1,4 +1,4 @@
-"""Rotary position embedding over the flattened row-major token index (DESIGN §2.2).
+"""Rotary position embedding over the flattened row-major token index (docs/design.md §2.2).
 
 Despite the "2D" name upstream, token (i, j) of an H×W grid is rotated by the angle
 u·θ_m with u = i·W + j, θ_m = 1 / 10000^{m/(d/2 − 1)} (m = 0..d/2−1), each θ_m used for one

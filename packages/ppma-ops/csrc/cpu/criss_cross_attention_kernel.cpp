@@ -1,4 +1,4 @@
-// CPU kernels of criss-cross polyline attention (DESIGN §2.4), compiled once per instruction
+// CPU kernels of criss-cross polyline attention (docs/design.md §2.4), compiled once per instruction
 // set (CPU_CAPABILITY = DEFAULT / AVX2 / AVX512) like ATen's kernels.
 //
 // Every line (grid row or grid column of one head) is one task: its n×n score tile comes from

@@ -1,4 +1,4 @@
-// Criss-cross polyline attention (DESIGN §2.4), CUDA kernels for the schemas that
+// Criss-cross polyline attention (docs/design.md §2.4), CUDA kernels for the schemas that
 // csrc/criss_cross_attention.cpp defines (ppma::criss_cross_attention_fwd / _backward), with
 // the same saved tensors as the CPU kernels.
 //

@@ -1,4 +1,4 @@
-// Vanilla polyline attention (DESIGN §2.3), CUDA kernels for the schemas that
+// Vanilla polyline attention (docs/design.md §2.3), CUDA kernels for the schemas that
 // csrc/polyline_attention.cpp defines (ppma::polyline_attention_fwd / _backward).
 //
 // Forward, FlashAttention style without tensor cores: one thread owns one query row, a block

@@ -1,5 +1,5 @@
 // ppma::polyline_scan / polyline_scan_backward on CUDA: y = L·x (or Lᵀ·x) in O(N·c) by scans
-// (DESIGN §1, Theorem 2 and Corollary 2), for the schemas csrc/polyline_scan.cpp defines.
+// (docs/design.md §1, Theorem 2 and Corollary 2), for the schemas csrc/polyline_scan.cpp defines.
 //
 // L = L_H·L_V: y = L·x mixes every grid column with B_l, then every grid row with A_i; Lᵀ·x
 // mixes rows first. One thread scans one (line, channel) with the shared line math of

@@ -2,8 +2,8 @@
 
 Public ops (q, k: (B, heads, H, W, d); v, x: (B, heads, H, W, c); log decays: (B, heads, H, W)):
 
-- :func:`polyline_attention`    vanilla polyline attention (DESIGN §2.3)
-- :func:`criss_cross_attention` criss-cross polyline attention (DESIGN §2.4)
+- :func:`polyline_attention`    vanilla polyline attention (docs/design.md §2.3)
+- :func:`criss_cross_attention` criss-cross polyline attention (docs/design.md §2.4)
 - :func:`polyline_scan`         y = L·x (or Lᵀ·x) in O(N·c)
 - :func:`depthwise_conv2d`      the blocks' depthwise convolutions on (B, H, W, C) maps
 

@@ -52,7 +52,7 @@ def criss_cross_attention(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Criss-cross polyline attention: ½·Cc(R(V)) + ½·R(Cc(V)) (DESIGN §2.4).
+    """Criss-cross polyline attention: ½·Cc(R(V)) + ½·R(Cc(V)) (docs/design.md §2.4).
 
     Shapes as :func:`polyline_attention`. Returns (B, heads, H, W, c).
     """

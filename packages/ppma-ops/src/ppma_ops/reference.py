@@ -28,7 +28,7 @@ __all__ = [
 def _row_col_log_masks(
     log_alpha: torch.Tensor, log_beta: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1-D log-masks of DESIGN §1, from cumsums kept in at least float32.
+    """The 1-D log-masks of docs/design.md §1, from cumsums kept in at least float32.
 
     Returns log_A (B, h, H, W, W) with log_A[i, j, l] = −|Ca[i, j] − Ca[i, l]| and
     log_B (B, h, W, H, H) with log_B[l, i, k] = −|Cb[i, l] − Cb[k, l]|.
@@ -69,7 +69,7 @@ def polyline_attention(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Vanilla polyline attention (DESIGN §2.3): ½·softmax(S + M)V + ½·softmax(S + Mᵀ)V.
+    """Vanilla polyline attention (docs/design.md §2.3): ½·softmax(S + M)V + ½·softmax(S + Mᵀ)V.
 
     Returns (B, heads, H, W, c).
     """
@@ -93,7 +93,7 @@ def criss_cross_attention(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Criss-cross polyline attention (DESIGN §2.4): ½·Cc(R(V)) + ½·R(Cc(V)).
+    """Criss-cross polyline attention (docs/design.md §2.4): ½·Cc(R(V)) + ½·R(Cc(V)).
 
     R applies softmax(Q_i K_iᵀ + log A_i) along each row i, Cc applies
     softmax(Q_{:,l} K_{:,l}ᵀ + log B_l) along each column l. Returns (B, heads, H, W, c).
