@@ -1,5 +1,6 @@
 """Shared pytest configuration: Hypothesis profiles and the location of the official fixtures."""
 
+import json
 import os
 from pathlib import Path
 
@@ -30,3 +31,37 @@ def reference_dir() -> Path:
         f"official reference data not found: looked for shared/reference in {_REPO} and "
         f"{_REPO.parent}; these tests need the fixtures described in docs/design.md §3"
     )
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_SKIP = (
+    f"Fashion-MNIST is not installed in {FASHION_MNIST_DIR}: "
+    "run `sudo apt-get install dataset-fashion-mnist` (nox -s tests does when run as root)"
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fashion_mnist: reads the Fashion-MNIST files (skipped when not installed)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if FASHION_MNIST_DIR.is_dir():
+        return
+    skip = pytest.mark.skip(reason=FASHION_MNIST_SKIP)
+    for item in items:
+        if item.get_closest_marker("fashion_mnist") is not None:
+            item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write how many tests were skipped for missing data where PPMA_SKIP_REPORT points, so
+    `nox -s tests` can say so in its last line."""
+    path = os.environ.get("PPMA_SKIP_REPORT")
+    if not path:
+        return
+    count = sum(item.get_closest_marker("fashion_mnist") is not None for item in session.items) * (
+        not FASHION_MNIST_DIR.is_dir()
+    )
+    Path(path).write_text(json.dumps({"fashion_mnist": count}))

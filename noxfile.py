@@ -1,23 +1,32 @@
 """Developer sessions for the ppma monorepo.
 
-    nox -s tests        every package's tests (builds the native extension)
-    nox -s lint         ruff
-    nox -s experiments  ppma_mask theory experiments (scaling table + figures)
-    nox -s bench        ppma_ops: native ops vs reference / SDPA / FlexAttention (docs/design.md §6)
+    nox -s tests           every package's tests (builds the native extension)
+    nox -s lint            ruff
+    nox -s experiments     ppma_mask theory experiments (scaling table + figures)
+    nox -s demo            ppma-classify: train a PPMA on Fashion-MNIST, print the test accuracy
+    nox -s segment_demo    ppma-segment: train + evaluate on the built-in Fashion-MNIST scenes
+    nox -s bench           ppma_ops: native ops vs reference / SDPA / FlexAttention
     nox -s bench_depthwise ppma_ops: native depthwise convolution vs F.conv2d (oneDNN)
-    nox -s bench_models ppma_models: T/S/B images/s and memory, native vs reference ops
-    nox -s demo         apps.classify: train a PPMA on Fashion-MNIST, print the test accuracy
-    nox -s segment_demo apps.segment: train + evaluate on the built-in Fashion-MNIST scenes
-    nox -s segment_bench PPMA-T + UPerNet at 512x512, forward+backward, native vs reference
+    nox -s bench_models    ppma_models: T/S/B images/s and memory, native vs reference ops
+    nox -s segment_bench   PPMA-T + UPerNet at 512x512, forward+backward, native vs reference
+    nox -s cuda_build      compile the CUDA kernels with nvcc and check that they register
 
-Session virtualenvs are reused, so a second run only re-installs what changed.
+Every session but lint, experiments and cuda_build runs in one shared environment,
+.nox/ppma-stack (torch 2.14.1 + torchvision 0.29.1, ~5.5 GB), set up by the first of them;
+later sessions skip each install step whose inputs did not change (docs/design.md §4).
+The benchmark sessions regenerate docs/benchmarks.md from the results in benchmarks/.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import nox
 
@@ -25,50 +34,154 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
+ROOT = Path(__file__).resolve().parent
 PYTHON = "3.11"
-TORCH = "torch==2.13.0"  # the CPU wheel on local disk; an unpinned torch pulls a CUDA build
+# One stack for every session: the torchvision that runs on these machines is a CUDA build
+# (it also runs on the CPU), and it needs exactly this torch. Package metadata stays unpinned.
+STACK = ["torch==2.14.1", "torchvision==0.29.1"]
 RUNTIME_DEPS = ["numpy", "scipy", "matplotlib", "safetensors", "pillow", "tqdm", "scikit-learn"]
-BUILD_DEPS = ["scikit-build-core>=0.10", "pybind11>=2.12", "setuptools>=69", "wheel"]
-TEST_DEPS = ["pytest", "hypothesis"]
+BUILD_DEPS = [
+    "scikit-build-core>=0.10",
+    "pybind11>=2.12",
+    "setuptools>=69",
+    "wheel",
+    "cmake>=3.18",
+    "ninja",
+]
+TEST_DEPS = ["pytest", "hypothesis", "timm"]
+
+# The stack is ~5.5 GB, so every session that needs it shares this one environment.
+SHARED_ENV = ROOT / ".nox" / "ppma-stack"
+OPS_SOURCES = ["CMakeLists.txt", "pyproject.toml", "cmake", "csrc", "src"]
 
 
-def install_packages(session: nox.Session, *, ops: bool = True, models: bool = True) -> None:
-    """Install torch (pinned) and the workspace packages into the session venv.
+def _python311() -> str:
+    """The interpreter for the shared environment: the local wheels are built for 3.11."""
+    if sys.version_info[:2] == (3, 11):
+        return sys.executable
+    found = shutil.which(f"python{PYTHON}")
+    if found is None:
+        raise SystemExit(f"the ppma nox sessions need Python {PYTHON} (python{PYTHON} on PATH)")
+    return found
 
-    ppma-mask and ppma-models are pure Python and installed editable. ppma-ops compiles its
-    extension against the already-installed torch (no build isolation) into a persistent
-    build directory, so a re-run is an incremental CMake build.
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock, so two nox runs never install into one environment at once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _digest(*parts: str | Path) -> str:
+    """A hash of strings and of files' contents (folders: every file below, in order)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            files = sorted(part.rglob("*")) if part.is_dir() else [part]
+            for f in files:
+                if f.is_file() and "__pycache__" not in f.parts:
+                    h.update(str(f.relative_to(ROOT)).encode())
+                    h.update(f.read_bytes())
+        else:
+            h.update(part.encode())
+    return h.hexdigest()
+
+
+def _step(
+    session: nox.Session, name: str, key: str, install: list[list[str]], note: str = ""
+) -> None:
+    """Run pip with each argument list unless the same step already ran with the same key."""
+    stamp = SHARED_ENV / f".{name}.stamp"
+    if stamp.is_file() and stamp.read_text() == key:
+        session.log(f"{name}: up to date")
+        return
+    if note:
+        session.log(note)
+    python = str(SHARED_ENV / "bin" / "python")
+    for args in install:
+        session.run(python, "-m", "pip", "install", *args, external=True)
+    stamp.write_text(key)
+
+
+def shared_env(session: nox.Session, *, ops: bool = True) -> dict[str, str]:
+    """Create or update the shared environment; return the variables that make it the one
+    that ``session.run`` uses (its bin/ first on PATH).
+
+    Each install step is skipped when its inputs are unchanged, so a second session starts at
+    once: ppma-ops is rebuilt only when its sources change, incrementally, in a build folder
+    that belongs to this environment (never the source tree, so environments never collide).
     """
-    session.install(TORCH, *RUNTIME_DEPS, *BUILD_DEPS, *TEST_DEPS)
-    session.install("--no-build-isolation", "-e", "packages/ppma-mask")
-    if ops:
-        env = {"CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-        session.install("--no-build-isolation", "packages/ppma-ops", env=env)
-    if models:
-        session.install("--no-build-isolation", "-e", "packages/ppma-models")
+    ops_dir = ROOT / "packages" / "ppma-ops"
+    with _locked(SHARED_ENV.with_suffix(".lock")):
+        if not (SHARED_ENV / "bin" / "python").exists():
+            session.run(_python311(), "-m", "venv", str(SHARED_ENV), external=True)
+        deps = [*STACK, *RUNTIME_DEPS, *BUILD_DEPS, *TEST_DEPS]
+        _step(session, "dependencies", _digest(*deps), [["-q", *deps]])
+        pure = ["packages/ppma-mask", "packages/ppma-models", "apps"]
+        pyprojects = [ROOT / p / "pyproject.toml" for p in pure]
+        editable = ["--no-build-isolation", "--no-deps", "-q"]
+        _step(session, "packages", _digest(*pyprojects), [[*editable, "-e", p] for p in pure])
+        if ops:
+            pip_args = [
+                "--no-build-isolation", "--no-deps", "-v",  # -v: the compile's progress
+                f"-Cbuild-dir={SHARED_ENV / 'ppma-ops-build'}", "-Ccmake.define.PPMA_CUDA=AUTO",
+                str(ops_dir),
+            ]  # fmt: skip
+            key = _digest(*(ops_dir / part for part in OPS_SOURCES))
+            note = "ppma-ops: building (cold: 2-5 min, kernels compiled for several CPU types)"
+            _step(session, "ppma-ops", key, [pip_args], note=note)
+    bin_dir = str(SHARED_ENV / "bin")
+    return {
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "VIRTUAL_ENV": str(SHARED_ENV),
+        "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
+        # With other processes on the cores, spinning OpenMP waits cost up to 4x.
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    }
+
+
+def stack(program: str) -> str:
+    """The path of a program of the shared environment (nox would look it up on its own PATH)."""
+    return str(SHARED_ENV / "bin" / program)
 
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_HINT = "sudo apt-get install dataset-fashion-mnist"
 
 
-def ensure_fashion_mnist(session: nox.Session) -> None:
-    """Install the Debian package with the Fashion-MNIST IDX files when it is missing."""
+def ensure_fashion_mnist(session: nox.Session, *, required: bool) -> bool:
+    """Install the Debian package with the Fashion-MNIST IDX files when it is missing and we
+    can (root with apt). Returns whether it is there; errors when ``required`` and it is not."""
     if os.path.isdir(FASHION_MNIST_DIR):
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return True
+    if os.geteuid() == 0 and shutil.which("apt-get") is not None:
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", "dataset-fashion-mnist", external=True)
+        return True
+    if required:
         session.error(
-            "Fashion-MNIST not found: run `sudo apt-get install dataset-fashion-mnist` "
+            f"Fashion-MNIST not found: run `{FASHION_MNIST_HINT}` "
             "(or pass --data-dir with the IDX files to the app)"
         )
-    session.run("apt-get", "update", "-qq", external=True)
-    session.run("apt-get", "install", "-y", "-qq", "dataset-fashion-mnist", external=True)
+    return False
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the tests of every package and the cross-package tests."""
-    install_packages(session)
-    session.run("pytest", *(session.posargs or []))
+    env = shared_env(session)
+    have_data = ensure_fashion_mnist(session, required=False)
+    skips = SHARED_ENV / "skipped-for-data.json"
+    skips.unlink(missing_ok=True)
+    env["PPMA_SKIP_REPORT"] = str(skips)
+    session.run(stack("pytest"), *(session.posargs or []), env=env)
+    if not have_data and skips.is_file():
+        count = json.loads(skips.read_text())["fashion_mnist"]
+        session.log(f"{count} tests skipped: Fashion-MNIST is missing; run `{FASHION_MNIST_HINT}`")
 
 
 @nox.session(python=PYTHON)
@@ -89,43 +202,40 @@ def experiments(session: nox.Session) -> None:
     session.run("python", "-m", "ppma_mask.experiments", "figures", "--out", out)
 
 
-@nox.session(python=PYTHON)
+def _benchmark(session: nox.Session, script: str) -> None:
+    """Run a benchmark script (results to benchmarks/), then regenerate docs/benchmarks.md."""
+    env = shared_env(session)
+    session.run(stack("python"), script, "--out", "benchmarks", *session.posargs, env=env)
+    session.run(stack("python"), "benchmarks/render_docs.py", env=env)
+
+
+@nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     """ppma_ops operator benchmark: native vs reference, SDPA+mask and FlexAttention.
 
-    Writes benchmarks/ops.json and benchmarks/ops.md; extra arguments go to the script
+    Writes benchmarks/ops.{json,md}; extra arguments go to the script
     (e.g. ``nox -s bench -- --quick`` or ``-- --no-flex``).
     """
-    install_packages(session, models=False)
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    script = "packages/ppma-ops/benchmarks/bench_ops.py"
-    session.run("python", script, "--out", "benchmarks", *session.posargs, env=env)
+    _benchmark(session, "packages/ppma-ops/benchmarks/bench_ops.py")
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def bench_depthwise(session: nox.Session) -> None:
     """ppma_ops depthwise convolution: native kernel vs F.conv2d at the models' shapes.
 
-    Writes benchmarks/depthwise.json and benchmarks/depthwise.md (``-- --quick``: 3 shapes).
+    Writes benchmarks/depthwise.{json,md} (``-- --quick``: 3 shapes).
     """
-    install_packages(session, models=False)
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    script = "packages/ppma-ops/benchmarks/bench_depthwise.py"
-    session.run("python", script, "--out", "benchmarks", *session.posargs, env=env)
+    _benchmark(session, "packages/ppma-ops/benchmarks/bench_depthwise.py")
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def bench_models(session: nox.Session) -> None:
     """PPMA-T/S/B images/s and peak memory, native vs reference attention (ppma_models).
 
-    Writes benchmarks/models.json and benchmarks/models.md; extra arguments go to the script
+    Writes benchmarks/models.{json,md}; extra arguments go to the script
     (e.g. ``nox -s bench_models -- --quick``).
     """
-    install_packages(session)
-    # Passive OpenMP waiting: with other jobs on the cores, spinning barriers distort timings.
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    script = "packages/ppma-models/benchmarks/bench_models.py"
-    session.run("python", script, "--out", "benchmarks", *session.posargs, env=env)
+    _benchmark(session, "packages/ppma-models/benchmarks/bench_models.py")
 
 
 # The recipe recorded in the README (Segmentation app). A three-stage ppma_nano (64x64 scenes ->
@@ -177,27 +287,24 @@ def _demo_report(path: str) -> dict | None:
         return json.load(f)
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
-    """apps.classify end to end: train on Fashion-MNIST, evaluate on its 10,000 test images.
+    """ppma-classify end to end: train on Fashion-MNIST, evaluate on its 10,000 test images.
 
     Run directory: runs/demo-fashion-mnist (or the first extra argument); further extra
     arguments go to ``train`` (e.g. ``nox -s demo -- runs/fm --epochs 1``).
     """
     import time
 
-    install_packages(session)
-    ensure_fashion_mnist(session)
+    env = shared_env(session)
+    ensure_fashion_mnist(session, required=True)
     out = session.posargs[0] if session.posargs else "runs/demo-fashion-mnist"
     extra = session.posargs[1:]
-    # Passive OpenMP waits: with other processes on the two cores, spinning threads cost ~4x.
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     start = time.perf_counter()
-    session.run("python", "-m", "apps.classify", "train", *FASHION_DEMO, *extra, "--out", out,
-                env=env)  # fmt: skip
+    session.run(stack("ppma-classify"), "train", *FASHION_DEMO, *extra, "--out", out, env=env)
     report_dir = os.path.join(out, "eval-test")
-    session.run("python", "-m", "apps.classify", "eval", "--checkpoint",
-                os.path.join(out, "best.safetensors"), "--data", "fashion-mnist",
+    best = os.path.join(out, "best.safetensors")
+    session.run(stack("ppma-classify"), "eval", "--checkpoint", best, "--data", "fashion-mnist",
                 "--out", report_dir, "--no-progress", env=env)  # fmt: skip
     minutes = (time.perf_counter() - start) / 60
     report = _demo_report(os.path.join(report_dir, "report.json"))
@@ -208,30 +315,28 @@ def demo(session: nox.Session) -> None:
         )
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def segment_demo(session: nox.Session) -> None:
-    """apps.segment end to end: train on built-in scenes, evaluate on held-out scenes (mIoU).
+    """ppma-segment end to end: train on built-in scenes, evaluate on held-out scenes (mIoU).
 
     Run directory: runs/segment_demo (or the first extra argument); further extra arguments
     go to ``train`` (e.g. ``nox -s segment_demo -- runs/seg --epochs 2``).
     """
     import time
 
-    install_packages(session)
-    ensure_fashion_mnist(session)
+    env = shared_env(session)
+    ensure_fashion_mnist(session, required=True)
     out = session.posargs[0] if session.posargs else "runs/segment_demo"
     extra = session.posargs[1:]
-    passive = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     start = time.perf_counter()
     procs = str(SEGMENT_DEMO_PROCESSES)
-    session.run("python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", procs,
-                "-m", "apps.segment", "train", *SEGMENT_DEMO, *extra, "--out", out,
-                env={"OMP_WAIT_POLICY": passive, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    torchrun = [stack("python"), "-m", "torch.distributed.run", "--standalone"]
+    train = ["-m", "apps.segment", "train", *SEGMENT_DEMO, *extra, "--out", out]
+    session.run(*torchrun, "--nproc-per-node", procs, *train, env={**env, "OMP_NUM_THREADS": "1"})
     # Single-scale scores are printed per epoch by train; the final eval adds MMSeg's aug test.
     evaluate = ["eval", out, "--data", "scenes", "--val-scenes", "500", "--flip", "--scales",
                 *SEGMENT_DEMO_TTA_SCALES, "--out", f"{out}/eval"]  # fmt: skip
-    session.run("python", "-m", "apps.segment", *evaluate, "--no-progress",
-                env={"OMP_WAIT_POLICY": passive})  # fmt: skip
+    session.run(stack("ppma-segment"), *evaluate, "--no-progress", env=env)
     minutes = (time.perf_counter() - start) / 60
     report = _demo_report(os.path.join(out, "eval", "eval.json"))
     if report is not None:
@@ -242,17 +347,13 @@ def segment_demo(session: nox.Session) -> None:
         )
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def segment_bench(session: nox.Session) -> None:
     """PPMA-T + UPerNet(512) on a 512x512 image, forward+backward: time and peak memory of the
     native vs the reference attention ops. Writes benchmarks/segment_512.{json,md}."""
-    install_packages(session)
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    session.run("python", "benchmarks/segment_512.py", "--out", "benchmarks", *session.posargs,
-                env=env)  # fmt: skip
+    _benchmark(session, "benchmarks/segment_512.py")
 
 
-TORCH_CUDA = "torch==2.14.1"  # a CUDA 13.0 build on local disk (~5.5 GB, installed once)
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 # Fails loudly unless every forward and backward op has a CUDA kernel in the loaded library.
 CUDA_REGISTRATION_CHECK = """
@@ -278,7 +379,7 @@ def cuda_build(session: nox.Session) -> None:
     Needs no GPU: it proves the CUDA sources compile, link and register on the CUDA key.
     Only the portable CPU ISA is built here, to keep the compile short.
     """
-    session.install(TORCH_CUDA, "numpy", *BUILD_DEPS)
+    session.install(*STACK, "numpy", *BUILD_DEPS)
     # libnvrtc ships in torch's nvidia-* wheels, not in the toolkit's lib64 on this machine.
     nvrtc = session.run(
         "python",
@@ -300,6 +401,7 @@ def cuda_build(session: nox.Session) -> None:
         f"-Cbuild-dir={build_dir}",
         f"-Ccmake.define.CUDA_nvrtc_LIBRARY={nvrtc}",
         "-Ccmake.define.PPMA_CPU_ISAS=DEFAULT",
+        "-Ccmake.define.PPMA_CUDA=ON",
         "packages/ppma-ops",
         env=env,
     )
