@@ -1,4 +1,4 @@
-"""apps.engine: atomic checkpoints, RNG round trips, schedule, EMA and exact resume."""
+"""apps.engine: atomic checkpoints, RNG round trips, schedule, batching, EMA, exact resume."""
 
 from __future__ import annotations
 
@@ -23,16 +23,21 @@ from apps.engine import (
     atomic_write,
     build_adamw,
     capture_rng_state,
+    default_batch_size,
     load_training_state,
     load_weights,
     lr_factor,
+    plan_epoch,
     restore_rng_state,
     save_training_state,
     save_weights,
     seed_everything,
+    warmup_steps,
 )
+from apps.engine import trainer as trainer_module
 from apps.engine.checkpoint import TRAINING_STATE_FORMAT
 from apps.engine.distributed import ShardSampler
+from apps.engine.model_args import with_stage_count
 
 
 def test_atomic_write_failure_keeps_previous_file(tmp_path):
@@ -122,6 +127,63 @@ def test_lr_factor_warmup_cosine_and_poly():
         WarmupSchedule(opt, 4, decay="linear")
 
 
+def test_warmup_steps_are_capped_to_a_share_of_the_run():
+    assert warmup_steps(1, 5, 150, max_fraction=0.1) == 5  # one epoch fits in 10 %
+    assert warmup_steps(1, 8, 16, max_fraction=0.1) == 1  # 2-epoch run: 10 % of 16 steps
+    assert warmup_steps(5, 10, 20, max_fraction=0.5) == 10  # longer than the run: half of it
+    assert warmup_steps(0.3, 10, 100) == 3  # fractional epochs
+    assert warmup_steps(0, 10, 100) == 0
+    # Capped, the schedule still reaches the end of its decay.
+    steps = warmup_steps(5, 10, 20, max_fraction=0.5)
+    assert lr_factor(steps - 1, 20, steps) == 1.0
+    assert lr_factor(20, 20, steps, min_ratio=0.01) == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        warmup_steps(-1, 10, 100)
+
+
+@pytest.mark.parametrize(
+    ("images", "expected"),
+    [(144, 32), (230, 32), (54_000, 128), (1_000, 128), (40, 8), (8, 2), (5, 2), (2, 2), (1, 1)],
+)
+def test_default_batch_size_leaves_several_steps_per_epoch(images, expected):
+    size = default_batch_size(images)
+    assert size == expected
+    assert size & (size - 1) == 0  # a power of two
+    if images >= 8:
+        assert images / size >= 4
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_epoch_plan_sees_every_image_and_never_a_batch_of_one(world_size):
+    for n in range(1, 70):
+        for batch_size in range(1, 20):
+            plan = plan_epoch(n, batch_size, world_size)
+            dataset = TensorDataset(torch.arange(n))
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=0, shuffle=False)
+            loader = DataLoader(dataset, batch_size, sampler=sampler, drop_last=plan.drop_last)
+            sizes = [len(batch[0]) for batch in loader]
+            assert len(sizes) == plan.steps and len(sampler) == plan.images
+            assert sum(sizes) == plan.images - plan.dropped
+            assert plan.dropped == (1 if plan.images % batch_size == 1 < plan.images else 0)
+            if batch_size > 1 and plan.images > 1:
+                assert min(sizes) >= 2, (n, batch_size, sizes)
+
+
+def test_fewer_dims_keep_the_models_first_per_stage_entries():
+    from ppma_models.registry import get_config
+
+    base = get_config("ppma_nano")  # four stages: heads 2,2,4,8, kinds XXVV
+    got = with_stage_count(base, {"dims": (32, 64, 128), "depths": (1, 2, 1)})
+    assert got == {
+        "dims": (32, 64, 128), "depths": (1, 2, 1), "heads": (2, 2, 4), "mlp_ratios": (3, 3, 3),
+        "attention_kinds": ("X", "X", "V"), "layer_scale": (False, False, False),
+    }  # fmt: skip
+    assert base.replace(**got).num_stages == 3
+    assert with_stage_count(base, {"head_hidden": 8}) == {"head_hidden": 8}
+    five = {"dims": (8, 16, 32, 64, 128)}  # more stages than the model: left to its check
+    assert with_stage_count(base, five) == five
+
+
 def test_ema_matches_closed_form():
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
@@ -188,7 +250,7 @@ def test_metrics_log_keeps_latest_record_per_epoch(tmp_path):
 # ----------------------------------------------------------------------- Trainer
 
 
-def _toy_run(out_dir, epochs, stop_after=None, resume=False, ema=True):
+def _toy_run(out_dir, epochs, stop_after=None, resume=False, ema=True, **config_changes):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 5, generator=gen)
@@ -222,6 +284,7 @@ def _toy_run(out_dir, epochs, stop_after=None, resume=False, ema=True):
         grad_clip=1.0,
         ema_decay=0.9 if ema else None,
         progress=False,
+        **config_changes,
     )
     trainer = Trainer(
         model,
@@ -276,6 +339,27 @@ def test_trainer_writes_best_and_last_files(tmp_path):
         r["val_acc"] for r in MetricsLog(tmp_path / "metrics.jsonl").read()
     )
     assert math.isfinite(state["best_metric"])
+
+
+def test_epoch_records_label_the_lr_range_of_their_steps(tmp_path, capsys):
+    _toy_run(tmp_path, epochs=2, ema=False)  # 4 steps per epoch, warm-up 2 steps, lr 0.05
+    records = MetricsLog(tmp_path / "metrics.jsonl").read()
+    for record, first in zip(records, (0, 4), strict=True):
+        assert record["lr_start"] == pytest.approx(0.05 * lr_factor(first, 8, 2))
+        assert record["lr_end"] == pytest.approx(0.05 * lr_factor(first + 3, 8, 2))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch")]
+    assert "lr 2.50e-02 to " in lines[0] and lines[0].count("(warm-up)") == 1
+    assert "(warm-up)" not in lines[1]
+
+
+def test_curves_are_redrawn_by_time_and_after_the_last_epoch(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(trainer_module, "plot_curves", lambda records, *a: drawn.append(records))
+    _toy_run(tmp_path / "hourly", epochs=4, ema=False, curves_every_s=3600.0)
+    assert [len(records) for records in drawn] == [1, 4]  # first epoch, then the last one
+    drawn.clear()
+    _toy_run(tmp_path / "always", epochs=4, ema=False, curves_every_s=0.0)
+    assert [len(records) for records in drawn] == [1, 2, 3, 4]
 
 
 def test_trainer_stops_with_clear_error_on_nan_loss(tmp_path):

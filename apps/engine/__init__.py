@@ -41,7 +41,10 @@ Modules:
                (safetensors + JSON meta), CheckpointError
   distributed  init_distributed -> DistributedContext(rank, world_size, device, reduce_sums,
                barrier, shutdown), wrap_model/unwrap_model, ShardSampler (eval, no padding)
-  schedule     WarmupSchedule / lr_factor: linear warmup + cosine | poly | constant
+  schedule     WarmupSchedule / lr_factor: linear warmup + cosine | poly | constant;
+               warmup_steps: a warm-up in epochs, capped to a fraction of the run
+  batching     default_batch_size (several steps per epoch), plan_epoch (every image seen,
+               no batch of one)
   ema          ModelEMA(model, decay) with decay warm-up
   optimizer    build_adamw / weight_decay_groups
   progress     progress_bar (tqdm on stderr, main rank, auto-off when not a tty), console
@@ -50,6 +53,7 @@ Modules:
   trainer      Trainer / TrainerConfig: the epoch loop
 """
 
+from apps.engine.batching import EpochPlan, default_batch_size, plan_epoch
 from apps.engine.checkpoint import (
     CheckpointError,
     atomic_path,
@@ -71,13 +75,14 @@ from apps.engine.metrics_log import MetricsLog
 from apps.engine.optimizer import build_adamw, weight_decay_groups
 from apps.engine.plots import plot_confusion_matrix, plot_curves
 from apps.engine.progress import console, progress_bar, progress_enabled
-from apps.engine.schedule import WarmupSchedule, lr_factor
+from apps.engine.schedule import WarmupSchedule, lr_factor, warmup_steps
 from apps.engine.seeding import capture_rng_state, restore_rng_state, seed_everything, seed_for
 from apps.engine.trainer import Trainer, TrainerConfig, TrainingDiverged
 
 __all__ = [
     "CheckpointError",
     "DistributedContext",
+    "EpochPlan",
     "MetricsLog",
     "ModelEMA",
     "ShardSampler",
@@ -90,10 +95,12 @@ __all__ = [
     "build_adamw",
     "capture_rng_state",
     "console",
+    "default_batch_size",
     "init_distributed",
     "load_training_state",
     "load_weights",
     "lr_factor",
+    "plan_epoch",
     "plot_confusion_matrix",
     "plot_curves",
     "progress_bar",
@@ -104,6 +111,7 @@ __all__ = [
     "seed_everything",
     "seed_for",
     "unwrap_model",
+    "warmup_steps",
     "weight_decay_groups",
     "wrap_model",
 ]

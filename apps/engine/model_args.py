@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["parse_model_args"]
+__all__ = ["parse_model_args", "with_stage_count"]
 
 
 def _parse_value(text: str) -> Any:
@@ -30,3 +31,24 @@ def parse_model_args(items: Iterable[str] | None) -> dict[str, Any]:
         parts = [_parse_value(v.strip()) for v in value.split(",")]
         overrides[key.strip()] = tuple(parts) if "," in value else parts[0]
     return overrides
+
+
+def with_stage_count(base: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` completed for a model with fewer stages than the dataclass ``base``.
+
+    When ``dims`` has fewer entries than ``base.dims``, each per-stage field (a tuple as long
+    as ``base.dims``) that ``overrides`` leave out keeps its first entries, so
+    ``dims=32,64,128 depths=1,2,1`` is a three-stage model without spelling out heads, MLP
+    ratios and attention kinds. More stages than the base: returned unchanged (the config's
+    own check names the fields still missing).
+    """
+    dims = overrides.get("dims")
+    stages = len(base.dims)
+    if not isinstance(dims, tuple | list) or len(dims) >= stages:
+        return dict(overrides)
+    completed = dict(overrides)
+    for f in dataclasses.fields(base):
+        value = getattr(base, f.name)
+        if f.name not in overrides and isinstance(value, tuple) and len(value) == stages:
+            completed[f.name] = value[: len(dims)]
+    return completed

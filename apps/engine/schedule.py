@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["WarmupSchedule", "lr_factor"]
+__all__ = ["WarmupSchedule", "lr_factor", "warmup_steps"]
 
 Decay = Literal["cosine", "poly", "constant"]
 
@@ -42,6 +42,21 @@ def lr_factor(
     else:
         raise ValueError(f"decay must be 'cosine', 'poly' or 'constant', got {decay!r}")
     return min_ratio + (1.0 - min_ratio) * shape
+
+
+def warmup_steps(
+    warmup_epochs: float, steps_per_epoch: int, total_steps: int, max_fraction: float = 1.0
+) -> int:
+    """Warm-up length in optimizer steps: ``warmup_epochs`` epochs, at most ``max_fraction``
+    of the ``total_steps`` run.
+
+    The cap keeps a warm-up given in epochs from eating a short run: with fewer epochs than
+    warm-up epochs the lr would never reach its peak, let alone decay.
+    """
+    if warmup_epochs < 0 or not 0.0 <= max_fraction <= 1.0:
+        raise ValueError(f"need warmup_epochs >= 0 and max_fraction in [0, 1]: {warmup_epochs}")
+    wanted = round(warmup_epochs * steps_per_epoch)
+    return max(0, min(wanted, math.floor(max_fraction * total_steps), total_steps))
 
 
 class WarmupSchedule:

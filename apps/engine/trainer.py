@@ -10,6 +10,10 @@ The app supplies what is task-specific as two callables:
   over ranks (use :class:`~apps.engine.distributed.ShardSampler` + ``ctx.reduce_sums``);
   recorded as ``val_<key>``. It receives the EMA model when EMA is on.
 
+Each epoch's record (a line of metrics.jsonl) also holds ``lr_start`` and ``lr_end``, the lr
+of the epoch's first and last optimizer step (logs written before had ``lr``, the first
+step's), ``step``, timings and ``is_best``.
+
 Randomness of each epoch is re-derived from ``(seed, epoch, rank)`` and the data sampler's
 ``set_epoch``, and checkpoints are taken at epoch boundaries, so ``--resume`` reproduces an
 uninterrupted run exactly (same weights, given deterministic kernels).
@@ -82,6 +86,9 @@ class TrainerConfig:
     best_metric: str = "val_acc"
     best_mode: Literal["max", "min"] = "max"
     eval_every: int = 1
+    # curves.png is redrawn when this many seconds have passed since it was last drawn, and
+    # after the last epoch of fit: drawing takes ~0.5 s, longer than an epoch of small data.
+    curves_every_s: float = 30.0
     curve_panels: dict[str, list[str]] = field(
         default_factory=lambda: {
             "loss": ["train_loss", "val_loss"],
@@ -123,6 +130,7 @@ class Trainer:
         self.best_metric: float | None = None
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.show_progress = progress_enabled(config.progress, self.ctx.is_main)
+        self._curves_drawn_at: float | None = None
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -173,7 +181,8 @@ class Trainer:
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
 
     def train_epoch(self) -> dict[str, float]:
-        """One pass over ``train_loader``; returns the reduced ``train_*`` metrics."""
+        """One pass over ``train_loader``; returns the reduced ``train_*`` metrics and
+        ``lr_start`` / ``lr_end``, the lr of the epoch's first and last optimizer step."""
         epoch, cfg = self.epoch, self.config
         seed_everything(seed_for(cfg.seed, epoch, self.ctx.rank))
         sampler = getattr(self.train_loader, "sampler", None)
@@ -181,6 +190,7 @@ class Trainer:
             sampler.set_epoch(epoch)
         self.train_model.train()
         sums: dict[str, float] = {}
+        lr_start = lr_end = self.schedule.lr
         start = time.perf_counter()
         bar = progress_bar(
             self.train_loader,
@@ -208,6 +218,7 @@ class Trainer:
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            lr_end = self.schedule.lr  # the lr this step uses
             self.optimizer.step()
             self.schedule.step()
             self.step += 1
@@ -227,6 +238,7 @@ class Trainer:
         count = reduced.pop("count", 0.0)
         record = {f"train_{k}": v / count if count else math.nan for k, v in reduced.items()}
         record["train_count"] = count
+        record["lr_start"], record["lr_end"] = lr_start, lr_end
         record["epoch_seconds"] = elapsed
         record["samples_per_second"] = count / elapsed if elapsed > 0 else math.nan
         return record
@@ -250,8 +262,7 @@ class Trainer:
             self.metrics.path.unlink()
         records = []
         while self.epoch < last:
-            lr = self.schedule.lr
-            record: dict[str, Any] = {"epoch": self.epoch + 1, "lr": lr}
+            record: dict[str, Any] = {"epoch": self.epoch + 1}
             record.update(self.train_epoch())
             self.epoch += 1
             record["step"] = self.step
@@ -273,11 +284,20 @@ class Trainer:
             if self.ctx.is_main:
                 self.save(is_best)
                 self.metrics.append(record)
-                plot_curves(self.metrics.read(), self.out_dir / "curves.png", cfg.curve_panels)
+                self._draw_curves(final=self.epoch == last)
             self.ctx.barrier()
             console(self._summary(record), is_main=self.ctx.is_main)
             records.append(record)
         return records
+
+    def _draw_curves(self, final: bool) -> None:
+        now = time.perf_counter()
+        due = self._curves_drawn_at is None or now - self._curves_drawn_at >= (
+            self.config.curves_every_s
+        )
+        if final or due:
+            plot_curves(self.metrics.read(), self.out_dir / "curves.png", self.config.curve_panels)
+            self._curves_drawn_at = time.perf_counter()
 
     def save(self, is_best: bool) -> None:
         """Write last.pt + last.safetensors (and the best.* pair when ``is_best``)."""
@@ -300,9 +320,17 @@ class Trainer:
         for key in sorted(record):
             if key.startswith(("train_", "val_")) and key != "train_count":
                 parts.append(f"{key} {record[key]:.4f}")
-        parts.append(f"lr {record['lr']:.2e}")
+        parts.append(self._lr_text(record))
         parts.append(f"{record['samples_per_second']:.0f} samples/s")
         parts.append(f"{record['epoch_seconds']:.0f}s")
         if record.get("is_best"):
             parts.append("*best*")
         return "  ".join(parts)
+
+    def _lr_text(self, record: Mapping[str, Any]) -> str:
+        """The lr of the epoch's first to last step; only the warm-up makes it rise."""
+        start, end = f"{record['lr_start']:.2e}", f"{record['lr_end']:.2e}"
+        if start == end:
+            return f"lr {start}"
+        rising = record["lr_end"] > record["lr_start"]
+        return f"lr {start} to {end}" + (" (warm-up)" if rising else "")
