@@ -5,6 +5,13 @@
       masks/   a.png  b.png ...      single-channel index PNGs: pixel value = class id
       classes.txt                    optional: one class name per line, line i = class i
 
+or, with the validation images kept apart (:func:`folder_layout`)::
+
+    root/
+      train/   images/  masks/       the training pairs
+      val/     images/  masks/       optional: the validation pairs
+      classes.txt                    optional, shared by both splits
+
 Pixels equal to ``ignore_index`` (default 255) carry no label. :func:`scan_folder` opens every
 pair once and collects *all* problems -- an image without a mask or the reverse, a file that
 does not decode, a mask that is not single-channel, image and mask of different sizes, a class
@@ -21,7 +28,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_SUFFIXES", "FolderDatasetError", "SegmentationFolder", "scan_folder"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "FolderDatasetError",
+    "FolderLayout",
+    "SegmentationFolder",
+    "folder_layout",
+    "scan_folder",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _INDEX_MODES = ("L", "P", "I", "I;16")
@@ -65,6 +79,7 @@ class SegmentationFolder:
     class_names: tuple[str, ...]
     ignore_index: int
     skipped: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each pair
 
     @property
     def num_classes(self) -> int:
@@ -100,42 +115,88 @@ def _files_by_stem(directory: Path, suffixes: tuple[str, ...]) -> tuple[dict[str
     return by_stem, problems
 
 
-def scan_folder(
-    root: str | os.PathLike,
-    *,
-    num_classes: int | None = None,
-    ignore_index: int = 255,
-    skip_bad: bool = False,
-) -> SegmentationFolder:
-    """Pair ``images/`` with ``masks/`` by stem and check every pair.
+@dataclass(frozen=True)
+class FolderLayout:
+    """Where the splits of a ``--data`` folder are: ``train`` always, ``val`` when present."""
 
-    The classes come from ``classes.txt`` if present, else ``num_classes``, else the largest id
-    found in the masks + 1 (names "class_0", ...). With skip_bad=False any problem raises
-    :class:`FolderDatasetError` listing all of them; with skip_bad=True bad pairs are dropped
-    and listed in ``skipped`` (an error is still raised if nothing usable remains).
+    root: Path
+    train: Path
+    val: Path | None
+    classes_file: Path | None  # shared by both splits
+
+
+def _is_pair_folder(path: Path) -> bool:
+    return (path / "images").is_dir() and (path / "masks").is_dir()
+
+
+def folder_layout(root: str | os.PathLike) -> FolderLayout:
+    """``root/images`` + ``root/masks``, or ``root/train`` (+ ``root/val``) holding them.
+
+    A ``classes.txt`` at the root names the classes of both splits; without one, the training
+    folder's own ``classes.txt`` (if any) does.
     """
     root = Path(root)
-    images_dir, masks_dir = root / "images", root / "masks"
-    for d in (images_dir, masks_dir):
-        if not d.is_dir():
-            raise FolderDatasetError(
-                f"{d} is not a directory: a segmentation folder needs images/ and masks/ "
-                f"subdirectories with matching file stems (got root {root})"
-            )
-    if not 0 <= ignore_index <= 65535:
-        raise FolderDatasetError(f"ignore_index must be in 0..65535, got {ignore_index}")
-    class_names: tuple[str, ...] | None = None
-    if (root / "classes.txt").is_file():
-        class_names = _read_class_names(root / "classes.txt")
-        if num_classes is not None and num_classes != len(class_names):
-            raise FolderDatasetError(
-                f"num_classes={num_classes} disagrees with {root / 'classes.txt'} "
-                f"({len(class_names)} names)"
-            )
-        num_classes = len(class_names)
-    if num_classes is not None and num_classes < 1:
-        raise FolderDatasetError(f"num_classes must be >= 1, got {num_classes}")
+    if not root.is_dir():
+        raise FolderDatasetError(f"{root} is not a directory")
+    if _is_pair_folder(root) or not (root / "train").is_dir():
+        classes = root / "classes.txt"
+        return FolderLayout(root, root, None, classes if classes.is_file() else None)
+    val = root / "val"
+    shared, own = root / "classes.txt", root / "train" / "classes.txt"
+    classes = shared if shared.is_file() else own if own.is_file() else None
+    return FolderLayout(root, root / "train", val if val.is_dir() else None, classes)
 
+
+def _class_names_for(
+    root: Path, classes_file: Path | None, num_classes: int | None
+) -> tuple[tuple[str, ...] | None, int | None]:
+    """Names from the classes file (checked against ``num_classes``), else none yet."""
+    classes_file = classes_file or root / "classes.txt"
+    if not classes_file.is_file():
+        return None, num_classes
+    class_names = _read_class_names(classes_file)
+    if num_classes is not None and num_classes != len(class_names):
+        raise FolderDatasetError(
+            f"num_classes={num_classes} disagrees with {classes_file} ({len(class_names)} names)"
+        )
+    return class_names, len(class_names)
+
+
+def _check_pair(
+    stem: str, image_path: Path, mask_path: Path, num_classes: int | None, ignore_index: int
+) -> tuple[str | None, tuple[int, int], int]:
+    """(problem or None, image (width, height), largest class id or -1) of one pair."""
+    try:
+        with Image.open(image_path) as img:
+            img.load()
+            image_size = img.size
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        return f"images/{image_path.name}: cannot decode ({exc})", (0, 0), -1
+    try:
+        mask = read_mask(mask_path)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        return f"masks/{mask_path.name}: cannot use ({exc})", image_size, -1
+    if (mask.shape[1], mask.shape[0]) != image_size:
+        return (
+            f"{stem}: image is {image_size[0]}x{image_size[1]} but mask is "
+            f"{mask.shape[1]}x{mask.shape[0]} (width x height)",
+            image_size,
+            -1,
+        )
+    ids = np.unique(mask)
+    ids = ids[ids != ignore_index]
+    if num_classes is not None and len(ids) and ids.max() >= num_classes:
+        bad = ids[ids >= num_classes].tolist()
+        return (
+            f"masks/{mask_path.name}: class ids {bad} outside 0..{num_classes - 1} "
+            f"(and not the ignore index {ignore_index})",
+            image_size,
+            -1,
+        )
+    return None, image_size, int(ids.max()) if len(ids) else -1
+
+
+def _pair_files(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, Path, Path]], list]:
     images, problems = _files_by_stem(images_dir, IMAGE_SUFFIXES)
     masks, mask_problems = _files_by_stem(masks_dir, (".png",))
     problems += mask_problems
@@ -143,41 +204,52 @@ def scan_folder(
         problems.append(f"{images[stem].name}: no mask masks/{stem}.png")
     for stem in sorted(set(masks) - set(images)):
         problems.append(f"masks/{masks[stem].name}: no image with stem {stem!r} in images/")
+    return [(s, images[s], masks[s]) for s in sorted(set(images) & set(masks))], problems
 
+
+def scan_folder(
+    root: str | os.PathLike,
+    *,
+    num_classes: int | None = None,
+    ignore_index: int = 255,
+    skip_bad: bool = False,
+    classes_file: str | os.PathLike | None = None,
+) -> SegmentationFolder:
+    """Pair ``images/`` with ``masks/`` by stem and check every pair.
+
+    The classes come from ``classes_file`` (default ``root/classes.txt``) if present, else
+    ``num_classes``, else the largest id found in the masks + 1 (names "class_0", ...). With
+    skip_bad=False any problem raises :class:`FolderDatasetError` listing all of them; with
+    skip_bad=True bad pairs are dropped and listed in ``skipped`` (an error is still raised
+    if nothing usable remains).
+    """
+    root = Path(root)
+    for d in (root / "images", root / "masks"):
+        if not d.is_dir():
+            raise FolderDatasetError(
+                f"{d} is not a directory: a segmentation folder needs images/ and masks/ "
+                f"subdirectories with matching file stems, or train/ (and val/) folders "
+                f"holding them (got root {root})"
+            )
+    if not 0 <= ignore_index <= 65535:
+        raise FolderDatasetError(f"ignore_index must be in 0..65535, got {ignore_index}")
+    path = Path(classes_file) if classes_file is not None else None
+    class_names, num_classes = _class_names_for(root, path, num_classes)
+    if num_classes is not None and num_classes < 1:
+        raise FolderDatasetError(f"num_classes must be >= 1, got {num_classes}")
+
+    candidates, problems = _pair_files(root / "images", root / "masks")
     pairs: list[tuple[Path, Path]] = []
+    sizes: list[tuple[int, int]] = []
     max_id = -1
-    for stem in sorted(set(images) & set(masks)):
-        image_path, mask_path = images[stem], masks[stem]
-        try:
-            with Image.open(image_path) as img:
-                img.load()
-                image_size = img.size
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            problems.append(f"images/{image_path.name}: cannot decode ({exc})")
+    for stem, image_path, mask_path in candidates:
+        problem, size, top = _check_pair(stem, image_path, mask_path, num_classes, ignore_index)
+        if problem is not None:
+            problems.append(problem)
             continue
-        try:
-            mask = read_mask(mask_path)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            problems.append(f"masks/{mask_path.name}: cannot use ({exc})")
-            continue
-        if (mask.shape[1], mask.shape[0]) != image_size:
-            problems.append(
-                f"{stem}: image is {image_size[0]}x{image_size[1]} but mask is "
-                f"{mask.shape[1]}x{mask.shape[0]} (width x height)"
-            )
-            continue
-        ids = np.unique(mask)
-        ids = ids[ids != ignore_index]
-        if num_classes is not None and len(ids) and ids.max() >= num_classes:
-            bad = ids[ids >= num_classes].tolist()
-            problems.append(
-                f"masks/{mask_path.name}: class ids {bad} outside 0..{num_classes - 1} "
-                f"(and not the ignore index {ignore_index})"
-            )
-            continue
-        if len(ids):
-            max_id = max(max_id, int(ids.max()))
+        max_id = max(max_id, top)
         pairs.append((image_path, mask_path))
+        sizes.append(size)
 
     if problems and not skip_bad:
         raise FolderDatasetError(
@@ -190,4 +262,4 @@ def scan_folder(
     if class_names is None:
         count = num_classes if num_classes is not None else max_id + 1
         class_names = tuple(f"class_{i}" for i in range(max(count, 1)))
-    return SegmentationFolder(root, pairs, class_names, ignore_index, problems)
+    return SegmentationFolder(root, pairs, class_names, ignore_index, problems, sizes)
