@@ -362,6 +362,24 @@ def test_curves_are_redrawn_by_time_and_after_the_last_epoch(tmp_path, monkeypat
     assert [len(records) for records in drawn] == [1, 2, 3, 4]
 
 
+def test_last_checkpoint_is_written_by_time_and_after_the_last_epoch(tmp_path, monkeypatch):
+    saved = []
+    real = trainer_module.save_training_state
+
+    def record_save(state, path):
+        saved.append((path.name, state["epoch"]))
+        real(state, path)
+
+    monkeypatch.setattr(trainer_module, "save_training_state", record_save)
+    _toy_run(tmp_path, epochs=4, ema=False, last_every_s=3600.0)
+    last = [epoch for name, epoch in saved if name == "last.pt"]
+    best = [epoch for name, epoch in saved if name == "best.pt"]
+    assert last == [1, 4]  # the first epoch, then the last one
+    records = MetricsLog(tmp_path / "metrics.jsonl").read()
+    assert best == [r["epoch"] for r in records if r["is_best"]]
+    assert load_training_state(tmp_path / "last.pt")["epoch"] == 4
+
+
 def test_trainer_stops_with_clear_error_on_nan_loss(tmp_path):
     model = torch.nn.Linear(2, 2)
     optimizer = build_adamw(model, lr=0.1)

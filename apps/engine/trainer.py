@@ -89,6 +89,11 @@ class TrainerConfig:
     # curves.png is redrawn when this many seconds have passed since it was last drawn, and
     # after the last epoch of fit: drawing takes ~0.5 s, longer than an epoch of small data.
     curves_every_s: float = 30.0
+    # last.pt / last.safetensors are rewritten when this many seconds have passed since they
+    # were written, and after the last epoch of fit; 0 = after every epoch. Writing them costs
+    # ~0.2 s, which can be half an epoch of a small data set; a crash loses at most this much
+    # training. best.* are written whenever the best metric improves.
+    last_every_s: float = 0.0
     curve_panels: dict[str, list[str]] = field(
         default_factory=lambda: {
             "loss": ["train_loss", "val_loss"],
@@ -131,6 +136,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.show_progress = progress_enabled(config.progress, self.ctx.is_main)
         self._curves_drawn_at: float | None = None
+        self._last_saved_at: float | None = None
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -282,25 +288,27 @@ class Trainer:
                 self.best_metric = float(value)
             record["is_best"] = bool(is_best)
             if self.ctx.is_main:
-                self.save(is_best)
+                final = self.epoch == last
+                self.save(is_best, write_last=final or self._due(self._last_saved_at, "last"))
                 self.metrics.append(record)
-                self._draw_curves(final=self.epoch == last)
+                self._draw_curves(final)
             self.ctx.barrier()
             console(self._summary(record), is_main=self.ctx.is_main)
             records.append(record)
         return records
 
+    def _due(self, stamp: float | None, what: str) -> bool:
+        interval = self.config.curves_every_s if what == "curves" else self.config.last_every_s
+        return stamp is None or time.perf_counter() - stamp >= interval
+
     def _draw_curves(self, final: bool) -> None:
-        now = time.perf_counter()
-        due = self._curves_drawn_at is None or now - self._curves_drawn_at >= (
-            self.config.curves_every_s
-        )
-        if final or due:
+        if final or self._due(self._curves_drawn_at, "curves"):
             plot_curves(self.metrics.read(), self.out_dir / "curves.png", self.config.curve_panels)
             self._curves_drawn_at = time.perf_counter()
 
-    def save(self, is_best: bool) -> None:
-        """Write last.pt + last.safetensors (and the best.* pair when ``is_best``)."""
+    def save(self, is_best: bool, write_last: bool = True) -> None:
+        """Write last.pt + last.safetensors (unless ``write_last`` is False) and the best.*
+        pair when ``is_best``."""
         state = self.state_dict()
         weights_meta = {
             **self.meta,
@@ -309,8 +317,10 @@ class Trainer:
             "ema": self.ema is not None,
         }
         module = self.inference_module()
-        save_training_state(state, self.out_dir / "last.pt")
-        self.export_weights(module, self.out_dir / "last.safetensors", weights_meta)
+        if write_last:
+            save_training_state(state, self.out_dir / "last.pt")
+            self.export_weights(module, self.out_dir / "last.safetensors", weights_meta)
+            self._last_saved_at = time.perf_counter()
         if is_best:
             save_training_state(state, self.out_dir / "best.pt")
             self.export_weights(module, self.out_dir / "best.safetensors", weights_meta)
