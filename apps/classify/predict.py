@@ -14,7 +14,7 @@ from apps.classify.evaluate import _read_names
 from apps.classify.transforms import Preprocess
 from apps.classify.weights import load_classifier
 
-__all__ = ["collect_images", "run_predict"]
+__all__ = ["collect_images", "format_table", "run_predict"]
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -80,10 +80,19 @@ def run_predict(args: argparse.Namespace) -> int:
         json.dump(results, sys.stdout, indent=2)
         print()
     else:
-        width = max(len(r["path"]) for r in results)
-        header = "  ".join(f"top-{i + 1}" for i in range(k))
-        print(f"{'image':<{width}}  {header}")
-        for r in results:
-            cells = "  ".join(f"{t['label']} ({t['probability']:.3f})" for t in r["top_k"])
-            print(f"{r['path']:<{width}}  {cells}")
+        print(format_table(results, k))
     return 1 if failed else 0
+
+
+def format_table(results: list[dict], k: int) -> str:
+    """One row per image: its path, then "label (probability)" per rank, every column as
+    wide as its widest cell or header, so the columns line up under their headers."""
+    header = ["image", *(f"top-{i + 1}" for i in range(k))]
+    rows = [
+        [r["path"], *(f"{t['label']} ({t['probability']:.3f})" for t in r["top_k"])]
+        for r in results
+    ]
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in
+             [header, *rows]]  # fmt: skip
+    return "\n".join(line.rstrip() for line in lines)
