@@ -1,7 +1,8 @@
 """Data sources for the classifier: Fashion-MNIST, scikit-learn digits, image folders.
 
 ``--data`` takes ``fashion-mnist``, ``digits`` or a directory in ImageFolder layout (one
-subfolder per class; ``DIR/train`` + ``DIR/val`` is used when present, as in ImageNet).
+subfolder per class; ``DIR/train``, ``DIR/val`` and ``DIR/test`` are the splits when present,
+as in ImageNet, and a directory without them is one pool of images).
 Built-in sets live in memory as uint8 arrays; folder images are decoded on demand, and an
 unreadable or corrupt file is reported on stderr and skipped (the dataset yields ``None``
 and :func:`collate_skipping_failed` drops it), so one bad file never stops a long run.
@@ -28,12 +29,14 @@ __all__ = [
     "FolderDataset",
     "ImageArrayDataset",
     "collate_skipping_failed",
+    "default_eval_split",
     "load_split",
     "scan_image_folder",
     "split_indices",
 ]
 
 BUILTIN_DATASETS = ("fashion-mnist", "digits")
+SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -216,6 +219,33 @@ def _spec_for(data: str, input_size: int | None, channels: int, names: list[str]
     return DatasetSpec(str(data), names, 3, (size, size), IMAGENET_MEAN, IMAGENET_STD)
 
 
+def _folder_splits(root: Path) -> list[str]:
+    return [s for s in SPLITS if (root / s).is_dir()]
+
+
+def _folder_split_root(root: Path, split: str) -> Path:
+    """``DIR/<split>``; ``DIR`` itself when it has no split subfolders at all."""
+    found = _folder_splits(root)
+    if not found:
+        return root
+    if split not in found:
+        hint = " (val/ is the split train validates on: --split val)" if "val" in found else ""
+        raise DataError(f"--data {root}: no {split}/ folder, only {', '.join(found)}{hint}")
+    return root / split
+
+
+def default_eval_split(data: str) -> str:
+    """The split ``eval`` reports on when not told: ``test`` for the built-in sets and for
+    folders with ``DIR/test``, else ``val`` for folders with ``DIR/val``, else ``all`` (a
+    folder without split subfolders: every image, training ones included)."""
+    if data in BUILTIN_DATASETS:
+        return "test"
+    found = _folder_splits(Path(data)) if Path(data).is_dir() else []
+    if "test" in found:
+        return "test"
+    return "val" if "val" in found else "all"
+
+
 def load_split(
     data: str,
     split: str,
@@ -225,13 +255,19 @@ def load_split(
     channels: int = 3,
     class_names: Sequence[str] | None = None,
 ) -> tuple[Dataset, DatasetSpec]:
-    """The ``train`` or ``test`` split of ``data`` (without transform) and its spec.
+    """The ``train``, ``val`` or ``test`` split of ``data`` (without transform) and its spec.
 
-    For a folder, ``test`` reads ``DIR/val`` (or ``DIR/test``) when present, else ``DIR``;
-    ``train`` reads ``DIR/train`` when present, else ``DIR``.
+    A folder's split is ``DIR/<split>``; a folder without train/, val/ or test/ subfolders is
+    one pool that every split (and ``all``) reads. The built-in sets have train and test; their
+    validation images are a held-out share of train (see ``--val-fraction``).
     """
-    if split not in ("train", "test"):
-        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in (*SPLITS, "all"):
+        raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if data in BUILTIN_DATASETS and split not in ("train", "test"):
+        raise DataError(
+            f"--data {data} has a train and a test split; its validation images are a "
+            "held-out share of train (--val-fraction), not a split of their own"
+        )
     if data == "fashion-mnist":
         images, labels = load_fashion_mnist(split, data_dir)
         names = list(FASHION_MNIST_CLASSES)
@@ -249,11 +285,8 @@ def load_split(
             f"--data {data!r}: not a built-in data set ({', '.join(BUILTIN_DATASETS)}) "
             "and no such directory"
         )
-    candidates = ("train",) if split == "train" else ("val", "test")
-    for sub in candidates:
-        if (root / sub).is_dir():
-            root = root / sub
-            break
+    if root.is_dir():
+        root = _folder_split_root(root, split)
     samples, names = scan_image_folder(root, class_names)
     dataset = FolderDataset(samples, channels)
     return dataset, _spec_for(str(data), input_size, channels, names)

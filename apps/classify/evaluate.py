@@ -1,4 +1,8 @@
-"""``eval``: top-1/top-5, per-class accuracy, confusion matrix (PNG + JSON report)."""
+"""``eval``: top-1/top-5 accuracy, per-class accuracy, confusion matrix (PNG + JSON report).
+
+The report's keys are ``top1`` and ``top<k>`` (k = 5, or the number of classes when fewer);
+printed, they read "top-1" and "top-5".
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from apps.classify.datasets import DataError, collate_skipping_failed, load_split
+from apps.classify.datasets import (
+    DataError,
+    collate_skipping_failed,
+    default_eval_split,
+    load_split,
+)
 from apps.classify.transforms import Preprocess
 from apps.classify.weights import LoadedClassifier, load_classifier
 from apps.engine import (
@@ -79,6 +88,8 @@ def evaluate_classifier(
 def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.split is None:
+        args.split = default_eval_split(args.data)
     ctx = init_distributed(args.device)
     try:
         loaded = load_classifier(
@@ -167,10 +178,10 @@ def _print_summary(report: dict, names: list[str], out: Path) -> None:
         entry = report["per_class"][name]
         acc = "-" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
         print(f"{name:<{width}}  {acc:>8}  {entry['count']:>6}")
-    top5 = next(k for k in report if k.startswith("top") and k != "top1")
+    top_k = next(k for k in report if k.startswith("top") and k != "top1")
     print(
         f"{report['data']} {report['split']}: {report['num_images']} images, "
-        f"top-1 accuracy {report['top1']:.4f}, {top5} {report[top5]:.4f}, "
+        f"top-1 accuracy {report['top1']:.4f}, top-{top_k[3:]} accuracy {report[top_k]:.4f}, "
         f"loss {report['loss']:.4f} ({report['weights']})"
     )
     print(f"report: {out / 'report.json'}  confusion matrix: {out / 'confusion.png'}")
