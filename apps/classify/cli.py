@@ -77,7 +77,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _add_runtime(p: argparse.ArgumentParser) -> None:
+def _add_runtime(p: argparse.ArgumentParser, loader: bool = True) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument(
         "--device",
@@ -90,12 +90,13 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
         default=0,
         help="torch CPU threads per process (default: 0, torch's choice)",
     )
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="DataLoader worker processes (default: 0, load in the main process)",
-    )
+    if loader:  # predict decodes its files in the main process
+        g.add_argument(
+            "--workers",
+            type=int,
+            default=0,
+            help="DataLoader worker processes (default: 0, load in the main process)",
+        )
     g.add_argument(
         "--attention",
         choices=("native", "reference"),
@@ -316,7 +317,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "eval", help="evaluate a checkpoint", epilog=EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Top-1/top-5 accuracy, per-class accuracy and a confusion matrix "
+        description="Top-1/top-5 accuracy, per-class accuracy and a confusion matrix\n"
                     "(report.json + confusion.png in --out).",
     )  # fmt: skip
     _add_loading(e)
@@ -343,7 +344,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="label images", epilog=PREDICT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Top-k labels for image files and folders. Exit status 1 if some "
+        description="Top-k labels for image files and folders. Exit status 1 if some\n"
                     "images could not be read (they are reported and skipped).",
     )  # fmt: skip
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
@@ -356,7 +357,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true",
                    help="JSON on stdout (default: a table)")  # fmt: skip
-    _add_runtime(p)
+    _add_runtime(p, loader=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

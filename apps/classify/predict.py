@@ -13,6 +13,8 @@ from apps.classify.datasets import IMAGE_EXTENSIONS, DataError, read_image
 from apps.classify.evaluate import _read_names
 from apps.classify.transforms import Preprocess
 from apps.classify.weights import load_classifier
+from apps.engine import progress_bar, progress_enabled
+from apps.engine.distributed import resolve_device
 
 __all__ = ["collect_images", "format_table", "run_predict"]
 
@@ -47,11 +49,15 @@ def run_predict(args: argparse.Namespace) -> int:
         class_names=_read_names(args.class_names),
         attention=args.attention,
     )
+    device = resolve_device(args.device)
+    model = loaded.model.to(device).eval()
     preprocess = Preprocess(loaded.input_size, loaded.mean, loaded.std, channels=loaded.in_chans)
     paths = collect_images(args.inputs)
     k = min(args.top_k, len(loaded.class_names))
     results, failed = [], 0
-    for start in range(0, len(paths), args.batch_size):
+    starts = range(0, len(paths), args.batch_size)
+    show = progress_enabled(args.progress, True)
+    for start in progress_bar(starts, total=len(starts), desc="predict", enabled=show):
         chunk, images = [], []
         for path in paths[start : start + args.batch_size]:
             try:
@@ -62,7 +68,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 print(f"warning: skipping {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         if not images:
             continue
-        probs = loaded.model(torch.stack(images)).float().softmax(1)
+        probs = model(torch.stack(images).to(device)).float().softmax(1).cpu()
         top = probs.topk(k, dim=1)
         for path, values, indices in zip(chunk, top.values, top.indices, strict=True):
             results.append(
