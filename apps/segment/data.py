@@ -9,7 +9,7 @@ shards and shuffles for ``torchrun`` and passes the epoch on to the dataset.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,9 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from apps.data.fashion_mnist import load_fashion_mnist
 from apps.engine.seeding import seed_for
-from apps.segment.folder import SegmentationFolder, scan_folder
+from apps.segment.folder import FolderDatasetError, SegmentationFolder, folder_layout, scan_folder
 from apps.segment.scenes import SCENE_CLASSES, SceneConfig, SceneGenerator
+from apps.segment.settings import DEFAULT_VAL_FRACTION
 from apps.segment.transforms import TrainAugment, to_tensors
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "SegmentationSamples",
     "SourcePair",
     "build_sources",
+    "recorded_val_source",
     "scene_config_from_args",
     "scene_source",
 ]
@@ -131,6 +133,8 @@ class SourcePair:
     ignore_index: int
     description: dict
     val_same_size: bool  # all validation images share one size (so they can be batched)
+    train_sizes: list[tuple[int, int]] | None = None  # (width, height) of each training image
+    notes: list[str] = field(default_factory=list)  # what the settings report should mention
 
 
 def scene_source(
@@ -181,27 +185,88 @@ def _holdout_split(count: int, fraction: float, seed: int) -> tuple[list[int], l
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def _folder_sources(args) -> SourcePair:
-    folder = scan_folder(
-        args.data,
-        num_classes=args.num_classes,
+def _scan(path: str | Path, args, classes_file: Path | None, num_classes: int | None):
+    return scan_folder(
+        path,
+        num_classes=num_classes,
         ignore_index=args.ignore_index,
         skip_bad=args.skip_bad,
+        classes_file=classes_file,
     )
-    if args.val_data:
-        val_folder = scan_folder(
-            args.val_data,
-            num_classes=folder.num_classes,
-            ignore_index=args.ignore_index,
-            skip_bad=args.skip_bad,
-        )
+
+
+def _folder_sources(args) -> SourcePair:
+    layout = folder_layout(args.data)
+    folder = _scan(layout.train, args, layout.classes_file, args.num_classes)
+    notes = [f"skipped {layout.train}: {problem}" for problem in folder.skipped]
+    val_root = args.val_data or layout.val  # an explicit --val-data wins over DIR/val
+    if args.val_data and layout.val is not None:
+        notes.append(f"--val-data {args.val_data} is used instead of {layout.val}")
+    if val_root is not None:
+        if args.val_fraction is not None:
+            raise SystemExit(
+                f"error: --val-fraction {args.val_fraction} applies only without a validation "
+                f"folder, but {val_root} is one"
+            )
+        val_folder = _scan(val_root, args, layout.classes_file, folder.num_classes)
+        notes += [f"skipped {val_root}: {problem}" for problem in val_folder.skipped]
         train, val = FolderSource(folder), FolderSource(val_folder)
+        val_desc = {"root": str(Path(val_root).resolve())}
     else:
-        train_idx, val_idx = _holdout_split(len(folder), args.val_fraction, args.seed)
+        fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+        train_idx, val_idx = _holdout_split(len(folder), fraction, args.seed)
         train = FolderSource(folder, train_idx)
         val = FolderSource(folder, val_idx) if val_idx else None
-    description = {"kind": "folder", "root": str(Path(args.data).resolve())}
-    return SourcePair(train, val, folder.class_names, args.ignore_index, description, False)
+        val_desc = {
+            "root": str(layout.train.resolve()),
+            "fraction": fraction,
+            "seed": args.seed,
+            "images": len(val_idx),
+        }
+    description = {
+        "kind": "folder",
+        "root": str(Path(args.data).resolve()),
+        "train": str(layout.train.resolve()),
+        "val": val_desc if val is not None else None,
+        "classes_file": str(layout.classes_file.resolve()) if layout.classes_file else None,
+        "skip_bad": bool(args.skip_bad),
+    }
+    sizes = [folder.sizes[i] for i in train.indices]
+    return SourcePair(
+        train, val, folder.class_names, args.ignore_index, description, False, sizes, notes
+    )
+
+
+def recorded_val_source(description: dict, num_classes: int, ignore_index: int) -> FolderSource:
+    """The validation images of a folder run, from the description its checkpoint recorded."""
+    val = description.get("val")
+    if "train" not in description or not val:
+        what = (
+            "held out no validation images"
+            if "train" in description
+            else "does not record which images it validated on"
+        )
+        raise FolderDatasetError(
+            f"the run {what} (it trained on {description.get('root')}); "
+            "pass --data to name the images to score"
+        )
+    folder = scan_folder(
+        val["root"],
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        skip_bad=description.get("skip_bad", False),
+        classes_file=description.get("classes_file"),
+    )
+    if "fraction" not in val:
+        return FolderSource(folder)
+    # The held-out part of the training folder: the same split the run drew.
+    _, val_idx = _holdout_split(len(folder), val["fraction"], val["seed"])
+    if len(val_idx) != val["images"]:
+        raise FolderDatasetError(
+            f"{val['root']} changed since training: its held-out split now has {len(val_idx)} "
+            f"images, the run had {val['images']}; pass --data to name the images to score"
+        )
+    return FolderSource(folder, val_idx)
 
 
 def build_sources(args) -> SourcePair:

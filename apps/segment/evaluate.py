@@ -22,12 +22,18 @@ from torch.utils.data import DataLoader, Dataset
 from apps.engine import console, init_distributed, plot_confusion_matrix, progress_enabled
 from apps.engine.distributed import DistributedContext, ShardSampler
 from apps.engine.progress import progress_bar
-from apps.segment.data import FolderSource, SegmentationSamples, scene_source
-from apps.segment.folder import scan_folder
+from apps.segment.cli import SCENE_DEFAULTS, given_options
+from apps.segment.data import (
+    FolderSource,
+    SegmentationSamples,
+    recorded_val_source,
+    scene_source,
+)
+from apps.segment.folder import folder_layout, scan_folder
 from apps.segment.inference import sliding_window_logits
 from apps.segment.metrics import ConfusionMatrix, SegmentationScores
 from apps.segment.model import ModelSpec, load_meta, load_trained
-from apps.segment.scenes import SceneConfig
+from apps.segment.scenes import SCENE_CLASSES, SceneConfig
 
 __all__ = [
     "EvalResult",
@@ -164,38 +170,69 @@ def evaluate_segmentation(
     )
 
 
-def _eval_dataset(args, spec: ModelSpec, meta_data: dict):
-    """The images to score: held-out scenes (the run's layout unless overridden) or a folder."""
-    if args.data == "scenes":
-        recorded = meta_data.get("scene_config", {}) if meta_data.get("kind") == "scenes" else {}
-        base = SceneConfig(**recorded) if recorded else SceneConfig()
-        overrides = {
-            k: getattr(args, k)
-            for k in ("canvas", "min_items", "max_items", "min_size", "max_size")
-            if getattr(args, k) is not None
-        }
-        config = replace(base, **overrides)
-        seed = args.scene_seed if args.scene_seed is not None else meta_data.get("scene_seed", 0)
-        source = scene_source("test", config, seed + 1, args.val_scenes, args.fmnist_dir)
-        return SegmentationSamples(source), True, {"kind": "scenes", **config.to_dict()}
+def _scene_dataset(args, spec: ModelSpec, meta_data: dict):
+    """Validation scenes: the run's layout unless the command line overrides it."""
+    if spec.num_classes != len(SCENE_CLASSES):
+        raise SystemExit(
+            f"error: --data scenes: the model predicts {spec.num_classes} classes, the scenes "
+            f"have {len(SCENE_CLASSES)}; pass --data with images of the model's classes"
+        )
+    recorded = meta_data if meta_data.get("kind") == "scenes" else {}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("canvas", "min_items", "max_items", "min_size", "max_size")
+        if getattr(args, k) is not None
+    }
+    config = replace(SceneConfig(**recorded.get("scene_config", {})), **overrides)
+    seed = args.scene_seed if args.scene_seed is not None else recorded.get("scene_seed", 0)
+    count = args.val_scenes or recorded.get("val_scenes", SCENE_DEFAULTS["val_scenes"])
+    source = scene_source("test", config, seed + 1, count, args.fmnist_dir)
+    return SegmentationSamples(source), True, {"kind": "scenes", **config.to_dict()}
+
+
+def _folder_to_score(data: str, spec: ModelSpec, skip_bad: bool):
+    """A folder named by --data: its val/ when it has train/ + val/, else the folder itself."""
+    layout = folder_layout(data)
+    if layout.train != layout.root and layout.val is None:
+        raise SystemExit(
+            f"error: --data {data} has train/ but no val/; name the folder to score "
+            f"(e.g. --data {layout.train})"
+        )
     folder = scan_folder(
-        args.data,
+        layout.val or layout.root,
         num_classes=spec.num_classes,
         ignore_index=spec.ignore_index,
-        skip_bad=args.skip_bad,
+        skip_bad=skip_bad,
+        classes_file=layout.classes_file,
     )
-    if folder.class_names != spec.class_names and (Path(args.data) / "classes.txt").is_file():
+    if layout.classes_file is not None and folder.class_names != spec.class_names:
         console(
-            f"warning: {args.data}/classes.txt names {folder.class_names} but the model was "
+            f"warning: {layout.classes_file} names {folder.class_names} but the model was "
             f"trained on {spec.class_names}; scoring by class id"
         )
-    for problem in folder.skipped:
+    return FolderSource(folder)
+
+
+def _eval_dataset(args, spec: ModelSpec, meta_data: dict):
+    """The images to score: --data, or without it the validation data the run recorded."""
+    recorded_kind = meta_data.get("kind", "scenes")  # runs that predate folders used scenes
+    if args.data == "scenes" or (args.data is None and recorded_kind == "scenes"):
+        return _scene_dataset(args, spec, meta_data)
+    wrong = given_options(args, [*SCENE_DEFAULTS, "fmnist_dir"])
+    if wrong:
+        raise SystemExit(f"error: {wrong[0]} applies to --data scenes, not folder data")
+    if args.data is None:
+        source = recorded_val_source(meta_data, spec.num_classes, spec.ignore_index)
+    else:
+        source = _folder_to_score(args.data, spec, args.skip_bad)
+    for problem in source.folder.skipped:
         console(f"skipped: {problem}")
-    return SegmentationSamples(FolderSource(folder)), False, {"kind": "folder", "root": args.data}
+    description = {"kind": "folder", "root": str(source.folder.root), "images": len(source)}
+    return SegmentationSamples(source), False, description
 
 
 def format_scores(result: EvalResult, class_names: tuple[str, ...]) -> str:
-    width = max(len(n) for n in class_names)
+    width = max(len(n) for n in (*class_names, "pixel accuracy"))
     lines = [f"{'class':<{width}}  IoU"]
     for name, iou in zip(class_names, result.scores.per_class_iou, strict=True):
         lines.append(f"{name:<{width}}  {'  n/a' if math.isnan(iou) else f'{100 * iou:5.1f}'}")

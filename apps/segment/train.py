@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,10 +29,22 @@ from apps.engine import (
     progress_enabled,
 )
 from apps.engine.model_args import parse_model_args
-from apps.segment.data import EpochShuffleSampler, SegmentationSamples, build_sources
+from apps.segment.data import (
+    EpochShuffleSampler,
+    SegmentationSamples,
+    SourcePair,
+    build_sources,
+)
 from apps.segment.evaluate import evaluate_segmentation
 from apps.segment.metrics import correct_pixels
 from apps.segment.model import ModelSpec, build_model, count_parameters
+from apps.segment.settings import (
+    choose_batch_size,
+    choose_crop,
+    choose_epochs,
+    choose_warmup,
+    format_settings,
+)
 from apps.segment.transforms import TrainAugment
 
 __all__ = ["make_train_step", "run_train"]
@@ -98,13 +111,70 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         ctx.shutdown()
 
 
-def _train(args: argparse.Namespace, ctx) -> list[dict]:
-    start = time.perf_counter()
-    out_dir = Path(args.out)
-    sources = build_sources(args)
-    if args.crop is None:
-        args.crop = args.canvas if args.data == "scenes" else 512
-    spec = ModelSpec(
+def _resolve_settings(args: argparse.Namespace, sources: SourcePair, world_size: int) -> dict:
+    """Fill in crop, batch size, epochs and warmup left open; returns their Choices."""
+    canvas = args.canvas if args.data == "scenes" else None
+    crop = choose_crop(args.crop, sources.train_sizes, canvas)
+    # DistributedSampler gives every process ceil(n / world) images; partial batches are
+    # dropped (a batch of one cannot train BatchNorm).
+    per_process = math.ceil(len(sources.train) / world_size)
+    batch = choose_batch_size(args.batch_size, per_process)
+    steps = per_process // batch.value
+    epochs = choose_epochs(args.epochs, steps)
+    warmup = choose_warmup(args.warmup_steps, epochs.value * steps)
+    args.crop, args.batch_size = crop.value, batch.value
+    args.epochs, args.warmup_steps = epochs.value, warmup.value
+    return {"crop": crop, "batch": batch, "epochs": epochs, "warmup": warmup, "steps": steps}
+
+
+def _data_summary(args: argparse.Namespace, sources: SourcePair) -> str:
+    desc = sources.description
+    if desc["kind"] == "scenes":
+        c = desc["scene_config"]
+        return (
+            f"scenes: {c['canvas']}px canvas, {c['min_items']}-{c['max_items']} garments of "
+            f"{c['min_size']}-{c['max_size']}px, seed {desc['scene_seed']}"
+        )
+    val = desc["val"]
+    if val is None:
+        where = "no validation images (best = lowest train loss)"
+    elif "fraction" in val:
+        where = f"validation: {val['fraction']:g} of it held out (seed {val['seed']})"
+    else:
+        where = f"validation: {val['root']}"
+    return f"folder {desc['train']}; {where}"
+
+
+def _settings_rows(args, sources: SourcePair, chosen: dict, ctx, params: int) -> list:
+    names = sources.class_names
+    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    val_count = len(sources.val) if sources.val is not None else 0
+    steps = chosen["steps"]
+    decay = f"poly (power {args.poly_power:g})" if args.schedule == "poly" else args.schedule
+    return [
+        ("data", _data_summary(args, sources)),
+        ("images", f"{len(sources.train)} train / {val_count} val"),
+        ("classes", f"{len(names)}: {shown}"),
+        ("model", f"{args.backbone} + UPerNet({args.channels}), {params / 1e6:.2f}M params"),
+        ("crop", chosen["crop"]),
+        ("batch size", f"{chosen['batch'].value} per process ({chosen['batch'].source})"),
+        ("steps", f"{steps} per epoch, {steps * args.epochs} in all"),
+        ("epochs", chosen["epochs"]),
+        (
+            "lr",
+            f"{args.lr:g} AdamW, weight decay {args.weight_decay:g}, "
+            f"backbone x{args.backbone_lr_scale:g}",
+        ),  # fmt: skip
+        ("warmup steps", chosen["warmup"]),
+        ("schedule", f"linear warmup, then {decay} decay to {args.min_lr_ratio:g} x lr"),
+        ("device", f"{ctx.device}, {ctx.world_size} process(es)"),
+        ("threads", f"{torch.get_num_threads()} per process"),
+        ("out", args.out),
+    ] + [("note", note) for note in sources.notes]
+
+
+def _model_spec(args: argparse.Namespace, sources: SourcePair) -> ModelSpec:
+    return ModelSpec(
         backbone=args.backbone,
         num_classes=len(sources.class_names),
         class_names=sources.class_names,
@@ -117,10 +187,9 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
         fuse_kernel=args.fuse_kernel,
         backbone_args=_backbone_args(args),
     )
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = build_model(spec, attention=args.attention, pretrained=args.pretrained)
-    if args.amp:
-        _check_autocast(model, ctx.device, args.attention)
+
+
+def _train_loader(args: argparse.Namespace, sources: SourcePair, ctx) -> DataLoader:
     augment = TrainAugment(
         crop=args.crop,
         scale_range=tuple(args.scale_range),
@@ -128,68 +197,58 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
         ignore_index=sources.ignore_index,
     )
     train_set = SegmentationSamples(sources.train, augment, seed=args.seed)
-    sampler = EpochShuffleSampler(train_set, ctx.rank, ctx.world_size, args.seed)
-    loader = DataLoader(
+    return DataLoader(
         train_set,
         batch_size=args.batch_size,
-        sampler=sampler,
+        sampler=EpochShuffleSampler(train_set, ctx.rank, ctx.world_size, args.seed),
         num_workers=args.workers,
         drop_last=True,  # a batch of one cannot train the pyramid pooling's BatchNorm
     )
-    if len(loader) == 0:
-        raise SystemExit(
-            f"error: --batch-size {args.batch_size} is larger than this process's share of the "
-            f"{len(train_set)} training images; lower it"
-        )
-    val_set = SegmentationSamples(sources.val) if sources.val is not None else None
-    # Windows for held-out images larger than the crop; batching only when sizes agree.
+
+
+def _make_evaluate(args: argparse.Namespace, spec: ModelSpec, sources: SourcePair):
+    """The Trainer's ``evaluate`` on the validation images, or None without any."""
+    if sources.val is None:
+        return None
+    val_set = SegmentationSamples(sources.val)
+    # Windows for validation images larger than the crop; batching only when sizes agree.
     window = args.window or args.crop
     stride = args.stride or max(1, (2 * window) // 3)
-    eval_batch = args.batch_size if sources.val_same_size else 1
+    batch = args.batch_size if sources.val_same_size else 1
 
-    def evaluate(module, ctx_):
+    def evaluate(module, ctx):
         result = evaluate_segmentation(
             module,
             val_set,
             num_classes=spec.num_classes,
             ignore_index=spec.ignore_index,
-            ctx=ctx_,
+            ctx=ctx,
             mode=args.eval_mode,
             flip=args.eval_flip,
             scales=args.eval_scales,
             window=window,
             stride=stride,
-            batch_size=eval_batch,
+            batch_size=batch,
             workers=args.workers,
-            progress=progress_enabled(None if not args.no_progress else False, ctx_.is_main),
+            progress=progress_enabled(None if not args.no_progress else False, ctx.is_main),
         )
         return result.metrics()
 
-    optimizer = build_adamw(
-        model,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        lr_scales={"backbone.": args.backbone_lr_scale},
-    )
-    total_steps = args.epochs * len(loader)
-    schedule = WarmupSchedule(
-        optimizer,
-        total_steps=total_steps,
-        warmup_steps=min(args.warmup_steps, total_steps),
-        decay=args.schedule,
-        power=args.poly_power,
-        min_ratio=args.min_lr_ratio,
-    )
-    config = TrainerConfig(
-        out_dir=out_dir,
+    return evaluate
+
+
+def _trainer_config(args: argparse.Namespace, validates: bool) -> TrainerConfig:
+    return TrainerConfig(
+        out_dir=Path(args.out),
         epochs=args.epochs,
         seed=args.seed,
         grad_clip=args.grad_clip,
         amp=args.amp,
         ema_decay=args.ema_decay,
         progress=False if args.no_progress else None,
-        best_metric="val_miou" if val_set is not None else "train_loss",
-        best_mode="max" if val_set is not None else "min",
+        # Without validation images the most recent weights are the best.
+        best_metric="val_miou" if validates else "train_loss",
+        best_mode="max" if validates else "min",
         eval_every=args.eval_every,
         curve_panels={
             "loss": ["train_loss", "val_loss"],
@@ -197,48 +256,78 @@ def _train(args: argparse.Namespace, ctx) -> list[dict]:
             "pixel accuracy": ["train_pixel_acc", "val_pixel_acc"],
         },
     )
+
+
+def _build_trainer(args, spec: ModelSpec, model, sources: SourcePair, loader, ctx) -> Trainer:
+    optimizer = build_adamw(
+        model,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        lr_scales={"backbone.": args.backbone_lr_scale},
+    )
+    schedule = WarmupSchedule(
+        optimizer,
+        total_steps=args.epochs * len(loader),
+        warmup_steps=args.warmup_steps,
+        decay=args.schedule,
+        power=args.poly_power,
+        min_ratio=args.min_lr_ratio,
+    )
+    evaluate = _make_evaluate(args, spec, sources)
     meta = {
         "app": "segment",
         "model": spec.to_dict(),
         "data": sources.description,
         "augment": {"crop": args.crop, "scale_range": list(args.scale_range)},
     }
-    trainer = Trainer(
+    return Trainer(
         model,
         optimizer,
         schedule,
         loader,
-        config,
+        _trainer_config(args, evaluate is not None),
         train_step=make_train_step(args.aux_weight, spec.ignore_index),
-        evaluate=evaluate if val_set is not None else None,
+        evaluate=evaluate,
         ctx=ctx,
         meta=meta,
     )
-    console(
-        f"segment: {spec.backbone} + UPerNet({spec.channels}) "
-        f"{count_parameters(model) / 1e6:.2f}M params, {spec.num_classes} classes, "
-        f"{len(train_set)} train / {len(val_set) if val_set else 0} val images, "
-        f"{len(loader)} steps/epoch x {args.epochs} epochs, {ctx.world_size} process(es), "
-        f"device {ctx.device} -> {out_dir}",
-        is_main=ctx.is_main,
-    )
+
+
+def _write_summary(out_dir: Path, trainer: Trainer, records: list[dict], elapsed: float) -> None:
+    final = records[-1]
+    validated = final.get("val_miou") is not None
+    summary = {
+        "epochs": trainer.epoch,
+        "wall_seconds": elapsed,
+        "val_miou": final.get("val_miou"),
+        "val_pixel_acc": final.get("val_pixel_acc"),
+        "best_val_miou": trainer.best_metric if validated else None,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if validated:
+        console(
+            f"val mIoU {100 * final['val_miou']:.2f}% (best {100 * trainer.best_metric:.2f}%)  "
+            f"pixel accuracy {100 * final['val_pixel_acc']:.2f}%  ({elapsed / 60:.1f} min)"
+        )
+
+
+def _train(args: argparse.Namespace, ctx) -> list[dict]:
+    start = time.perf_counter()
+    sources = build_sources(args)
+    chosen = _resolve_settings(args, sources, ctx.world_size)
+    spec = _model_spec(args, sources)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = build_model(spec, attention=args.attention, pretrained=args.pretrained)
+    if args.amp:
+        _check_autocast(model, ctx.device, args.attention)
+    loader = _train_loader(args, sources, ctx)
+    assert len(loader) == chosen["steps"]  # the settings report counted the same steps
+    trainer = _build_trainer(args, spec, model, sources, loader, ctx)
+    rows = _settings_rows(args, sources, chosen, ctx, count_parameters(model))
+    console(format_settings(rows), is_main=ctx.is_main)
     if args.resume:
-        trainer.resume(out_dir / "last.pt" if args.resume == "auto" else args.resume)
+        trainer.resume(Path(args.out) / "last.pt" if args.resume == "auto" else args.resume)
     records = trainer.fit(stop_after_epochs=args.stop_after_epochs)
-    elapsed = time.perf_counter() - start
     if ctx.is_main and records:
-        final = records[-1]
-        summary = {
-            "epochs": trainer.epoch,
-            "wall_seconds": elapsed,
-            "val_miou": final.get("val_miou"),
-            "val_pixel_acc": final.get("val_pixel_acc"),
-            "best_val_miou": trainer.best_metric if val_set is not None else None,
-        }
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if final.get("val_miou") is not None:
-            console(
-                f"held-out mIoU {100 * final['val_miou']:.2f}%  pixel accuracy "
-                f"{100 * final['val_pixel_acc']:.2f}%  ({elapsed / 60:.1f} min)"
-            )
+        _write_summary(Path(args.out), trainer, records, time.perf_counter() - start)
     return records
