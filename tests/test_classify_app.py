@@ -16,7 +16,7 @@ from PIL import Image
 
 from apps.classify.cli import main
 from apps.classify.weights import load_classifier
-from apps.engine import MetricsLog, load_training_state, load_weights
+from apps.engine import MetricsLog, load_training_state, load_weights, save_training_state
 
 REPO = Path(__file__).resolve().parents[1]
 # A two-stage model of ~10k parameters: 8x8 digits -> 2x2 -> 1x1 tokens.
@@ -172,6 +172,29 @@ def test_resume_keeps_the_resolved_settings(tmp_path, capsys):
     block = lambda text: text[text.index("settings:") : text.index("epoch ")]  # noqa: E731
     assert block(first).replace("\n", "") == block(second).replace("\n", "")
     assert "native 12x12 -> 16" in block(second)
+
+
+def test_resume_of_a_run_from_before_defaults_were_resolved(tmp_path, capsys):
+    """Such a recipe has input_size None (then meaning 224 for folders) and dropped every
+    short last batch; resuming keeps both, so its schedule keeps its length."""
+    data = _grey_folder(tmp_path / "grey", 40, seed=3, size=12)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--out", str(out), "--input-size", "20", "--epochs", "3"]
+    assert main([*argv, "--batch-size", "8", "--stop-after-epochs", "1", *TINY, *FAST]) == 0
+    state = load_training_state(out / "last.pt")
+    meta = state["meta"]
+    del meta["resolved_from"], meta["legacy_drop_last"]
+    meta["recipe"]["input_size"] = None
+    meta["recipe"]["warmup_epochs"] = 1.0
+    state["step"] = state["schedule"]["last_step"] = 4  # 36 images: 4 full batches of 8
+    save_training_state(state, out / "last.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "last.pt"), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "20x20x3 (as in the resumed run)" in err
+    assert "4 steps/epoch, 4 images per epoch and process left out" in err
+    assert "= 12 steps" in err
+    assert load_training_state(out / "last.pt")["step"] == 12
 
 
 def _state_tensors(path: Path) -> dict[str, torch.Tensor]:

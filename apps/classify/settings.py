@@ -171,11 +171,10 @@ def _steps(n: int) -> str:
 def format_settings(s: RunSettings) -> str:
     """One compact block, one line per topic, in the order a reader checks a run."""
     per_epoch = f"{s.plan.steps} steps/epoch"
-    if s.plan.dropped:
-        per_epoch += (
-            f", {s.plan.dropped} image per epoch and process left out "
-            "(a batch of one image breaks BatchNorm)"
-        )
+    if s.plan.dropped == 1:
+        per_epoch += ", 1 image per epoch and process left out (a batch of one breaks BatchNorm)"
+    elif s.plan.dropped:  # runs resumed from before every image was used
+        per_epoch += f", {s.plan.dropped} images per epoch and process left out"
     else:
         per_epoch += ", every image every epoch"
     total = s.epochs * s.plan.steps

@@ -136,9 +136,12 @@ def _recipe_from_checkpoint(args: argparse.Namespace) -> argparse.Namespace:
         raise DataError(f"--resume {args.resume}: not a classification training checkpoint")
     for key, value in meta["recipe"].items():
         setattr(args, key, value)
-    if args.input_size is None:  # recipes from before sizes were resolved: the size it used
+    args.resolved_from = meta.get("resolved_from")
+    args.legacy_drop_last = bool(meta.get("legacy_drop_last", False))
+    if args.resolved_from is None:  # a run from before defaults were resolved
         args.input_size = int(meta["input_size"][0])
-    args.resolved_from = meta.get("resolved_from", {})
+        args.resolved_from = dict.fromkeys(_SOURCES, "as in the resumed run")
+        args.legacy_drop_last = True  # it dropped every short last batch; keep its steps
     args.out = str(Path(args.resume).parent)
     return args
 
@@ -190,6 +193,16 @@ def _load_data(args: argparse.Namespace, overrides: dict[str, Any]) -> _Data:
     return _Data(train_set, None, spec, in_chans, "")
 
 
+_SOURCES = ("input_size", "batch_size", "epochs", "warmup")
+
+
+def _plan(args: argparse.Namespace, n_images: int, world_size: int) -> EpochPlan:
+    plan = plan_epoch(n_images, args.batch_size, world_size)
+    if getattr(args, "legacy_drop_last", False) and plan.images >= args.batch_size:
+        return EpochPlan(plan.images, plan.batch_size, True, plan.images // args.batch_size)
+    return plan
+
+
 def _resolve(
     args: argparse.Namespace, data: _Data, overrides: dict[str, Any], world_size: int
 ) -> dict[str, str]:
@@ -210,12 +223,11 @@ def _resolve(
     )  # fmt: skip
     per_process = -(-len(data.train) // world_size)
     args.batch_size, batch_from = rules.resolve_batch_size(args.batch_size, per_process)
-    steps = plan_epoch(len(data.train), args.batch_size, world_size).steps
+    steps = _plan(args, len(data.train), world_size).steps
     args.epochs, epochs_from = rules.resolve_epochs(args.epochs, steps)
     warmup, warmup_from = rules.resolve_warmup(args.warmup_epochs, steps, args.epochs * steps)
     args.warmup_epochs = warmup / steps  # the recipe keeps what was used
-    found = {"input_size": size_from, "batch_size": batch_from, "epochs": epochs_from,
-             "warmup": warmup_from}  # fmt: skip
+    found = dict(zip(_SOURCES, (size_from, batch_from, epochs_from, warmup_from), strict=True))
     resumed = getattr(args, "resolved_from", None) or {}
     return {k: resumed.get(k, v) for k, v in found.items()}
 
@@ -236,7 +248,7 @@ def _set_transforms(args: argparse.Namespace, data: _Data) -> dict[str, Any]:
 
 def _loaders(args: argparse.Namespace, data: _Data, ctx: DistributedContext):
     # No drop_last in the sampler: it pads with repeats instead, so every image is seen.
-    plan = plan_epoch(len(data.train), args.batch_size, ctx.world_size)
+    plan = _plan(args, len(data.train), ctx.world_size)
     sampler = DistributedSampler(
         data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed
     )
@@ -282,6 +294,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> int:
         "in_chans": data.in_chans, "input_size": list(spec.input_size),
         "mean": list(common["mean"]), "std": list(common["std"]), "dataset": spec.name,
         "recipe": {k: getattr(args, k) for k in RECIPE_KEYS}, "resolved_from": sources,
+        "legacy_drop_last": getattr(args, "legacy_drop_last", False),
     }  # fmt: skip
     config = TrainerConfig(
         out_dir=Path(args.out), epochs=args.epochs, seed=args.seed, grad_clip=args.grad_clip,
