@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny model on tiny scenes: each run is a few optimizer steps.
 TINY = [
-    "--channels", "16", "--aux-channels", "8", "--batch-size", "4", "--warmup-steps", "1",
+    "--channels", "16", "--aux-channels", "8", "--batch-size", "4", "--warmup-steps", "0",
     "--no-progress", "--lr", "1e-3",
 ]  # fmt: skip
 SCENES = [
@@ -147,6 +147,51 @@ def test_folder_training_and_sliding_evaluation(tmp_path):
     assert spec.class_names == ("ground", "wall", "lamp") and spec.crop == 32
     assert main(["eval", str(run), "--data", str(data), "--mode", "slide",
                  "--no-progress"]) == 0  # fmt: skip
+    # Without --data, eval scores the images the run held out: the training's own number.
+    out = tmp_path / "eval"
+    assert main(["eval", str(run), "--mode", "slide", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["images"] == 2
+    assert report["miou"] == pytest.approx(record["val_miou"], abs=1e-9)
+
+
+def test_train_and_val_folders_under_one_root(tmp_path, capsys):
+    root = tmp_path / "data"
+    _folder(root / "train", 8)
+    _folder(root / "val", 3)
+    for split in ("train", "val"):
+        (root / split / "classes.txt").unlink()
+    (root / "classes.txt").write_text("floor\nwall\nlight\n")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--out", str(run), "--epochs", "1",
+                 *TINY]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "8 train / 3 val" in err and "3: floor, wall, light" in err
+    assert "crop          36 (auto: the training images (36x40) are smaller than 512)" in err
+    assert load_trained(run)[1].class_names == ("floor", "wall", "light")
+    assert _records(run)[-1]["val_miou"] >= 0.0
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    assert "floor" in capsys.readouterr().out
+    # An explicit --val-fraction cannot apply: the root has its validation folder.
+    assert main(["train", "--data", str(root), "--out", str(run), "--val-fraction", "0.2",
+                 *TINY]) == 2  # fmt: skip
+    assert "--val-fraction 0.2 applies only without a validation folder" in capsys.readouterr().err
+    # A root without val/ cannot be scored as a whole: that would score the training images.
+    (root / "val").rename(tmp_path / "elsewhere")
+    assert main(["eval", str(run), "--data", str(root)]) == 2
+    assert f"--data {root} has train/ but no val/" in capsys.readouterr().err
+
+
+def test_options_of_the_other_kind_of_data_are_refused(tmp_path, capsys):
+    data = _folder(tmp_path / "data", 4)
+    for argv, message in (
+        (["--data", "scenes", "--val-data", str(data)], "--val-data applies to folder data"),
+        (["--data", str(data), "--canvas", "32"], "--canvas applies to --data scenes"),
+        (["--data", str(data), "--train-scenes", "9"], "--train-scenes applies to --data scenes"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["train", *argv, "--out", str(tmp_path / "r")])
+        assert message in capsys.readouterr().err
 
 
 def test_bad_folder_is_reported_with_every_problem(tmp_path, capsys):
@@ -186,6 +231,12 @@ def test_bad_arguments_and_files_give_clear_errors(tmp_path, capsys):
 
     assert main(["train", *SCENES, "--out", str(tmp_path), "--batch-size", "64"]) == 2
     assert "larger than this process's share" in capsys.readouterr().err
+    # 8 scenes in batches of 4 for 2 epochs are 4 steps: a warmup of 4 would never decay.
+    assert main(["train", *SCENES, *TINY, "--out", str(tmp_path), "--epochs", "2",
+                 "--warmup-steps", "4"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--warmup-steps 4 is not shorter than the run's 4 optimizer steps" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

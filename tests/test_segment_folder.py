@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apps.segment.folder import FolderDatasetError, scan_folder
+from apps.segment.folder import FolderDatasetError, FolderLayout, folder_layout, scan_folder
 
 
 def _pair(root: Path, stem: str, size=(12, 10), classes=3, seed=0, suffix=".png"):
@@ -101,3 +101,30 @@ def test_jpeg_images_pair_with_png_masks(tmp_path):
     folder = scan_folder(tmp_path)
     assert folder.pairs[0][0].suffix == ".jpg"
     assert folder.load(0)[0].shape == (12, 10, 3)
+
+
+def test_train_and_val_subfolders_share_the_root_classes_file(tmp_path):
+    _pair(tmp_path / "train", "a", size=(20, 30))
+    _pair(tmp_path / "train", "b", size=(20, 30), seed=1)
+    _pair(tmp_path / "val", "c", seed=2)
+    (tmp_path / "classes.txt").write_text("sky\nroad\ncar\n")
+    layout = folder_layout(tmp_path)
+    assert (layout.train, layout.val) == (tmp_path / "train", tmp_path / "val")
+    assert layout.classes_file == tmp_path / "classes.txt"
+    train = scan_folder(layout.train, classes_file=layout.classes_file)
+    val = scan_folder(layout.val, classes_file=layout.classes_file)
+    assert train.class_names == val.class_names == ("sky", "road", "car")
+    assert train.sizes == [(30, 20), (30, 20)]  # (width, height), measured while scanning
+
+
+def test_layouts_without_a_validation_folder(tmp_path):
+    flat = tmp_path / "flat"
+    _pair(flat, "a")
+    assert folder_layout(flat) == FolderLayout(flat, flat, None, None)
+    only_train = tmp_path / "only_train"
+    _pair(only_train / "train", "a")
+    (only_train / "train" / "classes.txt").write_text("x\ny\nz\n")
+    layout = folder_layout(only_train)
+    assert layout.val is None and layout.classes_file == only_train / "train" / "classes.txt"
+    with pytest.raises(FolderDatasetError, match="is not a directory"):
+        folder_layout(tmp_path / "missing")
