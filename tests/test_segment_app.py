@@ -191,7 +191,8 @@ def test_options_of_the_other_kind_of_data_are_refused(tmp_path, capsys):
     ):
         with pytest.raises(SystemExit):
             main(["train", *argv, "--out", str(tmp_path / "r")])
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_folder_is_reported_with_every_problem(tmp_path, capsys):

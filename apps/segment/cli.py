@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from apps.segment.settings import (
     DEFAULT_CROP,
@@ -361,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Stop with one line naming the option (parser.error would print the usage first)."""
+    parser.exit(2, f"error: {message}\n")
+
+
 def given_options(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     """The options among ``names`` that the command line set (``--name`` spelling)."""
     given = []
@@ -377,7 +383,7 @@ def _check_data_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.data == "scenes":
         wrong = given_options(args, [*FOLDER_ONLY, "skip_bad"])
         if wrong:
-            parser.error(f"{wrong[0]} applies to folder data, not --data scenes")
+            _refuse(parser, f"{wrong[0]} applies to folder data, not --data scenes")
         if args.command == "train":
             for name, value in SCENE_DEFAULTS.items():
                 if getattr(args, name) is None:
@@ -385,7 +391,7 @@ def _check_data_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     elif args.data is not None:
         wrong = given_options(args, scene_options)
         if wrong:
-            parser.error(f"{wrong[0]} applies to --data scenes, not a folder ({args.data})")
+            _refuse(parser, f"{wrong[0]} applies to --data scenes, not a folder ({args.data})")
         for name, value in FOLDER_DEFAULTS.items():
             if getattr(args, name, None) is None:
                 setattr(args, name, value)
@@ -397,30 +403,31 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in positive:
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            _refuse(parser, f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.command == "train" and args.batch_size is not None and args.batch_size < 2:
-        parser.error(
+        _refuse(
+            parser,
             f"--batch-size must be >= 2 per process, got {args.batch_size} (BatchNorm after the "
-            "pyramid pooling's 1x1 branch needs more than one value per channel)"
+            "pyramid pooling's 1x1 branch needs more than one value per channel)",
         )
     if (getattr(args, "warmup_steps", None) or 0) < 0:
-        parser.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+        _refuse(parser, f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if not 0.0 <= (getattr(args, "val_fraction", None) or 0.0) < 1.0:
-        parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        _refuse(parser, f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if getattr(args, "lr", 1.0) <= 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
+        _refuse(parser, f"--lr must be > 0, got {args.lr}")
     if getattr(args, "backbone_lr_scale", 1.0) <= 0:
-        parser.error(f"--backbone-lr-scale must be > 0, got {args.backbone_lr_scale}")
+        _refuse(parser, f"--backbone-lr-scale must be > 0, got {args.backbone_lr_scale}")
     if not 0.0 <= getattr(args, "head_dropout", 0.0) < 1.0:
-        parser.error(f"--head-dropout must be in [0, 1), got {args.head_dropout}")
+        _refuse(parser, f"--head-dropout must be in [0, 1), got {args.head_dropout}")
     if getattr(args, "aux_channels", 0) < 0:
-        parser.error(f"--aux-channels must be >= 0, got {args.aux_channels}")
+        _refuse(parser, f"--aux-channels must be >= 0, got {args.aux_channels}")
     if getattr(args, "grad_clip", None) == 0:
         args.grad_clip = None
     if args.command == "predict":
         return
     if args.data is not None and args.data != "scenes" and args.data.startswith("-"):
-        parser.error(f"--data expects `scenes` or a folder, got {args.data}")
+        _refuse(parser, f"--data expects `scenes` or a folder, got {args.data}")
     _check_data_options(parser, args)
 
 
@@ -430,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check(parser, args)
     if args.threads is not None:
         if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
+            _refuse(parser, f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
