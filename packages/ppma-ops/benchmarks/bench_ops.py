@@ -353,7 +353,7 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        "## Issue 3 targets",
+        "## Targets",
         "",
         "Met = the wall-clock figure reaches the target; the CPU-time figure (process CPU "
         "seconds, all threads) is given because other jobs share the cores.",
@@ -367,7 +367,7 @@ def markdown(result: dict) -> str:
 
 
 def targets(result: dict) -> list[dict]:
-    """Issue 3's "Done when" list, each measured in wall time and in process CPU time."""
+    """The operator targets, each measured in wall time and in process CPU time."""
 
     def find(rows, h, w, b):
         for r in rows:
