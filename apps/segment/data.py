@@ -166,7 +166,7 @@ def scene_config_from_args(args) -> SceneConfig:
 
 def _scene_sources(args) -> SourcePair:
     config = scene_config_from_args(args)
-    # Held-out scenes use the test split's items and their own seed stream.
+    # Validation scenes use the Fashion-MNIST test split's items and their own seed stream.
     train = scene_source("train", config, args.scene_seed, args.train_scenes, args.fmnist_dir)
     val = scene_source("test", config, args.scene_seed + 1, args.val_scenes, args.fmnist_dir)
     description = {

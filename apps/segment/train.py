@@ -1,7 +1,7 @@
 """``python -m apps.segment train``: UPerNet on a PPMA backbone, on the shared epoch loop.
 
 The task-specific parts live here -- data, augmentation, loss (cross-entropy with an ignore
-index plus the auxiliary head's loss), held-out mIoU -- and :class:`apps.engine.Trainer`
+index plus the auxiliary head's loss), validation mIoU -- and :class:`apps.engine.Trainer`
 does the rest: bf16 autocast, gradient clipping, EMA, DDP under ``torchrun``, atomic
 ``last``/``best`` checkpoints with exact resume, metrics.jsonl and curves.png.
 """
