@@ -18,7 +18,6 @@ import argparse
 import json
 import pickle
 import re
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,22 +125,48 @@ def _file_format(path: Path) -> str:
     )
 
 
+def _torch_reason(exc: BaseException) -> str:
+    """The first line of what torch says went wrong, without its advice around it."""
+    text = str(exc)
+    # torch wraps the unpickler's reason in advice to retry with weights_only=False, which
+    # would execute whatever the file contains; only the reason itself is worth repeating.
+    inner = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
+    if inner:
+        text = inner[1]
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
 def _safe_torch_load(path: Path, allowed_globals: Iterable[type]) -> object:
+    """``torch.load(weights_only=True)`` with the allow-list; every failure a CheckpointError."""
     allowed = [*DEFAULT_ALLOWED_GLOBALS, *allowed_globals]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"the object {found[1]!r}" if found else "an object outside the allow-list"
+        # \S+: module paths need not be identifiers (e.g. a module loaded from a file path).
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = (
+            f"it needs the object {found[1]!r}, and unpickling arbitrary objects can run code"
+            if found
+            else f"its pickle stops the safe reader ({_torch_reason(exc)}): the file is damaged "
+            "or holds more than tensors and plain containers"
+        )
+        # "from None": the chained torch error would repeat its advice to load the file with
+        # weights_only=False, i.e. to run the code this refusal protects against.
         raise CheckpointError(
-            f"refusing to load {str(path)!r}: it needs {what}, and unpickling arbitrary objects "
-            "can run code. Checkpoints are read with torch.load(weights_only=True) allowing "
+            f"refusing to load {str(path)!r}: it is not a checkpoint this library can read "
+            f"safely; {what}. Checkpoints are read with torch.load(weights_only=True) allowing "
             f"only {[g.__qualname__ for g in allowed]}; if you trust the file and the object "
             "is harmless data, pass it in allowed_globals."
+        ) from None
+    except Exception as exc:
+        # Damaged data makes torch.load fail in many ways (RuntimeError, OSError, EOFError,
+        # and AssertionError or IndexError from inside the unpickler); all mean the same.
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint "
+            f"({type(exc).__name__}: {_torch_reason(exc)})"
         ) from exc
-    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint: {exc}") from exc
 
 
 def _is_state_dict(obj: object) -> bool:
