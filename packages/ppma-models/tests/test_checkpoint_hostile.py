@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from ppma_models import create_model, load_checkpoint, save_safetensors
-from ppma_models.checkpoint import CheckpointError
+from ppma_models import create_model, load_checkpoint, load_model, save_safetensors
+from ppma_models.checkpoint import CheckpointError, CheckpointWarning
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -102,3 +104,66 @@ def test_a_damaged_pickle_stream_is_one_error_naming_the_file(tmp_path, good_fil
     with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint") as caught:
         load_checkpoint(model, path)
     assert str(path) in str(caught.value)
+
+
+# ------------------------------------------------------------------------------ dtypes
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_non_float_weights_are_refused_naming_file_and_tensor(tmp_path, good_file, dtype):
+    good, model = good_file
+    stem = _contents(good)[0]["stem.conv1.weight"]
+    one = _variant(good, tmp_path / "one.safetensors", state={"stem.conv1.weight": stem.to(dtype)})
+    pattern = rf"{re.escape(str(one))}: 1 tensor\(s\) hold data .*stem\.conv1\.weight \({dtype}"
+    with pytest.raises(CheckpointError, match=pattern):
+        load_model(one, attention="reference")
+    with pytest.raises(CheckpointError, match=pattern):
+        load_checkpoint(model, one)
+
+    every = tmp_path / "every.pth"  # the authors' format goes through the same check
+    torch.save({"model": {**model.state_dict(), **_cast_floats(model.state_dict(), dtype)}}, every)
+    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES, attention="reference")
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(every))}: \d+ tensor\(s\) hold"):
+        load_checkpoint(fresh, every)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "how"),
+    [(torch.float16, "exactly"), (torch.bfloat16, "exactly"), (torch.float64, "with rounding")],
+)
+def test_other_float_precisions_are_converted_with_a_warning(tmp_path, good_file, dtype, how):
+    good, model = good_file
+    stored = _cast_floats(_contents(good)[0], dtype)
+    path = _variant(good, tmp_path / "cast.safetensors", state=stored)
+    pattern = (
+        rf"{re.escape(str(path))}: {len(stored)} tensor\(s\) stored as {dtype} were "
+        rf"converted to the model's torch.float32 \({how}\)"
+    )
+    with pytest.warns(CheckpointWarning, match=pattern):
+        rebuilt = load_model(path, attention="reference")
+    for key, value in stored.items():
+        assert torch.equal(rebuilt.state_dict()[key], value.float()), key
+    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES, attention="reference")
+    with pytest.warns(CheckpointWarning, match=pattern):
+        result = load_checkpoint(fresh, path)
+    assert result.converted == sorted(stored)
+
+
+def test_a_correct_file_loads_bit_exactly_without_warnings(good_file):
+    good, model = good_file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rebuilt = load_model(good, attention="reference").eval()
+    assert rebuilt.class_names == ["a", "b", "c"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
+def test_stem_kernel_of_the_wrong_rank_is_a_shape_error(tmp_path, good_file):
+    good, model = good_file
+    path = _variant(good, tmp_path / "flat.safetensors", state={"stem.conv1.weight": torch.ones(9)})
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(path))}: 1 tensor shape\(s\) do not fit"
+    ):
+        load_checkpoint(model, path)

@@ -10,6 +10,16 @@ Two kinds of files:
   default): a file that needs any other Python object is refused, never unpickled.
 * our safetensors files: the state dict in our names plus metadata (model name, config,
   number of classes, optional class names), so :func:`load_model` can rebuild the model.
+
+Files are untrusted input. Whatever is wrong with one (a damaged file, a foreign layout, a
+hostile pickle or header) is reported as one :class:`CheckpointError` naming the file:
+
+* Tensor dtypes: a tensor must be of the same kind as the model's (floating point, integer,
+  bool, complex); integer data in a float parameter is refused, since casting it would load
+  a silently wrong model. Another floating-point precision (float16, bfloat16, float64, ...)
+  is converted to the model's and reported: a :class:`CheckpointWarning` per source dtype
+  names the file, the dtype, the number of tensors and whether the values survived exactly,
+  and :attr:`LoadResult.converted` lists the tensors.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import argparse
 import json
 import pickle
 import re
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +49,7 @@ from .model import PPMA
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWarning",
     "LoadResult",
     "adapt_input_channels",
     "load_checkpoint",
@@ -63,6 +76,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, unsafe, or does not fit the model."""
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint was loaded, but not exactly as stored (e.g. its float precision changed)."""
+
+
 @dataclass
 class LoadResult:
     """What :func:`load_checkpoint` did. Key names are ours."""
@@ -75,6 +92,7 @@ class LoadResult:
     dropped: list[str] = field(default_factory=list)  #: in the file, deliberately not loaded
     kept_init: list[str] = field(default_factory=list)  #: in the model, deliberately not loaded
     adapted: list[str] = field(default_factory=list)  #: loaded after adapt_input_channels
+    converted: list[str] = field(default_factory=list)  #: float tensors cast to the model's dtype
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -240,6 +258,82 @@ def read_checkpoint(
 
 
 # --------------------------------------------------------------------------------- loading
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
+
+
+def _check_dtypes(
+    state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], result: LoadResult
+) -> None:
+    """Refuse tensors of another kind than the model's; warn about float precision changes.
+
+    ``load_state_dict`` would cast integer data into a float parameter without a word, and
+    the model would run with wrong weights; no genuine checkpoint stores weights that way.
+    A float tensor of another precision is cast too, but that is a property of the file
+    (half-precision exports) rather than damage, so it is loaded and reported.
+    """
+    common = [k for k in state if k in own]
+    wrong = [
+        f"{k} ({state[k].dtype}, model {own[k].dtype})"
+        for k in common
+        if _dtype_kind(state[k].dtype) != _dtype_kind(own[k].dtype)
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{result.path}: {len(wrong)} tensor(s) hold data of another kind than the model's "
+            "(integer or bool data where the model has floating-point weights, or the "
+            "reverse); the file is damaged or not a PPMA checkpoint: " + ", ".join(wrong[:8])
+        )
+    cast = sorted(
+        k for k in common if state[k].is_floating_point() and state[k].dtype != own[k].dtype
+    )
+    result.converted += cast
+    for (src, dst), n in sorted(
+        Counter((state[k].dtype, own[k].dtype) for k in cast).items(), key=str
+    ):
+        exact = torch.promote_types(src, dst) == dst
+        warnings.warn(
+            f"{result.path}: {n} tensor(s) stored as {src} were converted to the model's {dst} "
+            f"({'exactly' if exact else 'with rounding'})",
+            CheckpointWarning,
+            stacklevel=4,  # the caller of load_checkpoint
+        )
+
+
+def _check_fit(
+    model: PPMA,
+    state: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    result: LoadResult,
+    strict: bool,
+) -> None:
+    """Raise unless every file tensor fits its model tensor (and, if strict, keys match)."""
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"{result.path}: {len(mismatched)} tensor shape(s) do not fit the model "
+            f"{model.name or ''}: " + "; ".join(mismatched[:8])
+        )
+    result.missing = sorted(set(own) - set(state) - set(result.kept_init))
+    result.unexpected = sorted(set(state) - set(own))
+    if strict and (result.missing or result.unexpected):
+        raise CheckpointError(
+            f"{result.path} does not match the model {model.name or ''}: "
+            f"{len(result.missing)} missing key(s) {result.missing[:8]}, "
+            f"{len(result.unexpected)} unexpected key(s) {result.unexpected[:8]} "
+            "(pass strict=False to load the matching part)"
+        )
+    _check_dtypes(state, own, result)
+
+
 def load_checkpoint(
     model: PPMA,
     path: str | Path,
@@ -262,7 +356,9 @@ def load_checkpoint(
       and the model's fresh final layer is kept (fine-tuning);
     * any other missing or unexpected key raises :class:`CheckpointError` unless
       ``strict=False``; a shape mismatch always raises, except a one-channel stem kernel
-      loaded into a model with more input channels (:func:`adapt_input_channels`).
+      loaded into a model with more input channels (:func:`adapt_input_channels`);
+    * integer or bool data for a float tensor raises; float data of another precision is
+      converted with a :class:`CheckpointWarning` (see the module docstring).
     """
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
@@ -294,30 +390,14 @@ def load_checkpoint(
             result.kept_init += [k for k in fc_keys if k in own]
             state = {k: v for k, v in state.items() if k not in fc_keys}
 
-    stem = state.get(INPUT_CONV)
-    if stem is not None and INPUT_CONV in own and stem.shape[1] != own[INPUT_CONV].shape[1]:
-        state = {**state, INPUT_CONV: adapt_input_channels(stem, own[INPUT_CONV].shape[1])}
-        result.adapted.append(INPUT_CONV)
+    stem, own_stem = state.get(INPUT_CONV), own.get(INPUT_CONV)
+    # Only a 4-D kernel is a candidate; anything else is reported by the shape check.
+    if stem is not None and own_stem is not None and stem.ndim == own_stem.ndim == 4:
+        if stem.shape[1] != own_stem.shape[1] and _dtype_kind(stem.dtype) == "floating-point":
+            state = {**state, INPUT_CONV: adapt_input_channels(stem, own_stem.shape[1])}
+            result.adapted.append(INPUT_CONV)
 
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if mismatched:
-        raise CheckpointError(
-            f"{result.path}: {len(mismatched)} tensor shape(s) do not fit the model "
-            f"{model.name or ''}: " + "; ".join(mismatched[:8])
-        )
-    result.missing = sorted(set(own) - set(state) - set(result.kept_init))
-    result.unexpected = sorted(set(state) - set(own))
-    if strict and (result.missing or result.unexpected):
-        raise CheckpointError(
-            f"{result.path} does not match the model {model.name or ''}: "
-            f"{len(result.missing)} missing key(s) {result.missing[:8]}, "
-            f"{len(result.unexpected)} unexpected key(s) {result.unexpected[:8]} "
-            "(pass strict=False to load the matching part)"
-        )
+    _check_fit(model, state, own, result, strict)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return result
 
