@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ppma_models import create_model, load_checkpoint, load_model, save_safetensors
+from ppma_models import PPMAConfig, create_model, load_checkpoint, load_model, save_safetensors
+from ppma_models import checkpoint as ckpt
 from ppma_models.checkpoint import CheckpointError, CheckpointWarning
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -167,3 +168,86 @@ def test_stem_kernel_of_the_wrong_rank_is_a_shape_error(tmp_path, good_file):
         CheckpointError, match=rf"{re.escape(str(path))}: 1 tensor shape\(s\) do not fit"
     ):
         load_checkpoint(model, path)
+
+
+# ---------------------------------------------------------------------------- metadata
+@pytest.mark.parametrize(
+    ("dims", "message"),
+    [
+        ([100000] * 4, r"config is not usable: outside the limits \(dims, head_hidden <= 65536"),
+        ([60000] * 4, r"\d+ shape\(s\) differ: stem\.conv1\.weight is \(16, 3, 3, 3\) in the file"),
+    ],
+)
+def test_huge_config_in_metadata_is_refused_before_allocating(
+    tmp_path, good_file, monkeypatch, dims, message
+):
+    good, _ = good_file
+    path = _variant(good, tmp_path / "huge.safetensors", config=_config(good, dims=dims))
+    real_ppma = ckpt.PPMA
+    devices = []
+
+    def guarded(config: PPMAConfig, **kwargs: object):
+        # Stops the test before ~90 GB are requested if the metadata is trusted.
+        devices.append(torch.get_default_device().type)
+        if devices[-1] != "meta" and max(config.dims) > 10_000:
+            raise AssertionError("the model described by the metadata was allocated")
+        return real_ppma(config, **kwargs)
+
+    monkeypatch.setattr(ckpt, "PPMA", guarded)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: .*{message}"):
+        load_model(path, attention="reference")
+    assert set(devices) <= {"meta"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"config": None}, r"metadata lacks \['config'\]"),
+        ({"num_classes": None}, r"metadata lacks \['num_classes'\]"),
+        ({"format_version": "2"}, r"format_version '2' is not readable"),
+        ({"config": '{"dims": [32, 64'}, r"metadata 'config' is not valid JSON"),
+        ({"num_classes": "ten"}, r"metadata 'num_classes' is not valid JSON"),
+        ({"num_classes": '"3"'}, r"invalid metadata value\(s\): num_classes='3'"),
+        ({"num_classes": "-1"}, r"invalid metadata value\(s\): num_classes=-1"),
+        ({"features_only": '"no"'}, r"invalid metadata value\(s\): features_only='no'"),
+        ({"out_indices": '"0123"'}, r"invalid metadata value\(s\): out_indices='0123'"),
+        ({"class_names": "[1, 2, 3]"}, r"invalid metadata value\(s\): class_names=\[1, 2, 3\]"),
+        ({"class_names": '["a"]'}, r"1 class names for 3 classes"),
+        ({"features_only": "true", "out_indices": "[0, 9]"}, r"describes no valid model"),
+        ({"config": "[32, 64]"}, r"config is not usable: expected a JSON object"),
+        ({"config": {"dims": ["a", "b", "c", "d"]}}, r"dims must be a list of integers"),
+        ({"config": {"dims": None}}, r"missing field\(s\) \['dims'\]"),
+        ({"config": {"width": 3}}, r"unknown field\(s\) \['width'\]"),
+        ({"config": {"head_hidden": 1.5}}, r"head_hidden must be an integer"),
+        ({"config": {"layer_scale": [0, 0, 0, 0]}}, r"layer_scale must be a list of booleans"),
+        ({"config": {"drop_path_rate": float("nan")}}, r"drop_path_rate must be a number"),
+        ({"config": {"heads": [3, 3, 3, 3]}}, r"heads\[0\]=3 must divide dims\[0\]=32"),
+        ({"config": {"depths": [1000] * 4}}, r"outside the limits \(at most 512 blocks"),
+        ({"config": {"dims": []}}, r"outside the limits \(1 to 8 stages"),
+        ({"config": {"mlp_ratios": [-3, 3, 3, 3]}}, r"outside the limits \(0 < mlp_ratios <= 64"),
+    ],
+)
+def test_bad_metadata_is_one_error_naming_the_file(tmp_path, good_file, change, message):
+    good, _ = good_file
+    change = {
+        k: _config(good, **v) if isinstance(v, dict) else v for k, v in change.items()
+    }  # {"config": {...}} changes fields of the good config
+    path = _variant(good, tmp_path / "bad.safetensors", **change)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_model(path, attention="reference")
+    assert str(path) in str(caught.value)
+
+
+def test_config_checks_cover_every_config_field():
+    assert set(ckpt._CONFIG_FIELDS) == {f.name for f in dataclasses.fields(PPMAConfig)}
+
+
+def test_authors_file_with_foreign_rotary_angles_is_refused_by_load_model(tmp_path):
+    path = tmp_path / "angles.pth"
+    state = {"layers.0.Relpos.angle": torch.zeros(16), "patch_embed.proj.0.weight": torch.ones(1)}
+    args = argparse.Namespace(model="PPMAViT_T")
+    torch.save({"model": state, "model_ema": state, "args": args}, path)
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(path))} does not fit ppma_tiny: .*rotary"
+    ):
+        load_model(path)

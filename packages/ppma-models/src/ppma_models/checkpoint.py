@@ -14,6 +14,10 @@ Two kinds of files:
 Files are untrusted input. Whatever is wrong with one (a damaged file, a foreign layout, a
 hostile pickle or header) is reported as one :class:`CheckpointError` naming the file:
 
+* :func:`load_model` reads a safetensors file's metadata and tensor shapes from its header,
+  checks the metadata's types and :data:`CONFIG_LIMITS`, builds the described model on the
+  ``meta`` device, and compares every shape with the header before anything is allocated; so
+  a header describing a huge model cannot make it allocate more than the file holds.
 * Tensor dtypes: a tensor must be of the same kind as the model's (floating point, integer,
   bool, complex); integer data in a float parameter is refused, since casting it would load
   a silently wrong model. Another floating-point precision (float16, bfloat16, float64, ...)
@@ -26,11 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pickle
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +53,7 @@ from .convert import (
 from .model import PPMA
 
 __all__ = [
+    "CONFIG_LIMITS",
     "CheckpointError",
     "CheckpointWarning",
     "LoadResult",
@@ -64,6 +70,17 @@ DEFAULT_ALLOWED_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 #: metadata["format"] of the safetensors files we write.
 SAFETENSORS_FORMAT = "ppma_models"
 WEIGHT_CHOICES = ("auto", "model_ema", "model")
+#: Bounds on the architecture a safetensors file's metadata may describe. The shapes it implies
+#: are compared with the file's header anyway; these bounds keep that comparison (a model built
+#: on the meta device, a few modules per block) quick, and refuse values no PPMA model uses.
+CONFIG_LIMITS: dict[str, int] = {
+    "stages": 8,
+    "blocks": 512,  # sum(depths)
+    "width": 1 << 16,  # each of dims and head_hidden
+    "in_chans": 1024,
+    "mlp_ratio": 64,
+    "classes": 1 << 20,
+}
 # Upstream classification model names (args.model) → our registry names.
 UPSTREAM_MODEL_NAMES = {
     "PPMAViT_T": "ppma_tiny",
@@ -440,6 +457,224 @@ def save_upstream(model: PPMA, path: str | Path) -> None:
     torch.save({"model": convert_to_upstream(model.state_dict())}, path)
 
 
+# ------------------------------------------------------------------------------ rebuilding
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# PPMAConfig field -> (check of one value, per-stage list?, what is expected). JSON gives no
+# types, so each is checked before PPMAConfig does arithmetic with it.
+_CONFIG_FIELDS: dict[str, tuple[Callable[[object], bool], bool, str]] = {
+    "dims": (_is_int, True, "a list of integers"),
+    "depths": (_is_int, True, "a list of integers"),
+    "heads": (_is_int, True, "a list of integers"),
+    "mlp_ratios": (_is_real, True, "a list of numbers"),
+    "attention_kinds": (lambda v: isinstance(v, str), True, "a list of strings"),
+    "layer_scale": (lambda v: isinstance(v, bool), True, "a list of booleans"),
+    "drop_path_rate": (_is_real, False, "a number"),
+    "layer_scale_init": (_is_real, False, "a number"),
+    "head_hidden": (_is_int, False, "an integer"),
+    "in_chans": (_is_int, False, "an integer"),
+}
+_REQUIRED_CONFIG = ("dims", "depths", "heads", "mlp_ratios", "attention_kinds")
+_REQUIRED_METADATA = ("format_version", "config", "num_classes", "features_only", "out_indices")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _config_problem(data: object) -> str | None:
+    """What makes a metadata config unusable (types, :data:`CONFIG_LIMITS`), or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {_short(data)}"
+    unknown = sorted(set(data) - set(_CONFIG_FIELDS))
+    missing = [k for k in _REQUIRED_CONFIG if k not in data]
+    if unknown or missing:
+        return f"unknown field(s) {unknown}, missing field(s) {missing}"
+    for name, value in data.items():
+        check, per_stage, expected = _CONFIG_FIELDS[name]
+        ok = isinstance(value, list) and all(map(check, value)) if per_stage else check(value)
+        if not ok:
+            return f"{name} must be {expected}, got {_short(value)}"
+    lim = CONFIG_LIMITS
+    widths = [*data["dims"], data.get("head_hidden", 1)]
+    bounds = [
+        (1 <= len(data["dims"]) <= lim["stages"], f"1 to {lim['stages']} stages"),
+        (min(data["depths"], default=0) >= 0, "depths >= 0"),
+        (sum(data["depths"]) <= lim["blocks"], f"at most {lim['blocks']} blocks in all"),
+        (all(1 <= w <= lim["width"] for w in widths), f"dims, head_hidden <= {lim['width']}"),
+        (1 <= data.get("in_chans", 3) <= lim["in_chans"], f"in_chans <= {lim['in_chans']}"),
+        (
+            all(0 < r <= lim["mlp_ratio"] for r in data["mlp_ratios"]),
+            f"0 < mlp_ratios <= {lim['mlp_ratio']}",
+        ),
+    ]
+    broken = [rule for ok, rule in bounds if not ok]
+    return f"outside the limits ({'; '.join(broken)})" if broken else None
+
+
+@dataclass(frozen=True)
+class _StoredModel:
+    """The model a safetensors file's metadata describes."""
+
+    config: PPMAConfig
+    num_classes: int
+    features_only: bool
+    out_indices: tuple[int, ...]
+    name: str | None
+    class_names: list[str] | None
+
+    def build(self, attention: str) -> PPMA:
+        return PPMA(
+            self.config,
+            num_classes=self.num_classes,
+            features_only=self.features_only,
+            out_indices=self.out_indices,
+            attention=attention,
+            name=self.name,
+        )
+
+
+def _metadata_json(path: str, meta: Mapping[str, str], key: str) -> object:
+    try:
+        return json.loads(meta[key])
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
+
+
+def _stored_config(path: str, meta: Mapping[str, str]) -> PPMAConfig:
+    data = _metadata_json(path, meta, "config")
+    problem = _config_problem(data)
+    if problem is None:
+        try:
+            return PPMAConfig.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            problem = str(exc)
+    raise CheckpointError(f"{path}: the metadata's config is not usable: {problem}")
+
+
+def _stored_model(path: str, meta: Mapping[str, str]) -> _StoredModel:
+    """Parse and check the metadata written by :func:`save_safetensors`."""
+    if meta.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(
+            f"{path}: safetensors file without ppma_models metadata; build the model "
+            "with create_model(...) and use load_checkpoint instead"
+        )
+    missing = [k for k in _REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: the ppma_models metadata lacks {missing}")
+    if meta["format_version"] != "1":
+        raise CheckpointError(
+            f"{path}: format_version {_short(meta['format_version'])} is not readable here "
+            "(this version of ppma_models reads '1')"
+        )
+    config = _stored_config(path, meta)
+    values = {k: _metadata_json(path, meta, k) for k in _REQUIRED_METADATA[2:]}
+    names = _metadata_json(path, meta, "class_names") if "class_names" in meta else None
+    checks = {
+        "num_classes": _is_int(values["num_classes"])
+        and 0 <= values["num_classes"] <= CONFIG_LIMITS["classes"],
+        "features_only": isinstance(values["features_only"], bool),
+        "out_indices": isinstance(values["out_indices"], list)
+        and all(map(_is_int, values["out_indices"])),
+        "class_names": names is None
+        or (isinstance(names, list) and all(isinstance(n, str) for n in names)),
+    }
+    shown = {**values, "class_names": names}
+    bad = [f"{k}={_short(shown[k])}" for k, ok in checks.items() if not ok]
+    if bad:
+        raise CheckpointError(f"{path}: invalid metadata value(s): {', '.join(bad)}")
+    if names is not None and not values["features_only"] and len(names) != values["num_classes"]:
+        raise CheckpointError(
+            f"{path}: the metadata lists {len(names)} class names for "
+            f"{values['num_classes']} classes"
+        )
+    return _StoredModel(
+        config,
+        values["num_classes"],
+        values["features_only"],
+        tuple(values["out_indices"]),
+        meta.get("model_name") or None,
+        names,
+    )
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Each tensor's shape and the metadata, read from the header without loading any data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return shapes, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: {exc}") from exc
+
+
+def _check_header(path: str, stored: _StoredModel, header: Mapping[str, tuple[int, ...]]) -> None:
+    """Compare the file's tensors with those of the model its metadata describes.
+
+    The model is built on the meta device: parameters get shapes but no memory, so a config
+    describing a model far larger than the file costs nothing before it is refused.
+    """
+    try:
+        with torch.device("meta"):
+            # "reference": this model never runs, so no warning about missing native ops.
+            expected = {
+                k: tuple(v.shape) for k, v in stored.build("reference").state_dict().items()
+            }
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: the metadata describes no valid model: {exc}") from None
+    wrong = [
+        f"{k} is {header[k]} in the file, {expected[k]} by the metadata"
+        for k in expected
+        if header.get(k, expected[k]) != expected[k]
+    ]
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    problems = [
+        f"{len(found)} {what}: {', '.join(found[:4])}{', ...' if len(found) > 4 else ''}"
+        for what, found in (
+            ("shape(s) differ", wrong),
+            ("tensor(s) missing", missing),
+            ("unexpected tensor(s)", unexpected),
+        )
+        if found
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path}: the tensors do not match the model its metadata describes; "
+            + "; ".join(problems)
+        )
+
+
+def _upstream_model(
+    path: str, state: Mapping[str, torch.Tensor], upstream_name: str | None, attention: str
+) -> PPMA:
+    """The registered model an authors' classification file names in ``args.model``."""
+    from .registry import create_model
+
+    name = UPSTREAM_MODEL_NAMES.get(upstream_name or "")
+    if name is None:
+        raise CheckpointError(
+            f"{path}: cannot tell which model this is (args.model = {upstream_name!r}); "
+            "use create_model(name, pretrained=path)"
+        )
+    try:
+        converted = convert_from_upstream(state) if is_upstream_state_dict(state) else state
+    except AngleMismatchError as exc:
+        raise CheckpointError(f"{path} does not fit {name}: {exc}") from exc
+    fc = converted.get("head.fc.weight")
+    if fc is not None and fc.ndim != 2:
+        raise CheckpointError(f"{path}: head.fc.weight has shape {tuple(fc.shape)}, not 2-D")
+    num_classes = fc.shape[0] if fc is not None else 0
+    return create_model(name, num_classes=num_classes, pretrained=path, attention=attention)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -450,37 +685,18 @@ def load_model(
 
     Works for our safetensors files (config in the metadata; ``model.class_names`` is set
     when saved) and for the authors' classification checkpoints whose ``args.model`` names
-    PPMAViT_T/S/B.
+    PPMAViT_T/S/B. A safetensors file's metadata and shapes are checked against each other
+    before the model is built (see the module docstring).
     """
-    state, result = read_checkpoint(path, allowed_globals=allowed_globals)
-    if result.kind == "safetensors":
-        meta = result.metadata
-        if meta.get("format") != SAFETENSORS_FORMAT:
-            raise CheckpointError(
-                f"{result.path}: safetensors file without ppma_models metadata; build the model "
-                "with create_model(...) and use load_checkpoint instead"
-            )
-        config = PPMAConfig.from_dict(json.loads(meta["config"]))
-        model = PPMA(
-            config,
-            num_classes=int(meta["num_classes"]),
-            features_only=json.loads(meta["features_only"]),
-            out_indices=json.loads(meta["out_indices"]),
-            attention=attention,
-            name=meta.get("model_name") or None,
-        )
+    path = Path(path)
+    if _file_format(path) == "safetensors":
+        header, meta = _safetensors_header(path)
+        stored = _stored_model(str(path), meta)
+        _check_header(str(path), stored, header)
+        model = stored.build(attention)
         load_checkpoint(model, path)
-        if "class_names" in meta:
-            model.class_names = json.loads(meta["class_names"])
+        if stored.class_names is not None:
+            model.class_names = stored.class_names
         return model
-    from .registry import create_model
-
-    name = UPSTREAM_MODEL_NAMES.get(result.metadata.get("upstream_model", ""))
-    if name is None:
-        raise CheckpointError(
-            f"{result.path}: cannot tell which model this is (args.model = "
-            f"{result.metadata.get('upstream_model')!r}); use create_model(name, pretrained=path)"
-        )
-    converted = convert_from_upstream(state) if is_upstream_state_dict(state) else state
-    num_classes = converted["head.fc.weight"].shape[0] if "head.fc.weight" in converted else 0
-    return create_model(name, num_classes=num_classes, pretrained=path, attention=attention)
+    state, result = read_checkpoint(path, allowed_globals=allowed_globals)
+    return _upstream_model(result.path, state, result.metadata.get("upstream_model"), attention)
