@@ -38,6 +38,7 @@ def _make_split(root: Path, prefix: str, n: int, *, gz: bool = True) -> tuple[np
     return images, labels
 
 
+@pytest.mark.fashion_mnist
 def test_real_files_have_expected_shapes_and_balanced_classes():
     images, labels = load_fashion_mnist("test")
     assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8

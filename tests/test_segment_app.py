@@ -47,6 +47,7 @@ def trained_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_train_writes_checkpoints_metrics_and_curves(trained_run):
     for name in ("last.pt", "best.pt", "last.safetensors", "best.safetensors", "curves.png"):
         assert (trained_run / name).is_file(), name
@@ -57,6 +58,7 @@ def test_train_writes_checkpoints_metrics_and_curves(trained_run):
     assert summary["val_miou"] == records[-1]["val_miou"]
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_eval_reproduces_the_training_evaluation(trained_run, tmp_path, capsys):
     assert main(["eval", str(trained_run / "last.safetensors"), "--val-scenes", "6",
                  "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
@@ -68,6 +70,7 @@ def test_eval_reproduces_the_training_evaluation(trained_run, tmp_path, capsys):
     assert "mIoU" in out and "Sneaker" in out
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_eval_with_test_time_augmentation_is_recorded_and_differs_from_plain(trained_run, tmp_path):
     assert main(["eval", str(trained_run), "--val-scenes", "6", "--flip", "--scales", "0.75", "1",
                  "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
@@ -77,6 +80,7 @@ def test_eval_with_test_time_augmentation_is_recorded_and_differs_from_plain(tra
     assert report["loss"] != pytest.approx(_records(trained_run)[-1]["val_loss"], abs=1e-9)
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_eval_sliding_window_on_larger_scenes(trained_run, tmp_path):
     assert main(["eval", str(trained_run), "--canvas", "48", "--val-scenes", "2", "--mode",
                  "slide", "--out", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
@@ -85,6 +89,7 @@ def test_eval_sliding_window_on_larger_scenes(trained_run, tmp_path):
     assert report["data"]["canvas"] == 48
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_predict_writes_masks_equal_to_the_model_argmax(trained_run, tmp_path):
     images = tmp_path / "in"
     images.mkdir()
@@ -108,6 +113,7 @@ def test_predict_writes_masks_equal_to_the_model_argmax(trained_run, tmp_path):
     assert legend[0]["name"] == "background" and len(legend) == spec.num_classes
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_resume_continues_exactly(trained_run, tmp_path):
     straight, split = trained_run, tmp_path / "split"  # straight: the same 2 epochs, in one go
     _train(split, "--epochs", "2", "--stop-after-epochs", "1")
@@ -205,6 +211,7 @@ def test_bad_folder_is_reported_with_every_problem(tmp_path, capsys):
     assert "2 problem(s)" in err and "im0.jpg: no mask" in err and "im1.jpg: cannot decode" in err
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_bad_arguments_and_files_give_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", *SCENES, "--out", str(tmp_path), "--batch-size", "0"])
@@ -241,6 +248,7 @@ def test_bad_arguments_and_files_give_clear_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.fashion_mnist
 def test_torchrun_two_processes_match_a_single_process_evaluation(tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -266,6 +274,7 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(tmp_path):
     assert report["miou"] == pytest.approx(record["val_miou"], abs=1e-9)
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_bf16_autocast_training(tmp_path):
     run = tmp_path / "amp"
     _train(run, "--epochs", "1", "--amp", "--attention", "reference")
@@ -282,6 +291,7 @@ THREE_STAGES = [
 ]  # fmt: skip
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_model_args_shape_the_backbone_and_travel_with_the_checkpoint(tmp_path):
     run = tmp_path / "three"
     head = ["--head-dropout", "0.25", "--fuse-kernel", "1"]
@@ -297,6 +307,7 @@ def test_model_args_shape_the_backbone_and_travel_with_the_checkpoint(tmp_path):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 11, 32, 32)
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_bad_model_arg_stops_before_training(tmp_path, capsys):
     run = tmp_path / "bad"
     for bad, message in (("no_such_field=3", "unknown PPMAConfig field"), ("dims", "KEY=VALUE")):
@@ -308,6 +319,7 @@ def test_bad_model_arg_stops_before_training(tmp_path, capsys):
     assert not (run / "last.pt").exists()
 
 
+@pytest.mark.fashion_mnist  # built-in scenes paste Fashion-MNIST items
 def test_greyscale_classifier_weights_initialise_the_backbone(tmp_path):
     # The segment_demo recipe pretrains its backbone with apps.classify on Fashion-MNIST (one
     # input channel) and trains on RGB scenes: the loader spreads the stem over three channels.
