@@ -156,7 +156,7 @@ FASHION_MNIST_HINT = "sudo apt-get install dataset-fashion-mnist"
 def ensure_fashion_mnist(session: nox.Session, *, required: bool) -> bool:
     """Install the Debian package with the Fashion-MNIST IDX files when it is missing and we
     can (root with apt). Returns whether it is there; errors when ``required`` and it is not."""
-    if os.path.isdir(FASHION_MNIST_DIR):
+    if any(os.path.isfile(f"{FASHION_MNIST_DIR}/t10k-images-idx3-ubyte{x}") for x in ("", ".gz")):
         return True
     if os.geteuid() == 0 and shutil.which("apt-get") is not None:
         session.run("apt-get", "update", "-qq", external=True)
