@@ -29,14 +29,16 @@ One concept per module; an app combines them::
                       meta={...plain JSON-able description of model/data...},
                       export_weights=fn)            # optional: (module, path, meta) -> None,
                                                    # default safetensors + JSON meta
-    if resume: trainer.resume(run_dir / "last.pt")
-    trainer.fit()                                  # per epoch: last.pt, last.safetensors,
-                                                   # best.pt/.safetensors, metrics.jsonl, curves.png
+    if resume: trainer.resume(run_dir / "last.pt")  # also repairs what a kill cut short
+    trainer.fit()                                  # per epoch, in this order: metrics.jsonl,
+                                                   # best.safetensors/.pt, last.safetensors/.pt,
+                                                   # curves.png
     ctx.shutdown()
 
 Modules:
   seeding      seed_everything, seed_for(seed, *parts), capture/restore_rng_state (tensors only)
-  checkpoint   atomic_write, atomic_path (for writers that take a file name),
+  checkpoint   atomic_write, atomic_path (for writers that take a file name; both give
+               the umask's file mode), remove_stale_temp_files (left by killed writers),
                save/load_training_state (weights_only=True), save/load_weights
                (safetensors + JSON meta), CheckpointError
   distributed  init_distributed -> DistributedContext(rank, world_size, device, reduce_sums,
@@ -44,22 +46,31 @@ Modules:
   schedule     WarmupSchedule / lr_factor: linear warmup + cosine | poly | constant;
                warmup_steps: a warm-up in epochs, capped to a fraction of the run
   batching     default_batch_size (several steps per epoch), plan_epoch (every image seen,
-               no batch of one)
+               no batch of one), batch_length / unreadable_in_batch (batches that lost files)
   ema          ModelEMA(model, decay) with decay warm-up
   optimizer    build_adamw / weight_decay_groups
   progress     progress_bar (tqdm on stderr, main rank, auto-off when not a tty), console
-  metrics_log  MetricsLog: metrics.jsonl, append-only, de-duplicated per epoch on read
+  metrics_log  MetricsLog: metrics.jsonl, append-only, de-duplicated per epoch on read,
+               roll_back to the epoch a run resumes from
   plots        plot_curves, plot_confusion_matrix (Agg, atomic PNG writes)
-  trainer      Trainer / TrainerConfig: the epoch loop
+  trainer      Trainer / TrainerConfig: the epoch loop; a kill at any moment loses nothing
+               that resume cannot redo, and batches shrunk by unreadable files are skipped
 """
 
-from apps.engine.batching import EpochPlan, default_batch_size, plan_epoch
+from apps.engine.batching import (
+    EpochPlan,
+    batch_length,
+    default_batch_size,
+    plan_epoch,
+    unreadable_in_batch,
+)
 from apps.engine.checkpoint import (
     CheckpointError,
     atomic_path,
     atomic_write,
     load_training_state,
     load_weights,
+    remove_stale_temp_files,
     save_training_state,
     save_weights,
 )
@@ -92,6 +103,7 @@ __all__ = [
     "WarmupSchedule",
     "atomic_path",
     "atomic_write",
+    "batch_length",
     "build_adamw",
     "capture_rng_state",
     "console",
@@ -105,11 +117,13 @@ __all__ = [
     "plot_curves",
     "progress_bar",
     "progress_enabled",
+    "remove_stale_temp_files",
     "restore_rng_state",
     "save_training_state",
     "save_weights",
     "seed_everything",
     "seed_for",
+    "unreadable_in_batch",
     "unwrap_model",
     "warmup_steps",
     "weight_decay_groups",

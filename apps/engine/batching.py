@@ -6,14 +6,33 @@ The last batch of an epoch is kept even when it is short -- except when it would
 single image, which BatchNorm cannot normalise (a 1x1 feature map of one image has one
 value per channel), so that one image is left out of the epoch (a different one each time,
 as the sampler reshuffles).
+
+A batch can still shrink below its plan when files fail to load and the collate function
+drops them; :func:`batch_length`, :func:`planned_batch_size` and :func:`unreadable_in_batch`
+let the training loop notice a batch of one and name the files that were lost.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["EpochPlan", "default_batch_size", "plan_epoch"]
+import torch
+from torch.utils.data import SequentialSampler, Subset
+
+from apps.engine.seeding import capture_rng_state, restore_rng_state
+
+__all__ = [
+    "EpochPlan",
+    "batch_length",
+    "default_batch_size",
+    "plan_epoch",
+    "planned_batch_size",
+    "unreadable_in_batch",
+]
 
 
 def default_batch_size(n_images: int, cap: int = 128, min_steps: int = 4) -> int:
@@ -57,3 +76,68 @@ def plan_epoch(n_images: int, batch_size: int, world_size: int = 1) -> EpochPlan
     drop_last = rest == 1 and per_process > 1
     steps = full + (1 if rest and not drop_last else 0)
     return EpochPlan(per_process, batch_size, drop_last, steps)
+
+
+def batch_length(batch: Any) -> int | None:
+    """Samples in a collated batch: the first dimension of its first tensor (searching
+    tuples, lists and dict values in order); None when it holds no batched tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else None
+    if isinstance(batch, Mapping):
+        items = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = list(batch)
+    else:
+        return None
+    for item in items:
+        length = batch_length(item)
+        if length is not None:
+            return length
+    return None
+
+
+def planned_batch_size(loader: Any) -> int | None:
+    """The batch size a loader was built with (None when it does not say)."""
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return size
+
+
+def _sample_name(dataset: Any, index: int) -> str:
+    """A file name for sample ``index`` when the dataset lists ``samples`` (path first)."""
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    try:
+        entry = dataset.samples[index]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return f"sample {index}"
+    return str(entry[0] if isinstance(entry, (tuple, list)) else entry)
+
+
+def unreadable_in_batch(loader: Any, position: int) -> list[str] | None:
+    """The samples of this epoch's batch number ``position`` that fail to load.
+
+    The loader cannot say which samples its collate function dropped, so the batch's indices
+    are replayed from the sampler -- possible only when the order is fixed by the epoch
+    (a sampler with ``set_epoch``, or a sequential one) -- and each sample is loaded again.
+    Global generators are restored afterwards, so training stays reproducible. Returns None
+    when the batch cannot be replayed. Costly; meant for the rare damaged batch.
+    """
+    sampler = getattr(loader, "sampler", None)
+    batches, dataset = getattr(loader, "batch_sampler", None), getattr(loader, "dataset", None)
+    if batches is None or dataset is None:
+        return None
+    if not (hasattr(sampler, "set_epoch") or isinstance(sampler, SequentialSampler)):
+        return None
+    indices = next(itertools.islice(iter(batches), position, None), None)
+    if indices is None:
+        return None
+    state = capture_rng_state()
+    try:
+        failed = [index for index in indices if dataset[index] is None]
+    except Exception:  # a dataset that raises instead of yielding None: nothing to name
+        return None
+    finally:
+        restore_rng_state(state)
+    return [_sample_name(dataset, index) for index in failed]

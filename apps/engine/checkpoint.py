@@ -7,7 +7,9 @@ Two formats, chosen for what each file is for:
   reads it with ``torch.load(weights_only=True)`` -- no pickled objects, no code execution.
   Keys written by :class:`apps.engine.trainer.Trainer`: ``format``, ``model``, ``ema``,
   ``optimizer``, ``schedule``, ``epoch`` (epochs completed), ``step``, ``best_metric``,
-  ``rng``, ``meta`` (the app's plain-dict description of the model and data).
+  ``rng``, ``meta`` (the app's plain-dict description of the model and data), and since the
+  run directory is kept consistent across kills ``best_epoch`` and ``record`` (the metrics.jsonl
+  record of the epoch the state ends; older files lack both).
 - **Weights** (``best.safetensors``, ``last.safetensors``): the state dict used for inference
   (EMA weights when EMA is on) with a JSON ``meta`` string in the safetensors metadata.
 
@@ -35,11 +37,14 @@ __all__ = [
     "atomic_write",
     "load_training_state",
     "load_weights",
+    "new_file_mode",
+    "remove_stale_temp_files",
     "save_training_state",
     "save_weights",
 ]
 
 TRAINING_STATE_FORMAT = "ppma-training-state/1"
+TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(ValueError):
@@ -59,15 +64,46 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask."""
+    try:  # Linux reports the umask without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        # Elsewhere it can only be read by setting it (briefly, for all threads).
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new temporary file next to ``path`` (same filesystem, so the rename is atomic),
+    with the mode of an ordinary new file rather than mkstemp's owner-only 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        os.fchmod(fd, new_file_mode())
+    except OSError:  # filesystems without permissions keep their own
+        pass
+    return fd, tmp_name
+
+
+def _discard(tmp_name: str) -> None:
+    try:
+        os.unlink(tmp_name)
+    except FileNotFoundError:
+        pass
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then atomically rename it.
 
     If ``write`` raises (or the process dies) the previous ``path`` is untouched; the
-    temporary file is removed on exceptions.
+    temporary file is removed on exceptions (after a kill it is left behind, and
+    :func:`remove_stale_temp_files` clears it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -75,10 +111,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+        _discard(tmp_name)
         raise
     _fsync_directory(path.parent)
     return path
@@ -90,8 +123,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     (e.g. ``safetensors.torch.save_file``); on success it is fsync-ed and renamed over
     ``path``, on an exception it is removed and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = _temp_file(path)
     os.close(fd)
     try:
         yield Path(tmp_name)
@@ -99,12 +131,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+        _discard(tmp_name)
         raise
     _fsync_directory(path.parent)
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``directory``.
+
+    Only names of the form this module creates (``.<name>.<random>.tmp``) are touched.
+    Call it while no other process writes to ``directory``. Returns the removed paths.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for candidate in sorted(directory.glob(f".*{TEMP_SUFFIX}")):
+        if candidate.is_file() and not candidate.is_symlink():
+            _discard(str(candidate))
+            removed.append(candidate)
+    return removed
 
 
 def save_training_state(state: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -17,11 +17,23 @@ step's), ``step``, timings and ``is_best``.
 Randomness of each epoch is re-derived from ``(seed, epoch, rank)`` and the data sampler's
 ``set_epoch``, and checkpoints are taken at epoch boundaries, so ``--resume`` reproduces an
 uninterrupted run exactly (same weights, given deterministic kernels).
+
+A process killed at any moment leaves a run directory that resume makes whole. Each epoch
+writes, in this order: its metrics.jsonl record, best.safetensors and best.pt (when the metric
+improved), last.safetensors and last.pt (when due). best.pt and last.pt are full training
+states, so the newer of the two is where the run stands; everything written before it exists
+complete. :meth:`Trainer.resume` starts from that state and rewrites whatever a kill left
+behind it or ahead of it: metrics.jsonl is cut back to the resumed epoch, last.* and best.*
+are rewritten from the states that hold them, and stale temporary files are removed.
+
+A batch that lost all its samples, or all but one, to unreadable files is skipped with a
+warning that names the files: BatchNorm cannot train on a batch of one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -31,10 +43,12 @@ from typing import Any, Literal
 
 import torch
 
+from apps.engine.batching import batch_length, planned_batch_size, unreadable_in_batch
 from apps.engine.checkpoint import (
     TRAINING_STATE_FORMAT,
     CheckpointError,
     load_training_state,
+    remove_stale_temp_files,
     save_training_state,
     save_weights,
 )
@@ -67,6 +81,16 @@ def export_safetensors(module: torch.nn.Module, path: Path, meta: Mapping[str, A
     save_weights(module.state_dict(), path, meta)
 
 
+def _weights_meta(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The meta exported with the weights of a training state: the app's meta + position."""
+    return {
+        **state["meta"],
+        "epoch": state["epoch"],
+        "step": state["step"],
+        "ema": state.get("ema") is not None,
+    }
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -74,7 +98,7 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainerConfig:
     """Loop settings. Files go to ``out_dir``: last.pt, best.pt, last/best.safetensors,
-    metrics.jsonl, curves.png."""
+    metrics.jsonl, curves.png (a fresh run removes those of an earlier run there)."""
 
     out_dir: Path
     epochs: int
@@ -92,7 +116,9 @@ class TrainerConfig:
     # last.pt / last.safetensors are rewritten when this many seconds have passed since they
     # were written, and after the last epoch of fit; 0 = after every epoch. Writing them costs
     # ~0.2 s, which can be half an epoch of a small data set; a crash loses at most this much
-    # training. best.* are written whenever the best metric improves.
+    # training. best.* are written whenever the best metric improves; best.pt is a full
+    # training state, so resume continues from it when it is newer than last.pt, and cuts
+    # metrics.jsonl back to the epoch it continues from.
     last_every_s: float = 0.0
     curve_panels: dict[str, list[str]] = field(
         default_factory=lambda: {
@@ -133,6 +159,8 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self.best_metric: float | None = None
+        self.best_epoch: int | None = None  # the epoch best.* hold
+        self._record: dict[str, Any] | None = None  # the latest epoch's metrics record
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.show_progress = progress_enabled(config.progress, self.ctx.is_main)
         self._curves_drawn_at: float | None = None
@@ -149,6 +177,8 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "record": self._record,
             "rng": capture_rng_state(),
             "meta": self.meta,
         }
@@ -166,15 +196,41 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best_metric = state["best_metric"]
+        self.best_epoch = state.get("best_epoch")  # absent from files of older versions
+        self._record = state.get("record")
         restore_rng_state(state["rng"])
 
     def resume(self, path: str | Path) -> None:
-        """Load a ``last.pt``/``best.pt`` written by this class; training continues after it."""
-        self.load_state_dict(load_training_state(path, map_location=self.ctx.device))
+        """Load a ``last.pt``/``best.pt`` written by this class; training continues after it.
+
+        For a ``last.pt``, a newer ``best.pt`` beside it wins: a kill between the two writes
+        of an epoch leaves best.pt ahead. The run directory is then repaired to agree with
+        the state loaded (see the module docstring), even when no epoch is left to train.
+        """
+        source, state, epochs = self._newest_state(Path(path))
+        self.load_state_dict(state)
+        if self.ctx.is_main:
+            self._repair_run_dir(source, state, epochs)
+        self.ctx.barrier()
         console(
-            f"resumed from {path}: {self.epoch} epoch(s), {self.step} step(s) done",
+            f"resumed from {source}: {self.epoch} epoch(s), {self.step} step(s) done",
             is_main=self.ctx.is_main,
         )
+
+    def _newest_state(self, path: Path) -> tuple[Path, dict[str, Any], dict[Path, int]]:
+        """``path``, or the ``best.pt`` next to a ``last.pt`` when that one is newer: the
+        file, its state, and the epoch of each file read (resolved path -> epoch)."""
+        candidates = [path]
+        if path.name == "last.pt":  # a kill in the first epoch's save can leave only best.pt
+            candidates.append(path.with_name("best.pt"))
+        # Nothing there: loading ``path`` raises the error that names it.
+        candidates = [c for c in candidates if c.is_file()] or [path]
+        found = []
+        for rank, candidate in enumerate(candidates):
+            state = load_training_state(candidate, map_location=self.ctx.device)
+            found.append((int(state["epoch"]), -rank, candidate, state))
+        _, _, source, state = max(found, key=lambda item: item[:2])  # ties: ``path``
+        return source, state, {c.resolve(): epoch for epoch, _, c, _ in found}
 
     def inference_module(self) -> torch.nn.Module:
         """The weights that are evaluated and exported: EMA when on, else the raw model."""
@@ -204,13 +260,8 @@ class Trainer:
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             enabled=self.show_progress,
         )
-        for batch in bar:
-            if batch is None:  # every sample of the batch failed to load (reported already)
-                if self.ctx.enabled:
-                    raise RuntimeError(
-                        "a whole batch failed to load; under torchrun every rank must take the "
-                        "same number of steps -- remove the unreadable files from the dataset"
-                    )
+        for position, batch in enumerate(bar):
+            if self._skip_batch(batch, position):
                 continue
             with self._autocast():
                 loss, batch_sums = self.train_step(self.train_model, batch, self.ctx.device)
@@ -249,6 +300,27 @@ class Trainer:
         record["samples_per_second"] = count / elapsed if elapsed > 0 else math.nan
         return record
 
+    def _skip_batch(self, batch: Any, position: int) -> bool:
+        """True for a batch the step must not see: ``None`` (no sample loaded) or one that
+        unreadable files shrank to a single sample, which BatchNorm cannot train on."""
+        planned = planned_batch_size(self.train_loader)
+        if batch is not None and (batch_length(batch) != 1 or not planned or planned < 2):
+            return False
+        names = unreadable_in_batch(self.train_loader, position)
+        if names:
+            files = "unreadable: " + ", ".join(names)
+        else:  # the loader cannot be replayed; the dataset's own warnings name the files
+            files = "unreadable files are named in the warnings above"
+        kept = "no sample" if batch is None else f"1 sample of {planned}"
+        where = f"epoch {self.epoch + 1}, batch {position + 1}: {kept} loaded ({files})"
+        if self.ctx.enabled:
+            raise RuntimeError(
+                f"{where}; under torchrun every rank must take the same number of steps -- "
+                "remove the unreadable files from the dataset"
+            )
+        console(f"warning: skipped the training step of {where}", is_main=True)
+        return True
+
     def _is_better(self, value: float) -> bool:
         if self.best_metric is None:
             return True
@@ -263,9 +335,8 @@ class Trainer:
         last = cfg.epochs
         if stop_after_epochs is not None:
             last = min(last, self.epoch + stop_after_epochs)
-        if self.epoch == 0 and self.ctx.is_main and self.metrics.path.exists():
-            # A fresh run in an old run directory: start a new log, not a mixed one.
-            self.metrics.path.unlink()
+        if self.epoch == 0 and self.ctx.is_main:
+            self._start_run_dir()
         records = []
         while self.epoch < last:
             record: dict[str, Any] = {"epoch": self.epoch + 1}
@@ -286,11 +357,14 @@ class Trainer:
             is_best = self._is_better(value) if value is not None else self.evaluate is None
             if is_best and value is not None:
                 self.best_metric = float(value)
+            if is_best:
+                self.best_epoch = self.epoch
             record["is_best"] = bool(is_best)
             if self.ctx.is_main:
                 final = self.epoch == last
+                # The record first: every later file of this epoch implies it exists.
+                self._record = self.metrics.append(record)
                 self.save(is_best, write_last=final or self._due(self._last_saved_at, "last"))
-                self.metrics.append(record)
                 self._draw_curves(final)
             self.ctx.barrier()
             console(self._summary(record), is_main=self.ctx.is_main)
@@ -307,23 +381,73 @@ class Trainer:
             self._curves_drawn_at = time.perf_counter()
 
     def save(self, is_best: bool, write_last: bool = True) -> None:
-        """Write last.pt + last.safetensors (unless ``write_last`` is False) and the best.*
-        pair when ``is_best``."""
+        """Write the best.* pair when ``is_best``, then last.safetensors + last.pt (unless
+        ``write_last`` is False).
+
+        Each training state comes after its weights, and last.pt comes last: resume trusts
+        the newest state, so whatever it implies must exist before it does.
+        """
         state = self.state_dict()
-        weights_meta = {
-            **self.meta,
-            "epoch": self.epoch,
-            "step": self.step,
-            "ema": self.ema is not None,
-        }
         module = self.inference_module()
-        if write_last:
-            save_training_state(state, self.out_dir / "last.pt")
-            self.export_weights(module, self.out_dir / "last.safetensors", weights_meta)
-            self._last_saved_at = time.perf_counter()
         if is_best:
+            self.export_weights(module, self.out_dir / "best.safetensors", _weights_meta(state))
             save_training_state(state, self.out_dir / "best.pt")
-            self.export_weights(module, self.out_dir / "best.safetensors", weights_meta)
+        if write_last:
+            self.export_weights(module, self.out_dir / "last.safetensors", _weights_meta(state))
+            save_training_state(state, self.out_dir / "last.pt")
+            self._last_saved_at = time.perf_counter()
+
+    # ---------------------------------------------------------------- run directory
+    def _start_run_dir(self) -> None:
+        """A fresh run: clear what an earlier run in this directory left, so that a kill
+        before the first save cannot mix the two (resume would take an old best.pt)."""
+        remove_stale_temp_files(self.out_dir)
+        for name in ("metrics.jsonl", "last.pt", "best.pt", "last.safetensors", "best.safetensors"):
+            (self.out_dir / name).unlink(missing_ok=True)
+
+    def _repair_run_dir(
+        self, source: Path, state: Mapping[str, Any], epochs: Mapping[Path, int]
+    ) -> None:
+        """Make the run directory what an uninterrupted run that stopped after ``state``
+        (loaded from ``source``) would have left; ``epochs``: those of the files read."""
+        remove_stale_temp_files(self.out_dir)
+        self.metrics.roll_back(self.epoch, state.get("record"))
+        self._repair_best(state, epochs)
+        last = self.out_dir / "last.pt"
+        if source.resolve() != last.resolve():
+            save_training_state(state, last)
+        # Re-export even when last.pt came from here: a kill can leave it behind its weights.
+        module = self.inference_module()
+        self.export_weights(module, self.out_dir / "last.safetensors", _weights_meta(state))
+        if self.metrics.path.exists():
+            self._draw_curves(final=True)
+
+    def _repair_best(self, state: Mapping[str, Any], epochs: Mapping[Path, int]) -> None:
+        """Rewrite best.* from the state of the best epoch that ``state`` names."""
+        best_epoch, best_path = state.get("best_epoch"), self.out_dir / "best.pt"
+        if best_epoch is None:  # a file of an older version: nothing to check against
+            return
+        if best_epoch == self.epoch:  # the loaded state is the best one
+            # Both files hold the same state when saved at the same epoch.
+            if epochs.get(best_path.resolve()) != self.epoch:
+                save_training_state(state, best_path)
+            best_state, module = state, self.inference_module()
+        else:
+            best_state = load_training_state(best_path) if best_path.is_file() else None
+            if best_state is None or best_state["epoch"] != best_epoch:
+                console(
+                    f"warning: {best_path} does not hold epoch {best_epoch}, the best so far; "
+                    "best.* stay as they are until the metric improves"
+                )
+                return
+            module = self._inference_module_of(best_state)
+        self.export_weights(module, self.out_dir / "best.safetensors", _weights_meta(best_state))
+
+    def _inference_module_of(self, state: Mapping[str, Any]) -> torch.nn.Module:
+        """A copy of :meth:`inference_module` holding the weights of ``state``."""
+        module = copy.deepcopy(self.inference_module())
+        module.load_state_dict(state["ema"]["module"] if self.ema is not None else state["model"])
+        return module
 
     def _summary(self, record: Mapping[str, Any]) -> str:
         parts = [f"epoch {record['epoch']}/{self.config.epochs}"]
