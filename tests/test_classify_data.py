@@ -91,3 +91,34 @@ def test_bad_magic_truncation_and_count_mismatch(tmp_path):
 def test_unknown_split():
     with pytest.raises(ValueError, match="split"):
         load_fashion_mnist("validation")
+
+
+def test_empty_class_folders_are_named_in_a_warning(tmp_path, capsys):
+    from PIL import Image
+
+    from apps.classify.datasets import scan_image_folder
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name / "a.png")
+    (tmp_path / "bird").mkdir()
+    (tmp_path / "fish").mkdir()
+    (tmp_path / "fish" / "notes.txt").write_text("no images here")
+    samples, names = scan_image_folder(tmp_path)
+    assert names == ["bird", "cat", "dog", "fish"] and len(samples) == 2
+    err = capsys.readouterr().err
+    assert "2 class folder(s) without images ['bird', 'fish']" in err
+    scan_image_folder(tmp_path / "cat" / "..", ["bird", "cat", "dog", "fish"])
+    assert "bird" in capsys.readouterr().err
+
+
+def test_no_warning_when_every_class_has_images(tmp_path, capsys):
+    from PIL import Image
+
+    from apps.classify.datasets import scan_image_folder
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name / "a.png")
+    scan_image_folder(tmp_path)
+    assert "warning" not in capsys.readouterr().err

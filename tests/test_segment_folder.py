@@ -128,3 +128,24 @@ def test_layouts_without_a_validation_folder(tmp_path):
     assert layout.val is None and layout.classes_file == only_train / "train" / "classes.txt"
     with pytest.raises(FolderDatasetError, match="is not a directory"):
         folder_layout(tmp_path / "missing")
+
+
+def test_stray_large_class_id_is_warned_about(tmp_path, capsys):
+    _pair(tmp_path, "a", classes=5)
+    _, mask = _pair(tmp_path, "b", classes=5, seed=1)
+    mask = mask.astype(np.uint16)
+    mask[0, 0] = 300
+    Image.fromarray(mask).save(tmp_path / "masks" / "b.png")
+    folder = scan_folder(tmp_path)
+    assert folder.num_classes == 301  # still what the masks say; the warning explains
+    err = capsys.readouterr().err
+    assert "warning:" in err and "300 (in masks/b.png)" in err
+    assert "301 classes" in err and "classes.txt" in err
+
+
+def test_dense_class_ids_give_no_warning(tmp_path, capsys):
+    _pair(tmp_path, "a", classes=5)
+    assert scan_folder(tmp_path).num_classes == 5
+    (tmp_path / "classes.txt").write_text("\n".join(f"c{i}" for i in range(5)))
+    scan_folder(tmp_path)
+    assert "warning" not in capsys.readouterr().err

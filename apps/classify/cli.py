@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
 
 from apps.classify.datasets import DataError
 from apps.data.fashion_mnist import FashionMNISTError
 from apps.engine.checkpoint import CheckpointError
 from apps.engine.trainer import TrainingDiverged
 
-__all__ = ["EPILOGS", "build_parser", "main"]
+__all__ = ["EPILOGS", "build_parser", "main", "out_problem"]
 
 DESCRIPTION = """\
 Train, evaluate and run PPMA image classifiers (Polyline Path Masked Attention).
@@ -380,9 +381,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def out_problem(out: str | None) -> str | None:
+    """Why ``--out`` cannot be a directory (a file is there or above it), or None."""
+    if out is None:
+        return None
+    path = Path(out)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if candidate.is_dir():
+                return None
+            what = "is" if candidate == path else f"is below {candidate}, which is"
+            return f"--out {out} {what} a file, not a directory"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = out_problem(getattr(args, "out", None))
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         if args.command == "train":
             from apps.classify.train import run_train

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from apps.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from apps.data.images import decode_image
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -97,15 +98,13 @@ class ImageArrayDataset(Dataset):
 
 
 def read_image(path: str | os.PathLike, channels: int) -> torch.Tensor:
-    """Decode an image file to uint8 (channels, H, W); raises on unreadable files."""
-    from PIL import Image
+    """Decode an image file to uint8 (channels, H, W); raises on unreadable files.
 
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        array = np.asarray(img, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    Every PIL mode is mapped to 8-bit by :func:`apps.data.images.decode_image` (16-bit data
+    scaled, alpha composited on black), not clipped by ``convert``.
+    """
+    array = decode_image(path, 1 if channels == 1 else 3)
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 class FolderDataset(Dataset):
@@ -179,12 +178,22 @@ def scan_image_folder(
         raise DataError(
             f"--data {root}: class folder(s) {unknown[:5]} are not among the model's classes"
         )
-    samples = []
+    samples, empty = [], []
     for name in found:
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         samples.extend((str(p), index[name]) for p in files)
+        if not files:
+            empty.append(name)
     if not samples:
         raise DataError(f"--data {root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    if empty:
+        # Still classes (the folder says so, and labels must not shift), but a model never
+        # shown one cannot learn it: usually a copy went wrong or a folder is left over.
+        print(
+            f"warning: --data {root}: {len(empty)} class folder(s) without images "
+            f"{empty[:10]}; they remain classes the model can never learn",
+            file=sys.stderr,
+        )
     return samples, names
 
 

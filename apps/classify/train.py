@@ -8,6 +8,7 @@ epoch, and stored resolved in the checkpoint's recipe, so ``--resume`` continues
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Any
 
 import ppma_models
 import torch
+from ppma_models.checkpoint import INPUT_CONV, read_checkpoint
+from ppma_models.convert import convert_from_upstream, is_upstream_state_dict
 from ppma_models.registry import get_config
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -30,7 +33,7 @@ from apps.classify.datasets import (
     split_indices,
 )
 from apps.classify.transforms import Preprocess
-from apps.classify.weights import export_classifier
+from apps.classify.weights import config_problem, export_classifier
 from apps.engine import (
     DistributedContext,
     EpochPlan,
@@ -75,26 +78,75 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
 def model_overrides(model: str, items: list[str] | None) -> dict[str, Any]:
     """``--model-arg`` overrides of ``model``'s config, completed for fewer stages and checked.
 
-    Raises DataError for an unknown field and ValueError for an inconsistent config.
+    Raises DataError naming ``--model-arg`` for an unknown field, a value of the wrong type
+    or size (checked as a model file's config is, before any arithmetic on it) or an
+    inconsistent config.
     """
     base = get_config(model)
     overrides = with_stage_count(base, parse_model_args(items))
-    try:
-        base.replace(**{k: v for k, v in overrides.items() if k != "in_chans"})
-    except TypeError as exc:  # unknown config field
-        raise DataError(f"--model-arg: {exc}") from exc
+    known = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise DataError(
+            f"--model-arg: unknown PPMAConfig field(s) {unknown}; known: {sorted(known)}"
+        )
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+    problem = config_problem({**base.to_dict(), **plain})
+    if problem is not None:
+        raise DataError(f"--model-arg: {problem}")
     return overrides
+
+
+def _pretrained_stem_channels(path: str) -> int | None:
+    """Input channels of the stem kernel in a ``--pretrained`` file (None: no stem in it)."""
+    state, _ = read_checkpoint(path)
+    if is_upstream_state_dict(state):
+        state = convert_from_upstream(state)
+    stem = state.get(INPUT_CONV)
+    return int(stem.shape[1]) if isinstance(stem, torch.Tensor) and stem.ndim == 4 else None
+
+
+def _fold_stem_to_grey(model: ppma_models.PPMA, attention: str, source: str) -> ppma_models.PPMA:
+    """``model`` for one input channel: its stem kernel summed over the colour channels.
+
+    A grey image fed as identical R, G and B planes gives the colour kernel's response of
+    the summed kernel on the grey plane, so the fine-tuning starts from exactly the
+    pretrained function while the model (and its files) take the data's single channel.
+    """
+    if model.in_chans != 3:
+        raise DataError(
+            f"--pretrained {source}: its stem takes {model.in_chans} channels; only a 3-channel "
+            "(RGB) or 1-channel stem can be fitted to greyscale data"
+        )
+    grey = ppma_models.PPMA(
+        model.config.replace(in_chans=1), num_classes=model.num_classes,
+        attention=attention, name=model.name,
+    )  # fmt: skip
+    state = model.state_dict()
+    state[INPUT_CONV] = state[INPUT_CONV].sum(dim=1, keepdim=True)
+    grey.load_state_dict(state)
+    return grey
 
 
 def build_classifier(
     args: argparse.Namespace, num_classes: int, in_chans: int, overrides: dict[str, Any]
 ) -> torch.nn.Module:
-    """The model ``train`` fits, from ``--model``, ``--model-arg`` and friends."""
+    """The model ``train`` fits, from ``--model``, ``--model-arg`` and friends.
+
+    It takes ``in_chans`` channels whatever ``--pretrained`` was trained on: a one-channel
+    stem is spread over RGB by the library, an RGB stem is folded for grey data here.
+    """
     overrides = {k: v for k, v in overrides.items() if k != "in_chans"}
-    return ppma_models.create_model(
-        args.model, num_classes=num_classes, in_chans=in_chans, attention=args.attention,
+    build_chans = in_chans
+    if args.pretrained and in_chans == 1:
+        build_chans = _pretrained_stem_channels(args.pretrained) or in_chans
+    model = ppma_models.create_model(
+        args.model, num_classes=num_classes, in_chans=build_chans, attention=args.attention,
         drop_path_rate=args.drop_path, pretrained=args.pretrained, **overrides,
     )  # fmt: skip
+    if model.in_chans != in_chans:
+        model = _fold_stem_to_grey(model, args.attention, args.pretrained)
+    return model
 
 
 def _loader(dataset, batch_size: int, sampler, workers: int, drop_last: bool) -> DataLoader:
@@ -131,10 +183,14 @@ def _evaluate_fn(loader: DataLoader, criterion: torch.nn.Module):
 
 def _recipe_from_checkpoint(args: argparse.Namespace) -> argparse.Namespace:
     state = load_training_state(args.resume)
-    meta = state["meta"]
-    if meta.get("task") != "classification":
+    meta = state.get("meta")
+    if not isinstance(meta, dict) or meta.get("task") != "classification":
         raise DataError(f"--resume {args.resume}: not a classification training checkpoint")
-    for key, value in meta["recipe"].items():
+    recipe = meta.get("recipe")
+    # Only recipe keys may come from the file: a damaged one must not set, say, --out.
+    if not isinstance(recipe, dict) or not set(recipe) <= set(RECIPE_KEYS):
+        raise DataError(f"--resume {args.resume}: the recorded recipe is damaged")
+    for key, value in recipe.items():
         setattr(args, key, value)
     args.resolved_from = meta.get("resolved_from")
     args.legacy_drop_last = bool(meta.get("legacy_drop_last", False))
@@ -176,7 +232,8 @@ class _Data:
 
 def _load_data(args: argparse.Namespace, overrides: dict[str, Any]) -> _Data:
     """Train and val images (no transforms yet); val is never the test split."""
-    channels = 3 if args.pretrained else overrides.get("in_chans", None)
+    # The data's own channels even with --pretrained: build_classifier fits the stem to them.
+    channels = overrides.get("in_chans", None)
     train_set, spec = load_split(args.data, "train", data_dir=args.data_dir, channels=channels or 3)
     in_chans = channels or spec.in_chans
     if args.subset is not None and args.subset < len(train_set):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from apps.engine import console, init_distributed, plot_confusion_matrix, progress_enabled
+from apps.engine.checkpoint import CheckpointError
 from apps.engine.distributed import DistributedContext, ShardSampler
 from apps.engine.progress import progress_bar
 from apps.segment.cli import SCENE_DEFAULTS, given_options
@@ -241,13 +242,27 @@ def format_scores(result: EvalResult, class_names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def _recorded_eval_dataset(args, spec: ModelSpec):
+    """:func:`_eval_dataset` with the checkpoint's data description; a damaged description
+    is a CheckpointError naming the file, not a KeyError or TypeError from deep inside."""
+    meta_data = load_meta(args.checkpoint).get("data", {})
+    try:
+        if not isinstance(meta_data, dict):
+            raise TypeError(f"expected a JSON object, got {type(meta_data).__name__}")
+        return _eval_dataset(args, spec, meta_data)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{args.checkpoint}: the recorded data description is not usable "
+            f"({type(exc).__name__}: {exc}); pass --data to name the images to score"
+        ) from None
+
+
 def run_eval(args) -> EvalResult:
     """``python -m apps.segment eval``: print per-class IoU, mIoU, pixel accuracy."""
     ctx = init_distributed(args.device)
     try:
         model, spec = load_trained(args.checkpoint, attention=args.attention)
-        meta_data = load_meta(args.checkpoint).get("data", {})
-        dataset, same_size, data_desc = _eval_dataset(args, spec, meta_data)
+        dataset, same_size, data_desc = _recorded_eval_dataset(args, spec)
         window = args.window or spec.crop
         stride = args.stride or max(1, (2 * window) // 3)
         result = evaluate_segmentation(

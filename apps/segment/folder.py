@@ -2,7 +2,7 @@
 
     root/
       images/  a.jpg  b.png ...      RGB or grey images (png, jpg, jpeg, bmp, tif, tiff, webp)
-      masks/   a.png  b.png ...      single-channel index PNGs: pixel value = class id
+      masks/   a.png  b.png ...      single-channel index PNGs (8 or 16 bit): pixel = class id
       classes.txt                    optional: one class name per line, line i = class i
 
 or, with the validation images kept apart (:func:`folder_layout`)::
@@ -22,11 +22,14 @@ pass instead of one crash at a time.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from apps.data.images import decode_image, decode_index_mask
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -38,8 +41,11 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_INDEX_MODES = ("L", "P", "I", "I;16")
 _MAX_LISTED = 30
+_NO_IDS = np.zeros(0, dtype=np.int64)
+# Ids counted from the masks: unused ids 0..max beyond this many (and beyond the used ones)
+# mean the largest id is most likely a stray value, not a class.
+_STRAY_GAP = 8
 
 
 class FolderDatasetError(ValueError):
@@ -54,20 +60,15 @@ def _listing(problems: list[str]) -> str:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from any image file PIL decodes."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    """RGB uint8 (H, W, 3) from any image file PIL decodes (16-bit data scaled, alpha
+    composited on black: see :mod:`apps.data.images`)."""
+    return decode_image(path, 3)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Index mask int64 (H, W); raises ValueError for a mask that is not single-channel."""
-    with Image.open(path) as img:
-        if img.mode not in _INDEX_MODES:
-            raise ValueError(
-                f"mode {img.mode} is not an index mask (expected a single-channel PNG: "
-                f"{', '.join(_INDEX_MODES)})"
-            )
-        return np.asarray(img).astype(np.int64)
+    """Index mask int64 (H, W), ids exactly as stored (8, 16 or 32 bits); raises ValueError
+    for a mask that is not single-channel."""
+    return decode_index_mask(path)
 
 
 @dataclass
@@ -164,36 +165,39 @@ def _class_names_for(
 
 def _check_pair(
     stem: str, image_path: Path, mask_path: Path, num_classes: int | None, ignore_index: int
-) -> tuple[str | None, tuple[int, int], int]:
-    """(problem or None, image (width, height), largest class id or -1) of one pair."""
+) -> tuple[str | None, tuple[int, int], np.ndarray]:
+    """(problem or None, image (width, height), class ids present) of one pair."""
     try:
         with Image.open(image_path) as img:
             img.load()
             image_size = img.size
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        return f"images/{image_path.name}: cannot decode ({exc})", (0, 0), -1
+        return f"images/{image_path.name}: cannot decode ({exc})", (0, 0), _NO_IDS
     try:
         mask = read_mask(mask_path)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        return f"masks/{mask_path.name}: cannot use ({exc})", image_size, -1
+        return f"masks/{mask_path.name}: cannot use ({exc})", image_size, _NO_IDS
     if (mask.shape[1], mask.shape[0]) != image_size:
         return (
             f"{stem}: image is {image_size[0]}x{image_size[1]} but mask is "
             f"{mask.shape[1]}x{mask.shape[0]} (width x height)",
             image_size,
-            -1,
+            _NO_IDS,
         )
     ids = np.unique(mask)
     ids = ids[ids != ignore_index]
+    if len(ids) and ids.min() < 0:  # only a 32-bit mask can hold them
+        bad = ids[ids < 0].tolist()[:10]
+        return f"masks/{mask_path.name}: negative class ids {bad}", image_size, _NO_IDS
     if num_classes is not None and len(ids) and ids.max() >= num_classes:
         bad = ids[ids >= num_classes].tolist()
         return (
             f"masks/{mask_path.name}: class ids {bad} outside 0..{num_classes - 1} "
             f"(and not the ignore index {ignore_index})",
             image_size,
-            -1,
+            _NO_IDS,
         )
-    return None, image_size, int(ids.max()) if len(ids) else -1
+    return None, image_size, ids
 
 
 def _pair_files(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, Path, Path]], list]:
@@ -205,6 +209,24 @@ def _pair_files(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, Path
     for stem in sorted(set(masks) - set(images)):
         problems.append(f"masks/{masks[stem].name}: no image with stem {stem!r} in images/")
     return [(s, images[s], masks[s]) for s in sorted(set(images) & set(masks))], problems
+
+
+def _warn_stray_id(root: Path, used: set[int], max_id: int, mask: str, ignore: int) -> None:
+    """Warn when the classes counted from the masks (largest id + 1) are mostly unused.
+
+    One stray value (a 300 among ids 0..4) would otherwise silently give a 301-class model.
+    """
+    unused = max_id + 1 - len(used)
+    if unused <= max(_STRAY_GAP, len(used)):
+        return
+    print(
+        f"warning: {root}: the largest class id in the masks is {max_id} (in masks/{mask}), "
+        f"but only {len(used)} of the ids 0..{max_id} occur, so the model would get "
+        f"{max_id + 1} classes; if {max_id} is a stray value, fix that mask or make it the "
+        f"ignore index (now {ignore}), and name the classes in {root / 'classes.txt'} "
+        "(one per line) or give --num-classes",
+        file=sys.stderr,
+    )
 
 
 def scan_folder(
@@ -241,13 +263,16 @@ def scan_folder(
     candidates, problems = _pair_files(root / "images", root / "masks")
     pairs: list[tuple[Path, Path]] = []
     sizes: list[tuple[int, int]] = []
-    max_id = -1
+    used: set[int] = set()
+    max_id, max_mask = -1, ""
     for stem, image_path, mask_path in candidates:
-        problem, size, top = _check_pair(stem, image_path, mask_path, num_classes, ignore_index)
+        problem, size, ids = _check_pair(stem, image_path, mask_path, num_classes, ignore_index)
         if problem is not None:
             problems.append(problem)
             continue
-        max_id = max(max_id, top)
+        used.update(ids.tolist())
+        if len(ids) and ids.max() > max_id:
+            max_id, max_mask = int(ids.max()), mask_path.name
         pairs.append((image_path, mask_path))
         sizes.append(size)
 
@@ -259,6 +284,8 @@ def scan_folder(
     if not pairs:
         detail = f":\n{_listing(problems)}" if problems else ""
         raise FolderDatasetError(f"no usable image/mask pairs in {root}{detail}")
+    if class_names is None and num_classes is None:
+        _warn_stray_id(root, used, max_id, max_mask, ignore_index)
     if class_names is None:
         count = num_classes if num_classes is not None else max_id + 1
         class_names = tuple(f"class_{i}" for i in range(max(count, 1)))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from ppma_models.registry import get_config
 from torch.utils.data import DataLoader
 
 from apps.engine import (
@@ -37,7 +36,7 @@ from apps.segment.data import (
 )
 from apps.segment.evaluate import evaluate_segmentation
 from apps.segment.metrics import correct_pixels
-from apps.segment.model import ModelSpec, build_model, count_parameters
+from apps.segment.model import ModelSpec, backbone_config_problem, build_model, count_parameters
 from apps.segment.settings import (
     choose_batch_size,
     choose_crop,
@@ -96,9 +95,11 @@ def _backbone_args(args: argparse.Namespace) -> dict:
     """``--model-arg`` overrides, checked against the backbone's config before any work."""
     try:
         overrides = parse_model_args(getattr(args, "model_arg", None))
-        get_config(args.backbone).replace(**overrides)
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"error: --model-arg: {exc}") from exc
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    problem = backbone_config_problem(args.backbone, overrides)
+    if problem is not None:
+        raise SystemExit(f"error: --model-arg: {problem}")
     return overrides
 
 
