@@ -314,3 +314,19 @@ def test_segment_integer_weights_are_refused(tmp_path, capsys):
     argv = ["predict", str(path), str(data / "images")]
     assert _segment([*argv, "--out", str(tmp_path / "pred"), "--attention", "reference"]) == 2
     _one_line_error(capsys, str(path), "another kind")
+
+
+def test_resume_with_damaged_recipe(tmp_path, capsys):
+    meta = {**_tiny_meta(), "recipe": {"out": "/elsewhere", "epochs": 3}}
+    path = _training_state(tmp_path / "last.pt", meta, _tiny_weights())
+    assert classify_main(["train", "--resume", str(path), *FAST]) == 2
+    _one_line_error(capsys, "--resume", str(path), "recipe is damaged")
+
+
+def test_segment_eval_with_damaged_data_description(tmp_path, capsys):
+    weights = build_model(ModelSpec.from_dict(_seg_spec()), attention="reference").state_dict()
+    path = tmp_path / "best.safetensors"
+    damaged = {"kind": "folder", "train": "t", "val": 3}  # val should describe a folder
+    save_weights(weights, path, {"model": _seg_spec(), "data": damaged})
+    assert _segment(["eval", str(path), "--attention", "reference", "--no-progress"]) == 2
+    _one_line_error(capsys, str(path), "data description")
