@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from ppma_models.checkpoint import save_safetensors
 from ppma_models.registry import create_model, get_config
-from safetensors.torch import load_file, save_file
 
 from apps.classify.cli import main as classify_main
 from apps.classify.train import build_classifier, model_overrides
@@ -231,15 +230,8 @@ def test_integer_weights_are_refused(tmp_path):
 
 def test_damaged_classifier_meta_in_safetensors(tmp_path, capsys):
     model = create_model("ppma_nano", num_classes=10, attention="reference", **_tiny_config())
-    good = tmp_path / "good.safetensors"
-    save_safetensors(model, good, metadata={"classify": '{"class_names": ['})
     bad = tmp_path / "bad.safetensors"
-    tensors = load_file(good)
-    from safetensors import safe_open
-
-    with safe_open(str(good), framework="pt") as f:
-        metadata = dict(f.metadata())
-    save_file(tensors, bad, metadata=metadata)
+    save_safetensors(model, bad, metadata={"classify": '{"class_names": ['})  # cut short
     with pytest.raises(CheckpointError, match="not valid JSON") as exc:
         load_classifier(bad)
     assert str(bad) in str(exc.value)
