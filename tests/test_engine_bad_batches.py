@@ -7,6 +7,9 @@ cannot train on. Such batches are skipped with a warning that names the lost fil
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from apps.classify.datasets import FolderDataset, collate_skipping_failed, scan_image_folder
 from apps.engine import Trainer, TrainerConfig, WarmupSchedule, build_adamw
 from apps.engine.batching import batch_length, planned_batch_size, unreadable_in_batch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _image_folder(root: Path) -> list[tuple[str, int]]:
@@ -116,3 +121,60 @@ def test_batch_length_finds_the_first_batched_tensor():
     assert batch_length({"meta": "x", "scale": torch.tensor(1.0), "image": images}) == 3
     assert batch_length([["name"], [images]]) == 3
     assert batch_length("text") is None and batch_length(torch.tensor(2.0)) is None
+
+
+_DDP_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from apps.classify.datasets import FolderDataset, collate_skipping_failed, scan_image_folder
+from apps.engine import Trainer, TrainerConfig, WarmupSchedule, build_adamw, init_distributed
+
+ctx = init_distributed("cpu")
+samples, _ = scan_image_folder(sys.argv[1])
+dataset = FolderDataset(samples, channels=1, transform=lambda image: image.float() / 255)
+sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=False)
+loader = DataLoader(dataset, 4, sampler=sampler, collate_fn=collate_skipping_failed)
+torch.manual_seed(0)
+model = torch.nn.Sequential(
+    torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+)
+optimizer = build_adamw(model, lr=0.01)
+
+
+def train_step(m, batch, device):
+    loss = torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+    return loss, {"loss": loss.detach() * len(batch[1]), "count": len(batch[1])}
+
+
+config = TrainerConfig(out_dir=Path(sys.argv[2]), epochs=2, progress=False)
+trainer = Trainer(
+    model, optimizer, WarmupSchedule(optimizer, 4), loader, config, train_step=train_step, ctx=ctx
+)
+trainer.fit()
+print(f"rank {ctx.rank} steps {trainer.step}")
+ctx.shutdown()
+"""
+
+
+def test_under_torchrun_one_ranks_damaged_batch_skips_the_step_everywhere(tmp_path):
+    samples = _image_folder(tmp_path / "data")
+    # Unshuffled, rank 1 reads images 1, 3, 5, 7, ...: its first batch keeps only image 7.
+    _corrupt([samples[i][0] for i in (1, 3, 5)])
+    script = tmp_path / "train.py"
+    script.write_text(_DDP_SCRIPT)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(script), str(tmp_path / "data"), str(tmp_path / "run"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(proc.stdout.split("\n")[:-1]) == ["rank 0 steps 2", "rank 1 steps 2"]
+    warnings = [line for line in proc.stderr.splitlines() if "skipped the training step" in line]
+    assert len(warnings) == 2  # once per epoch, by the process that lost the files
+    assert "batch 1 (process 1; skipped on every process): 1 sample of 4" in warnings[0]
+    assert all(samples[i][0] in warnings[0] for i in (1, 3, 5))

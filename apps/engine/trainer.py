@@ -27,7 +27,8 @@ behind it or ahead of it: metrics.jsonl is cut back to the resumed epoch, last.*
 are rewritten from the states that hold them, and stale temporary files are removed.
 
 A batch that lost all its samples, or all but one, to unreadable files is skipped with a
-warning that names the files: BatchNorm cannot train on a batch of one.
+warning that names the files: BatchNorm cannot train on a batch of one. Under torchrun the
+step is skipped on every process, so all take the same number of steps.
 """
 
 from __future__ import annotations
@@ -301,25 +302,35 @@ class Trainer:
         return record
 
     def _skip_batch(self, batch: Any, position: int) -> bool:
-        """True for a batch the step must not see: ``None`` (no sample loaded) or one that
-        unreadable files shrank to a single sample, which BatchNorm cannot train on."""
+        """True for a step that must not run: a batch is ``None`` (no sample loaded) or was
+        shrunk by unreadable files to a single sample, which BatchNorm cannot train on.
+
+        Under torchrun every rank must take the same steps, so one rank's damaged batch
+        skips the step on all of them (one small collective per step decides).
+        """
         planned = planned_batch_size(self.train_loader)
-        if batch is not None and (batch_length(batch) != 1 or not planned or planned < 2):
-            return False
+        damaged = batch is None or (batch_length(batch) == 1 and bool(planned) and planned > 1)
+        if damaged:
+            self._warn_skipped(batch, position, planned)
+        if not self.ctx.enabled:
+            return damaged
+        flag = torch.tensor([float(damaged)], device=self.ctx.device)
+        return bool(self.ctx.all_reduce_sum(flag).item() > 0)
+
+    def _warn_skipped(self, batch: Any, position: int, planned: int | None) -> None:
+        """Name the files a skipped batch lost (when the loader can be replayed)."""
         names = unreadable_in_batch(self.train_loader, position)
         if names:
             files = "unreadable: " + ", ".join(names)
         else:  # the loader cannot be replayed; the dataset's own warnings name the files
             files = "unreadable files are named in the warnings above"
         kept = "no sample" if batch is None else f"1 sample of {planned}"
-        where = f"epoch {self.epoch + 1}, batch {position + 1}: {kept} loaded ({files})"
-        if self.ctx.enabled:
-            raise RuntimeError(
-                f"{where}; under torchrun every rank must take the same number of steps -- "
-                "remove the unreadable files from the dataset"
-            )
-        console(f"warning: skipped the training step of {where}", is_main=True)
-        return True
+        rank = f" (process {self.ctx.rank}; skipped on every process)" if self.ctx.enabled else ""
+        console(
+            f"warning: skipped the training step of epoch {self.epoch + 1}, batch "
+            f"{position + 1}{rank}: {kept} loaded ({files})",
+            is_main=True,
+        )
 
     def _is_better(self, value: float) -> bool:
         if self.best_metric is None:
