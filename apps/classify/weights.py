@@ -31,11 +31,11 @@ from typing import Any
 
 import ppma_models
 import torch
+from ppma_models import checkpoint
 from ppma_models.checkpoint import (
     CONFIG_LIMITS,
     LoadResult,
-    _check_dtypes,
-    _config_problem,
+    check_dtypes,
     load_checkpoint,
     read_checkpoint,
     save_safetensors,
@@ -90,7 +90,7 @@ def config_problem(data: object) -> str | None:
             values = value if isinstance(value, list) else [value]
             if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values):
                 return f"{name} must be >= 1, got {value}"
-    problem = _config_problem(data)
+    problem = checkpoint.config_problem(data)
     if problem is not None:
         return problem
     try:
@@ -238,7 +238,7 @@ def load_state_checked(
     model = build(attention)
     own = model.state_dict()
     try:
-        _check_dtypes(weights, own, LoadResult(str(path), "training state"))
+        check_dtypes(weights, own, LoadResult(str(path), "training state"))
     except ModelCheckpointError as exc:
         raise CheckpointError(str(exc)) from None
     model.load_state_dict(weights)

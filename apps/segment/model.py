@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ppma_models.checkpoint import CONFIG_LIMITS, LoadResult, _check_dtypes, _config_problem
+from ppma_models.checkpoint import CONFIG_LIMITS, LoadResult, check_dtypes, config_problem
 from ppma_models.checkpoint import CheckpointError as ModelCheckpointError
 from ppma_models.config import PPMAConfig
 from ppma_models.registry import get_config
@@ -138,7 +138,7 @@ def backbone_config_problem(backbone: str, overrides: dict[str, Any]) -> str | N
     small = [k for k in ("dims", "head_hidden") if _any_below_one(data.get(k))]
     if small:
         return f"{small[0]} must be >= 1, got {data[small[0]]}"
-    problem = _config_problem(data)
+    problem = config_problem(data)
     if problem is None:
         try:
             PPMAConfig.from_dict(data)
@@ -246,7 +246,7 @@ def load_trained(
     own = _check_weights(spec, weights, path)
     try:
         # load_state_dict would cast integer data into float weights without a word.
-        _check_dtypes(weights, own, LoadResult(str(path), "segment weights"))
+        check_dtypes(weights, own, LoadResult(str(path), "segment weights"))
     except ModelCheckpointError as exc:
         raise CheckpointError(str(exc)) from None
     model = build_model(spec, attention=attention)

@@ -58,6 +58,8 @@ __all__ = [
     "CheckpointWarning",
     "LoadResult",
     "adapt_input_channels",
+    "check_dtypes",
+    "config_problem",
     "load_checkpoint",
     "load_model",
     "read_checkpoint",
@@ -283,7 +285,7 @@ def _dtype_kind(dtype: torch.dtype) -> str:
     return "floating-point" if dtype.is_floating_point else "integer"
 
 
-def _check_dtypes(
+def check_dtypes(
     state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], result: LoadResult
 ) -> None:
     """Refuse tensors of another kind than the model's; warn about float precision changes.
@@ -348,7 +350,7 @@ def _check_fit(
             f"{len(result.unexpected)} unexpected key(s) {result.unexpected[:8]} "
             "(pass strict=False to load the matching part)"
         )
-    _check_dtypes(state, own, result)
+    check_dtypes(state, own, result)
 
 
 def load_checkpoint(
@@ -489,7 +491,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _config_problem(data: object) -> str | None:
+def config_problem(data: object) -> str | None:
     """What makes a metadata config unusable (types, :data:`CONFIG_LIMITS`), or None."""
     if not isinstance(data, dict):
         return f"expected a JSON object, got {_short(data)}"
@@ -550,7 +552,7 @@ def _metadata_json(path: str, meta: Mapping[str, str], key: str) -> object:
 
 def _stored_config(path: str, meta: Mapping[str, str]) -> PPMAConfig:
     data = _metadata_json(path, meta, "config")
-    problem = _config_problem(data)
+    problem = config_problem(data)
     if problem is None:
         try:
             return PPMAConfig.from_dict(data)
