@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from pathlib import Path
 
 from apps.classify.datasets import DataError
 from apps.data.fashion_mnist import FashionMNISTError
 from apps.engine.checkpoint import CheckpointError
 from apps.engine.trainer import TrainingDiverged
+from apps.options import out_problem
 
-__all__ = ["EPILOGS", "build_parser", "main", "out_problem"]
+__all__ = ["EPILOGS", "build_parser", "main"]
 
 DESCRIPTION = """\
 Train, evaluate and run PPMA image classifiers (Polyline Path Masked Attention).
@@ -379,20 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_predict(sub)
     return parser
-
-
-def out_problem(out: str | None) -> str | None:
-    """Why ``--out`` cannot be a directory (a file is there or above it), or None."""
-    if out is None:
-        return None
-    path = Path(out)
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            if candidate.is_dir():
-                return None
-            what = "is" if candidate == path else f"is below {candidate}, which is"
-            return f"--out {out} {what} a file, not a directory"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

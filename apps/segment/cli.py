@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
+from apps.options import out_problem
 from apps.segment.settings import (
     DEFAULT_CROP,
     DEFAULT_EPOCHS,
@@ -398,22 +398,8 @@ def _check_data_options(parser: argparse.ArgumentParser, args: argparse.Namespac
                 setattr(args, name, value)
 
 
-def _out_problem(out: str | None) -> str | None:
-    """Why ``--out`` cannot be a directory (a file is there or above it), or None."""
-    if out is None:
-        return None
-    path = Path(out)
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            if candidate.is_dir():
-                return None
-            what = "is" if candidate == path else f"is below {candidate}, which is"
-            return f"--out {out} {what} a file, not a directory"
-    return None
-
-
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    problem = _out_problem(getattr(args, "out", None))
+    problem = out_problem(getattr(args, "out", None))
     if problem is not None:
         _refuse(parser, problem)
     positive = ["batch_size", "window", "stride", "canvas", "val_scenes", "train_scenes"]
