@@ -221,6 +221,19 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
 
 
+def test_resume_of_last_pt_when_a_kill_left_only_best_pt(tmp_path):
+    """A kill in the first epoch's save, after best.* and before last.*: --resume DIR/last.pt
+    continues from best.pt and ends where an uninterrupted run ends."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(straight, "--epochs", "2") == 0
+    assert _train(split, "--epochs", "2", "--stop-after-epochs", "1") == 0
+    (split / "last.pt").unlink()
+    (split / "last.safetensors").unlink()
+    assert main(["train", "--resume", str(split / "last.pt"), *FAST]) == 0
+    a, b = _state_tensors(straight / "last.safetensors"), _state_tensors(split / "last.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_kill_during_checkpoint_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert _train(out, "--epochs", "3", "--stop-after-epochs", "1") == 0

@@ -182,7 +182,10 @@ def _evaluate_fn(loader: DataLoader, criterion: torch.nn.Module):
 
 
 def _recipe_from_checkpoint(args: argparse.Namespace) -> argparse.Namespace:
-    state = load_training_state(args.resume)
+    source = Path(args.resume)
+    if source.name == "last.pt" and not source.is_file() and source.with_name("best.pt").is_file():
+        source = source.with_name("best.pt")  # a kill in the first save can leave only best.pt
+    state = load_training_state(source)
     meta = state.get("meta")
     if not isinstance(meta, dict) or meta.get("task") != "classification":
         raise DataError(f"--resume {args.resume}: not a classification training checkpoint")
