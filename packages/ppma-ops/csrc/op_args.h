@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <utility>
 
 namespace ppma {
@@ -58,7 +59,8 @@ inline void check_attention_args(const char* op, const at::Tensor& q, const at::
   }
 }
 
-// Log decays must be NaN-free and <= 0 (decays in (0, 1]); the kernels assume it.
+// Log decays must be NaN-free and <= 0 (decays in [0, 1]; −inf is a decay of 0, which blocks
+// paths, docs/design.md §2.7); the kernels assume it.
 inline void check_log_decay_values(const char* op, const at::Tensor& log_alpha,
                                    const at::Tensor& log_beta) {
   const std::pair<const char*, const at::Tensor*> args[] = {{"log_alpha", &log_alpha},
@@ -67,20 +69,72 @@ inline void check_log_decay_values(const char* op, const at::Tensor& log_alpha,
     if (t->numel() == 0) continue;
     TORCH_CHECK(!at::isnan(*t).any().item<bool>(), op, ": ", name, " contains NaN");
     const double top = t->max().item<double>();
-    TORCH_CHECK(top <= 0.0, op, ": ", name, " must be <= 0 (log of a decay in (0, 1]); max is ",
+    TORCH_CHECK(top <= 0.0, op, ": ", name, " must be <= 0 (log of a decay in [0, 1]); max is ",
                 top);
   }
 }
 
-// Cumsum tables (B·heads, H, W) in the accumulation dtype: Ca along each row, Cb along each
-// column.
-inline std::pair<at::Tensor, at::Tensor> cumsum_tables(const at::Tensor& log_alpha,
-                                                       const at::Tensor& log_beta,
-                                                       at::ScalarType acc) {
+// The cumsum tables of docs/design.md §1, (B·heads, H, W) in the accumulation dtype: Ca along
+// each row, Cb along each column, without each line's first log decay. When a log decay is −inf (§2.7) Ca and Cb hold the sums of
+// the finite log decays only and Na, Nb count the −inf ones so far along the row / column:
+// a path is open exactly where the counts at both ends of each leg agree. Without −inf, Na and
+// Nb are undefined and the kernels run their plain mask.
+struct DecayTables {
+  at::Tensor ca, cb, na, nb;
+  bool blocked() const { return na.defined(); }
+};
+
+// Sums of finite log decays below the dtype's range would make the tables −inf (then NaN).
+inline void check_finite_line_sums(const char* op, const char* name, const char* line,
+                                   const at::Tensor& last, at::ScalarType acc) {
+  const double limit = acc == at::kDouble ? std::numeric_limits<double>::max()
+                                          : std::numeric_limits<float>::max();
+  TORCH_CHECK(!at::isinf(last).any().item<bool>(), op, ": ", name, ": the finite log decays of a ",
+              line, " sum below ", -limit, ", the ", acc,
+              " limit of the cumulative sums; use -inf for a decay of exactly 0");
+}
+
+inline DecayTables decay_tables(const char* op, const at::Tensor& log_alpha,
+                                const at::Tensor& log_beta, at::ScalarType acc) {
   const int64_t bh = log_alpha.size(0) * log_alpha.size(1);
   const int64_t H = log_alpha.size(2), W = log_alpha.size(3);
-  return {at::cumsum(log_alpha.to(acc), -1).contiguous().view({bh, H, W}),
-          at::cumsum(log_beta.to(acc), -2).contiguous().view({bh, H, W})};
+  at::Tensor la = log_alpha.to(acc, false, /*copy=*/true).contiguous().view({bh, H, W});
+  at::Tensor lb = log_beta.to(acc, false, /*copy=*/true).contiguous().view({bh, H, W});
+  if (la.numel() == 0) return {at::cumsum(la, -1), at::cumsum(lb, -2), {}, {}};
+  // A line's first log decay never enters the mask (§1). Summing it anyway would offset every
+  // table entry of the line: a huge one would drown the others' differences, a −inf one would
+  // need counting. Left out, the mask does not depend on it at all.
+  la.select(2, 0).zero_();
+  lb.select(1, 0).zero_();
+  DecayTables t{at::cumsum(la, -1), at::cumsum(lb, -2), {}, {}};
+  // Cumsums of log decays <= 0 never increase along their line, so a line's last entry is its
+  // minimum: only there can −inf (a −inf log decay, or an overflow) show up. One small check.
+  const bool any_inf = at::logical_or(at::isinf(t.ca.select(2, W - 1)).any(),
+                                      at::isinf(t.cb.select(1, H - 1)).any())
+                           .item<bool>();
+  if (!any_inf) return t;
+  const at::Tensor blocked_a = at::isneginf(la), blocked_b = at::isneginf(lb);
+  t.ca = at::cumsum(la.masked_fill(blocked_a, 0), -1);
+  t.cb = at::cumsum(lb.masked_fill(blocked_b, 0), -2);
+  t.na = at::cumsum(blocked_a.to(acc), -1);
+  t.nb = at::cumsum(blocked_b.to(acc), -2);
+  check_finite_line_sums(op, "log_alpha", "row", t.ca.select(2, W - 1), acc);
+  check_finite_line_sums(op, "log_beta", "column", t.cb.select(1, H - 1), acc);
+  return t;
+}
+
+// d/d log decay = 0 at a log decay of −inf (the decay e^a = 0 scales every path through it)
+// and at a line's first log decay (it never enters the mask); the reverse cumsum of the table
+// gradients leaves rounding residue there instead. dla, dlb: (…, H, W), fresh tensors.
+inline void finish_decay_grads(const DecayTables& t, const at::Tensor& log_alpha,
+                               const at::Tensor& log_beta, at::Tensor& dla, at::Tensor& dlb) {
+  if (t.blocked()) {
+    dla = dla.masked_fill(at::isneginf(log_alpha).reshape(dla.sizes()), 0);
+    dlb = dlb.masked_fill(at::isneginf(log_beta).reshape(dlb.sizes()), 0);
+  }
+  if (dla.numel() == 0) return;
+  dla.select(-1, 0).zero_();
+  dlb.select(-2, 0).zero_();
 }
 
 }  // namespace
