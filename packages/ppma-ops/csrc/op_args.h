@@ -75,10 +75,10 @@ inline void check_log_decay_values(const char* op, const at::Tensor& log_alpha,
 }
 
 // The cumsum tables of docs/design.md §1, (B·heads, H, W) in the accumulation dtype: Ca along
-// each row, Cb along each column, without each line's first log decay. When a log decay is −inf (§2.7) Ca and Cb hold the sums of
-// the finite log decays only and Na, Nb count the −inf ones so far along the row / column:
-// a path is open exactly where the counts at both ends of each leg agree. Without −inf, Na and
-// Nb are undefined and the kernels run their plain mask.
+// each row, Cb along each column, without each line's first log decay. When a log decay is
+// −inf (§2.7) Ca and Cb hold the sums of the finite log decays only and Na, Nb count the −inf
+// ones so far along the row / column: a path is open exactly where the counts at both ends of
+// each leg agree. Without −inf, Na and Nb are undefined and the kernels run their plain mask.
 struct DecayTables {
   at::Tensor ca, cb, na, nb;
   bool blocked() const { return na.defined(); }

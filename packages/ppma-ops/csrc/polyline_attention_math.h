@@ -27,9 +27,14 @@ PPMA_HOST_DEVICE inline T log_mask(T ca_row_a, T ca_row_b, T cb_col_a, T cb_col_
 // leg is open exactly when the counts at its two ends agree; the mask is then log_mask of the
 // finite sums (exact: no −inf − (−inf)), otherwise −inf, a mask entry of exactly 0.
 template <typename T>
+PPMA_HOST_DEVICE inline bool path_open(T na_row_a, T na_row_b, T nb_col_a, T nb_col_b) {
+  return na_row_a == na_row_b && nb_col_a == nb_col_b;
+}
+
+template <typename T>
 PPMA_HOST_DEVICE inline T log_mask_blocked(T ca_row_a, T ca_row_b, T cb_col_a, T cb_col_b,
                                            T na_row_a, T na_row_b, T nb_col_a, T nb_col_b) {
-  return (na_row_a == na_row_b && nb_col_a == nb_col_b)
+  return path_open(na_row_a, na_row_b, nb_col_a, nb_col_b)
              ? log_mask(ca_row_a, ca_row_b, cb_col_a, cb_col_b)
              : T(-INFINITY);
 }
