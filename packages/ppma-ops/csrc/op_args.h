@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <limits>
 #include <utility>
 
@@ -84,42 +85,65 @@ struct DecayTables {
   bool blocked() const { return na.defined(); }
 };
 
-// Sums of finite log decays below the dtype's range would make the tables −inf (then NaN).
-inline void check_finite_line_sums(const char* op, const char* name, const char* line,
-                                   const at::Tensor& last, at::ScalarType acc) {
-  const double limit = acc == at::kDouble ? std::numeric_limits<double>::max()
-                                          : std::numeric_limits<float>::max();
-  TORCH_CHECK(!at::isinf(last).any().item<bool>(), op, ": ", name, ": the finite log decays of a ",
-              line, " sum below ", -limit, ", the ", acc,
-              " limit of the cumulative sums; use -inf for a decay of exactly 0");
+// One head's (H, W) log decays a → the running sums of the finite ones along each row
+// (along_rows) or column, each line's first log decay left out: it never enters the mask
+// (§1), and summing it would offset the whole line (a huge one drowning the others'
+// differences, a −inf one needing a count). counts: the running number of −inf log decays.
+// Sets *blocked when a −inf was counted and *overflow when a line's sum left the dtype.
+template <typename T>
+void head_line_sums(const T* a, int64_t H, int64_t W, bool along_rows, T* sums, T* counts,
+                    bool* blocked, bool* overflow) {
+  const int64_t lines = along_rows ? H : W, steps = along_rows ? W : H;
+  const int64_t line_stride = along_rows ? W : 1, step_stride = along_rows ? 1 : W;
+  for (int64_t line = 0; line < lines; ++line) {
+    T sum = 0, count = 0;
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t e = line * line_stride + t * step_stride;
+      if (t > 0 && a[e] == -std::numeric_limits<T>::infinity()) {
+        count += T(1);
+      } else if (t > 0) {
+        sum += a[e];
+      }
+      sums[e] = sum;
+      counts[e] = count;
+    }
+    *blocked = *blocked || count > T(0);
+    *overflow = *overflow || std::isinf(sum);
+  }
 }
 
+// The tables of both decays, (B·heads, H, W) in the accumulation dtype; refuses sums that left
+// the dtype's range (they would turn the masks into NaN), naming the argument and the limit.
 inline DecayTables decay_tables(const char* op, const at::Tensor& log_alpha,
                                 const at::Tensor& log_beta, at::ScalarType acc) {
   const int64_t bh = log_alpha.size(0) * log_alpha.size(1);
   const int64_t H = log_alpha.size(2), W = log_alpha.size(3);
-  at::Tensor la = log_alpha.to(acc, false, /*copy=*/true).contiguous().view({bh, H, W});
-  at::Tensor lb = log_beta.to(acc, false, /*copy=*/true).contiguous().view({bh, H, W});
-  if (la.numel() == 0) return {at::cumsum(la, -1), at::cumsum(lb, -2), {}, {}};
-  // A line's first log decay never enters the mask (§1). Summing it anyway would offset every
-  // table entry of the line: a huge one would drown the others' differences, a −inf one would
-  // need counting. Left out, the mask does not depend on it at all.
-  la.select(2, 0).zero_();
-  lb.select(1, 0).zero_();
-  DecayTables t{at::cumsum(la, -1), at::cumsum(lb, -2), {}, {}};
-  // Cumsums of log decays <= 0 never increase along their line, so a line's last entry is its
-  // minimum: only there can −inf (a −inf log decay, or an overflow) show up. One small check.
-  const bool any_inf = at::logical_or(at::isinf(t.ca.select(2, W - 1)).any(),
-                                      at::isinf(t.cb.select(1, H - 1)).any())
-                           .item<bool>();
-  if (!any_inf) return t;
-  const at::Tensor blocked_a = at::isneginf(la), blocked_b = at::isneginf(lb);
-  t.ca = at::cumsum(la.masked_fill(blocked_a, 0), -1);
-  t.cb = at::cumsum(lb.masked_fill(blocked_b, 0), -2);
-  t.na = at::cumsum(blocked_a.to(acc), -1);
-  t.nb = at::cumsum(blocked_b.to(acc), -2);
-  check_finite_line_sums(op, "log_alpha", "row", t.ca.select(2, W - 1), acc);
-  check_finite_line_sums(op, "log_beta", "column", t.cb.select(1, H - 1), acc);
+  const at::Tensor la = log_alpha.to(acc).contiguous(), lb = log_beta.to(acc).contiguous();
+  DecayTables t{at::empty({bh, H, W}, la.options()), at::empty({bh, H, W}, la.options()),
+                at::empty({bh, H, W}, la.options()), at::empty({bh, H, W}, la.options())};
+  bool blocked[2] = {false, false}, overflow[2] = {false, false};
+  AT_DISPATCH_FLOATING_TYPES(acc, "ppma_decay_tables", [&] {
+    // Sequential and small (O(H·W) per head): cheaper than the ATen ops it replaces.
+    for (int64_t h = 0; h < bh; ++h) {
+      const int64_t o = h * H * W;
+      head_line_sums(la.const_data_ptr<scalar_t>() + o, H, W, true,
+                     t.ca.mutable_data_ptr<scalar_t>() + o, t.na.mutable_data_ptr<scalar_t>() + o,
+                     &blocked[0], &overflow[0]);
+      head_line_sums(lb.const_data_ptr<scalar_t>() + o, H, W, false,
+                     t.cb.mutable_data_ptr<scalar_t>() + o, t.nb.mutable_data_ptr<scalar_t>() + o,
+                     &blocked[1], &overflow[1]);
+    }
+  });
+  const char* names[2] = {"log_alpha", "log_beta"};
+  const char* lines[2] = {"row", "column"};
+  const double limit = acc == at::kDouble ? std::numeric_limits<double>::max()
+                                          : std::numeric_limits<float>::max();
+  for (int x = 0; x < 2; ++x) {
+    TORCH_CHECK(!overflow[x], op, ": ", names[x], ": the finite log decays of a ", lines[x],
+                " sum below ", -limit, ", the ", acc,
+                " limit of the cumulative sums; use -inf for a decay of exactly 0");
+  }
+  if (!blocked[0] && !blocked[1]) t.na = t.nb = at::Tensor();  // the kernels' plain path
   return t;
 }
 

@@ -24,19 +24,12 @@ PPMA_HOST_DEVICE inline T log_mask(T ca_row_a, T ca_row_b, T cb_col_a, T cb_col_
 
 // Blocked paths (docs/design.md §2.7). When some log decays are −inf, Ca and Cb hold the sums
 // of the finite log decays and Na, Nb count the −inf ones so far along each row / column. A
-// leg is open exactly when the counts at its two ends agree; the mask is then log_mask of the
-// finite sums (exact: no −inf − (−inf)), otherwise −inf, a mask entry of exactly 0.
+// path is open exactly when the counts at the two ends of both legs agree (the operands in
+// log_mask's order, counts for sums); its mask is then log_mask of the finite sums, exact (no
+// −inf − (−inf)); a blocked path has log mask −inf, a mask entry of exactly 0.
 template <typename T>
 PPMA_HOST_DEVICE inline bool path_open(T na_row_a, T na_row_b, T nb_col_a, T nb_col_b) {
   return na_row_a == na_row_b && nb_col_a == nb_col_b;
-}
-
-template <typename T>
-PPMA_HOST_DEVICE inline T log_mask_blocked(T ca_row_a, T ca_row_b, T cb_col_a, T cb_col_b,
-                                           T na_row_a, T na_row_b, T nb_col_a, T nb_col_b) {
-  return path_open(na_row_a, na_row_b, nb_col_a, nb_col_b)
-             ? log_mask(ca_row_a, ca_row_b, cb_col_a, cb_col_b)
-             : T(-INFINITY);
 }
 
 // exp(x − m) for a score x of an online softmax whose running maximum is m ≥ x. A blocked

@@ -52,36 +52,34 @@ void masked_softmax_span(T* sr, int64_t n, const T* C, T c_query) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
   const int64_t nv = n - n % L;
-  {
-    const Vec cq(c_query);
-    Vec vmax(-std::numeric_limits<T>::infinity());
-    for (int64_t x = 0; x < nv; x += L) {
-      const Vec v = Vec::loadu(sr + x) - (cq - Vec::loadu(C + x)).abs();
-      v.store(sr + x);
-      vmax = at::vec::maximum(vmax, v);
-    }
-    T m = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); },
-                                     vmax);
-    for (int64_t x = nv; x < n; ++x) {
-      sr[x] += criss_cross::log_mask(c_query, C[x]);
-      m = std::max(m, sr[x]);
-    }
-    const Vec vm(m);
-    Vec vsum(T(0));
-    for (int64_t x = 0; x < nv; x += L) {
-      const Vec e = (Vec::loadu(sr + x) - vm).exp_u20();
-      e.store(sr + x);
-      vsum = vsum + e;
-    }
-    T sum = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
-    for (int64_t x = nv; x < n; ++x) {
-      sr[x] = std::exp(sr[x] - m);
-      sum += sr[x];
-    }
-    const Vec inv(T(1) / sum);
-    for (int64_t x = 0; x < nv; x += L) (Vec::loadu(sr + x) * inv).store(sr + x);
-    for (int64_t x = nv; x < n; ++x) sr[x] *= T(1) / sum;
+  const Vec cq(c_query);
+  Vec vmax(-std::numeric_limits<T>::infinity());
+  for (int64_t x = 0; x < nv; x += L) {
+    const Vec v = Vec::loadu(sr + x) - (cq - Vec::loadu(C + x)).abs();
+    v.store(sr + x);
+    vmax = at::vec::maximum(vmax, v);
   }
+  T m = at::vec::vec_reduce_all<T>(
+      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  for (int64_t x = nv; x < n; ++x) {
+    sr[x] += criss_cross::log_mask(c_query, C[x]);
+    m = std::max(m, sr[x]);
+  }
+  const Vec vm(m);
+  Vec vsum(T(0));
+  for (int64_t x = 0; x < nv; x += L) {
+    const Vec e = (Vec::loadu(sr + x) - vm).exp_u20();
+    e.store(sr + x);
+    vsum = vsum + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
+  for (int64_t x = nv; x < n; ++x) {
+    sr[x] = std::exp(sr[x] - m);
+    sum += sr[x];
+  }
+  const Vec inv(T(1) / sum);
+  for (int64_t x = 0; x < nv; x += L) (Vec::loadu(sr + x) * inv).store(sr + x);
+  for (int64_t x = nv; x < n; ++x) sr[x] *= T(1) / sum;
 }
 
 // Fused mask + softmax over an n×n tile (leading dimension n) of one line: for every query
@@ -249,8 +247,8 @@ T* scratch(int64_t n) {
 
 // The column softmaxes B̂_l of a block of gathered columns: scores, mask and softmax of column
 // j into `tile` (H×H). Shared by the forward and the backward, which recomputes them rather
-// than reading them back from memory, so both see bitwise the same tile.
-// Nc: the gathered columns' counts of −inf log decays, or null (§2.7).
+// than reading them back from memory, so both see bitwise the same tile. Nc: the gathered
+// columns' counts of −inf log decays, or null (§2.7).
 template <typename T>
 void column_probs(const T* qc, const T* kc, const T* C, const T* Nc, int64_t H, int64_t d,
                   T scale, int64_t j, T* tile) {

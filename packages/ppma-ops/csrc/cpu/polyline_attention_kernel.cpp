@@ -81,11 +81,39 @@ struct HeadTables {
   const T* nb;
 };
 
-// Lanes whose path is blocked: the counts at the two ends of a leg differ (all bits set).
+// The count operands of a query (i, j) against the key segment of row k (kBlocked only): which
+// keys l have a blocked path, for M (leg along row i, then column l from row k) and for Mᵀ
+// (leg along row k, then column j from row i, fixed for the segment). Blocked lanes of the
+// vector tests have all bits set; polyline::path_open is the scalar rule.
 template <typename T>
-inline Vectorized<T> crosses_block(const Vectorized<T>& n_a, const Vectorized<T>& n_b) {
-  return n_a != n_b;
-}
+struct SegmentCounts {
+  using V = Vectorized<T>;
+  const T* na_i;
+  const T* na_k;
+  const T* nb_i;
+  const T* nb_k;
+  T na_ij, na_kj;
+  bool column_leg2_open;
+
+  SegmentCounts() = default;  // the plain instantiations never read it
+  SegmentCounts(const HeadTables<T>& tb, long long W, long long i, long long j, long long k)
+      : na_i(tb.na + i * W), na_k(tb.na + k * W), nb_i(tb.nb + i * W), nb_k(tb.nb + k * W),
+        na_ij(na_i[j]), na_kj(na_k[j]), column_leg2_open(nb_k[j] == nb_i[j]) {}
+
+  V blocked1(long long l) const {
+    return (V(na_ij) != V::loadu(na_i + l)) | (V::loadu(nb_i + l) != V::loadu(nb_k + l));
+  }
+  V blocked2(long long l) const {
+    const V row_leg = V(na_kj) != V::loadu(na_k + l);
+    return column_leg2_open ? row_leg : V(T(0)) == V(T(0));  // all lanes when the column is cut
+  }
+  bool open1(long long j, long long l) const {
+    return polyline::path_open(na_i[j], na_i[l], nb_i[l], nb_k[l]);
+  }
+  bool open2(long long j, long long l) const {
+    return polyline::path_open(na_k[j], na_k[l], nb_k[j], nb_i[j]);
+  }
+};
 
 // Walks the key tile [v0, v1) as segments inside one grid row: f(k, l0, n, offset).
 template <typename F>
@@ -119,13 +147,8 @@ inline void masked_scores_row(const T* s, long long v0, long long v1, long long 
     const T ca_kj = ca_k[j];
     const T cb_diff_j = std::abs(cb_k[j] - cb_ij);
     const V vca_ij(ca_ij), vca_kj(ca_kj), vcb_diff_j(cb_diff_j), vneg_inf(neg_inf);
-    // Blocked-path operands (kBlocked only): count rows i and k, and Mᵀ's fixed column leg.
-    const T* na_i = kBlocked ? tb.na + i * W : nullptr;
-    const T* na_k = kBlocked ? tb.na + k * W : nullptr;
-    const T* nb_i = kBlocked ? tb.nb + i * W : nullptr;
-    const T* nb_k = kBlocked ? tb.nb + k * W : nullptr;
-    const bool column_leg2_blocked = kBlocked && nb_k[j] != nb_i[j];
-    const V vna_ij(kBlocked ? na_i[j] : T(0)), vna_kj(kBlocked ? na_k[j] : T(0));
+    const SegmentCounts<T> counts = kBlocked ? SegmentCounts<T>(tb, W, i, j, k)
+                                             : SegmentCounts<T>{};
     long long t = 0;
     for (; t + L <= n; t += L) {
       const long long l = l0 + t;
@@ -134,12 +157,8 @@ inline void masked_scores_row(const T* s, long long v0, long long v1, long long 
              (V::loadu(cb_i + l) - V::loadu(cb_k + l)).abs();
       V y2 = sv - (vca_kj - V::loadu(ca_k + l)).abs() - vcb_diff_j;
       if constexpr (kBlocked) {
-        y1 = V::blendv(y1, vneg_inf,
-                       crosses_block(vna_ij, V::loadu(na_i + l)) |
-                           crosses_block(V::loadu(nb_i + l), V::loadu(nb_k + l)));
-        y2 = column_leg2_blocked
-                 ? vneg_inf
-                 : V::blendv(y2, vneg_inf, crosses_block(vna_kj, V::loadu(na_k + l)));
+        y1 = V::blendv(y1, vneg_inf, counts.blocked1(l));
+        y2 = V::blendv(y2, vneg_inf, counts.blocked2(l));
       }
       y1.store(x1 + o + t);
       y2.store(x2 + o + t);
@@ -148,15 +167,11 @@ inline void masked_scores_row(const T* s, long long v0, long long v1, long long 
     }
     for (; t < n; ++t) {
       const long long l = l0 + t;
-      T y1, y2;
+      T y1 = s[o + t] + polyline::log_mask(ca_ij, ca_i[l], cb_i[l], cb_k[l]);
+      T y2 = s[o + t] + polyline::log_mask(ca_kj, ca_k[l], cb_k[j], cb_ij);
       if constexpr (kBlocked) {
-        y1 = s[o + t] + polyline::log_mask_blocked(ca_ij, ca_i[l], cb_i[l], cb_k[l], na_i[j],
-                                                   na_i[l], nb_i[l], nb_k[l]);
-        y2 = s[o + t] + polyline::log_mask_blocked(ca_kj, ca_k[l], cb_k[j], cb_ij, na_k[j],
-                                                   na_k[l], nb_k[j], nb_i[j]);
-      } else {
-        y1 = s[o + t] + polyline::log_mask(ca_ij, ca_i[l], cb_i[l], cb_k[l]);
-        y2 = s[o + t] + polyline::log_mask(ca_kj, ca_k[l], cb_k[j], cb_ij);
+        y1 = counts.open1(j, l) ? y1 : neg_inf;
+        y2 = counts.open2(j, l) ? y2 : neg_inf;
       }
       x1[o + t] = y1;
       x2[o + t] = y2;
@@ -258,7 +273,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           for (int side = 0; side < 2; ++side) {
             const long long idx = side * nq + r;
             const T m_new = std::max(m[idx], *maxima[side]);
-            if (m_new == neg_inf) {  // every key so far blocked (§2.7): exp(−inf − (−inf)) = NaN
+            // Every key so far blocked (§2.7): the tile adds nothing (and exp(−inf − (−inf))
+            // would be NaN). Plain problems never get here: their scores are finite.
+            if (kBlocked && m_new == neg_inf) {
               std::fill(rows[side], rows[side] + nk, T(0));
               continue;
             }
@@ -334,12 +351,8 @@ inline void grad_row(const T* s, const T* dp, long long v0, long long v1, long l
     const T sign_b2 = polyline::abs_grad(cb_kj_minus_ij);
     const T cb_diff_j = std::abs(cb_kj_minus_ij);
     const V vca_ij(ca_ij), vca_kj(ca_kj), vcb_diff_j(cb_diff_j), vzero(T(0));
-    const T* na_i = kBlocked ? tb.na + i * W : nullptr;
-    const T* na_k = kBlocked ? tb.na + k * W : nullptr;
-    const T* nb_i = kBlocked ? tb.nb + i * W : nullptr;
-    const T* nb_k = kBlocked ? tb.nb + k * W : nullptr;
-    const bool column_leg2_blocked = kBlocked && nb_k[j] != nb_i[j];
-    const V vna_ij(kBlocked ? na_i[j] : T(0)), vna_kj(kBlocked ? na_k[j] : T(0));
+    const SegmentCounts<T> counts = kBlocked ? SegmentCounts<T>(tb, W, i, j, k)
+                                             : SegmentCounts<T>{};
     V g2_sum(T(0)), f_acc(T(0));
     T g2_sum_s = T(0), f_acc_s = T(0);
     long long t = 0;
@@ -353,12 +366,8 @@ inline void grad_row(const T* s, const T* dp, long long v0, long long v1, long l
       V p1 = (sv - da1.abs() - db1.abs() - vlse1).exp_u20();
       V p2 = (sv - da2.abs() - vcb_diff_j - vlse2).exp_u20();
       if constexpr (kBlocked) {
-        p1 = V::blendv(p1, vzero,
-                       crosses_block(vna_ij, V::loadu(na_i + l)) |
-                           crosses_block(V::loadu(nb_i + l), V::loadu(nb_k + l)));
-        p2 = column_leg2_blocked
-                 ? vzero
-                 : V::blendv(p2, vzero, crosses_block(vna_kj, V::loadu(na_k + l)));
+        p1 = V::blendv(p1, vzero, counts.blocked1(l));
+        p2 = V::blendv(p2, vzero, counts.blocked2(l));
       }
       const V g1 = p1 * (dpv - vdelta1);
       const V g2 = p2 * (dpv - vdelta2);
@@ -387,17 +396,11 @@ inline void grad_row(const T* s, const T* dp, long long v0, long long v1, long l
       const T da1 = ca_ij - ca_i[l];
       const T db1 = cb_i[l] - cb_k[l];
       const T da2 = ca_k[l] - ca_kj;
-      T p1, p2;
+      T p1 = std::exp(s[o + t] - std::abs(da1) - std::abs(db1) - lse1);
+      T p2 = std::exp(s[o + t] - std::abs(da2) - cb_diff_j - lse2);
       if constexpr (kBlocked) {
-        p1 = std::exp(s[o + t] - lse1 +
-                      polyline::log_mask_blocked(ca_ij, ca_i[l], cb_i[l], cb_k[l], na_i[j],
-                                                 na_i[l], nb_i[l], nb_k[l]));
-        p2 = std::exp(s[o + t] - lse2 +
-                      polyline::log_mask_blocked(ca_kj, ca_k[l], cb_k[j], cb_ij, na_k[j],
-                                                 na_k[l], nb_k[j], nb_i[j]));
-      } else {
-        p1 = std::exp(s[o + t] - std::abs(da1) - std::abs(db1) - lse1);
-        p2 = std::exp(s[o + t] - std::abs(da2) - cb_diff_j - lse2);
+        p1 = counts.open1(j, l) ? p1 : T(0);
+        p2 = counts.open2(j, l) ? p2 : T(0);
       }
       const T g1 = polyline::softmax_grad(p1, dp[o + t], delta1);
       const T g2 = polyline::softmax_grad(p2, dp[o + t], delta2);
