@@ -89,26 +89,28 @@ struct DecayTables {
 // (along_rows) or column, each line's first log decay left out: it never enters the mask
 // (§1), and summing it would offset the whole line (a huge one drowning the others'
 // differences, a −inf one needing a count). counts: the running number of −inf log decays.
-// Sets *blocked when a −inf was counted and *overflow when a line's sum left the dtype.
+// Sets *blocked when a −inf was counted and *overflow when a line's sum left the dtype. Sums
+// run in double and are rounded once per entry, as ATen's CPU cumsum does.
 template <typename T>
 void head_line_sums(const T* a, int64_t H, int64_t W, bool along_rows, T* sums, T* counts,
                     bool* blocked, bool* overflow) {
   const int64_t lines = along_rows ? H : W, steps = along_rows ? W : H;
   const int64_t line_stride = along_rows ? W : 1, step_stride = along_rows ? 1 : W;
   for (int64_t line = 0; line < lines; ++line) {
-    T sum = 0, count = 0;
+    double sum = 0;
+    T count = 0, last = 0;
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t e = line * line_stride + t * step_stride;
       if (t > 0 && a[e] == -std::numeric_limits<T>::infinity()) {
         count += T(1);
       } else if (t > 0) {
-        sum += a[e];
+        sum += static_cast<double>(a[e]);
       }
-      sums[e] = sum;
+      last = sums[e] = static_cast<T>(sum);
       counts[e] = count;
     }
     *blocked = *blocked || count > T(0);
-    *overflow = *overflow || std::isinf(sum);
+    *overflow = *overflow || std::isinf(last);
   }
 }
 

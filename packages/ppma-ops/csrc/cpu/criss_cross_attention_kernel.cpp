@@ -46,40 +46,46 @@ struct Grid {
   int64_t BH, H, W, d, c;
 };
 
-// One query row of the fused mask + softmax, over keys [0, n): sr ← softmax(sr − |c_query − C|).
+// Fused mask + softmax over the rows [r0, r1) of an n×n tile (leading dimension n), each over
+// the keys [r0, r1) of the same span: S[x, span] ← softmax(S[x, span] − |C[x] − C[span]|). The
+// whole line is one span, a segment of a blocked line another (see masked_softmax_tile).
 template <typename T>
-void masked_softmax_span(T* sr, int64_t n, const T* C, T c_query) {
+void masked_softmax_span(T* s, int64_t n, const T* C, int64_t r0, int64_t r1) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
-  const int64_t nv = n - n % L;
-  const Vec cq(c_query);
-  Vec vmax(-std::numeric_limits<T>::infinity());
-  for (int64_t x = 0; x < nv; x += L) {
-    const Vec v = Vec::loadu(sr + x) - (cq - Vec::loadu(C + x)).abs();
-    v.store(sr + x);
-    vmax = at::vec::maximum(vmax, v);
+  const int64_t len = r1 - r0, nv = len - len % L;
+  const T* Cs = C + r0;
+  for (int64_t row = r0; row < r1; ++row) {
+    T* sr = s + row * n + r0;
+    const Vec cq(C[row]);
+    Vec vmax(-std::numeric_limits<T>::infinity());
+    for (int64_t x = 0; x < nv; x += L) {
+      const Vec v = Vec::loadu(sr + x) - (cq - Vec::loadu(Cs + x)).abs();
+      v.store(sr + x);
+      vmax = at::vec::maximum(vmax, v);
+    }
+    T m = at::vec::vec_reduce_all<T>(
+        [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    for (int64_t x = nv; x < len; ++x) {
+      sr[x] += criss_cross::log_mask(C[row], Cs[x]);
+      m = std::max(m, sr[x]);
+    }
+    const Vec vm(m);
+    Vec vsum(T(0));
+    for (int64_t x = 0; x < nv; x += L) {
+      const Vec e = (Vec::loadu(sr + x) - vm).exp_u20();
+      e.store(sr + x);
+      vsum = vsum + e;
+    }
+    T sum = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
+    for (int64_t x = nv; x < len; ++x) {
+      sr[x] = std::exp(sr[x] - m);
+      sum += sr[x];
+    }
+    const Vec inv(T(1) / sum);
+    for (int64_t x = 0; x < nv; x += L) (Vec::loadu(sr + x) * inv).store(sr + x);
+    for (int64_t x = nv; x < len; ++x) sr[x] *= T(1) / sum;
   }
-  T m = at::vec::vec_reduce_all<T>(
-      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (int64_t x = nv; x < n; ++x) {
-    sr[x] += criss_cross::log_mask(c_query, C[x]);
-    m = std::max(m, sr[x]);
-  }
-  const Vec vm(m);
-  Vec vsum(T(0));
-  for (int64_t x = 0; x < nv; x += L) {
-    const Vec e = (Vec::loadu(sr + x) - vm).exp_u20();
-    e.store(sr + x);
-    vsum = vsum + e;
-  }
-  T sum = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
-  for (int64_t x = nv; x < n; ++x) {
-    sr[x] = std::exp(sr[x] - m);
-    sum += sr[x];
-  }
-  const Vec inv(T(1) / sum);
-  for (int64_t x = 0; x < nv; x += L) (Vec::loadu(sr + x) * inv).store(sr + x);
-  for (int64_t x = nv; x < n; ++x) sr[x] *= T(1) / sum;
 }
 
 // Fused mask + softmax over an n×n tile (leading dimension n) of one line: for every query
@@ -90,17 +96,16 @@ void masked_softmax_span(T* sr, int64_t n, const T* C, T c_query) {
 template <typename T>
 void masked_softmax_tile(T* s, int64_t n, const T* C, const T* Nc) {
   if (Nc == nullptr || Nc[0] == Nc[n - 1]) {
-    for (int64_t row = 0; row < n; ++row) masked_softmax_span(s + row * n, n, C, C[row]);
+    masked_softmax_span(s, n, C, 0, n);
     return;
   }
   for (int64_t begin = 0, end = 0; begin < n; begin = end) {
     end = criss_cross::segment_end(Nc, n, begin);
     for (int64_t row = begin; row < end; ++row) {
-      T* sr = s + row * n;
-      std::fill(sr, sr + begin, T(0));
-      std::fill(sr + end, sr + n, T(0));
-      masked_softmax_span(sr + begin, end - begin, C + begin, C[row]);
+      std::fill(s + row * n, s + row * n + begin, T(0));
+      std::fill(s + row * n + end, s + (row + 1) * n, T(0));
     }
+    masked_softmax_span(s, n, C, begin, end);
   }
 }
 
