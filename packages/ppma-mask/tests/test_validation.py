@@ -42,7 +42,7 @@ BAD_CALLS = {
     "alpha positive": (lambda: pm.polyline_mask(with_entry(A, 1e-9), A), "log_alpha"),
     "beta positive": (lambda: pm.apply_mask(A, with_entry(A, 0.1), X), "log_beta"),
     "alpha NaN": (lambda: pm.log_polyline_mask(with_entry(A, np.nan), A), "log_alpha"),
-    "beta -inf": (lambda: pm.factors(A, with_entry(A, -np.inf)), "log_beta"),
+    "beta +inf": (lambda: pm.factors(A, with_entry(A, np.inf)), "log_beta"),
     "x NaN": (lambda: pm.apply_mask(A, A, with_entry(X, np.nan, (3, 1))), "x"),
     "x inf": (lambda: pm.symmetric_scan(A[0], with_entry(np.ones(4), np.inf, 2)), "x"),
     "q inf": (lambda: pm.masked_linear_attention(with_entry(Q, np.inf), Q, X, A, A), "q"),
@@ -76,6 +76,12 @@ def test_any_positive_or_non_finite_decay_is_rejected(decays, data):
     arrays[name] = target
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         pm.apply_mask(arrays["log_alpha"], arrays["log_beta"], np.ones(target.size))
+
+
+def test_minus_infinite_log_decay_is_accepted_and_blocks():
+    """log α = −inf (α = 0) is the other boundary: the step it sits on is blocked."""
+    mask = pm.mask_1d([-0.5, -np.inf, -0.5])
+    np.testing.assert_array_equal(mask, [[1, 0, 0], [0, 1, np.exp(-0.5)], [0, np.exp(-0.5), 1]])
 
 
 def test_zero_log_decay_is_accepted_and_gives_no_decay():

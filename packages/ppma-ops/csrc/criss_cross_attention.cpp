@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   const auto acc = accumulation_type(q.scalar_type());
   const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3), c = v.size(4);
   const at::Tensor qh = per_head(q, acc), kh = per_head(k, acc), vh = per_head(v, acc);
-  const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
+  const DecayTables tables = decay_tables(kOp, log_alpha, log_beta, acc);
   const auto opts = qh.options();
   at::Tensor out = empty_for_write({B * heads, H, W, c}, opts);
   at::Tensor row_probs, rows_v, cols_v;
@@ -60,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     cols_v = empty_for_write({B * heads, H, W, c}, opts);
   }
   if (out.numel() > 0) {
-    PPMA_DISPATCH_CPU_ISA(criss_cross_forward, qh, kh, vh, ca, cb, scale, out, row_probs,
-                          rows_v, cols_v)
+    PPMA_DISPATCH_CPU_ISA(criss_cross_forward, qh, kh, vh, tables.ca, tables.cb, tables.na,
+                          tables.nb, scale, out, row_probs, rows_v, cols_v)
   }
   out = out.view({B, heads, H, W, c}).to(v.scalar_type());
   if (!keep) return {out, row_probs, rows_v, cols_v};
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
                 t->scalar_type());
   }
   const at::Tensor go = per_head(grad_out, acc);
-  const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
+  const DecayTables tables = decay_tables(kOp, log_alpha, log_beta, acc);
   const at::Tensor qh = per_head(q, acc), kh = per_head(k, acc), vh = per_head(v, acc);
   const at::Tensor rp = row_probs.contiguous().view({B * heads, H, W, W});
   const at::Tensor x1 = per_head(rows_v, acc), x2 = per_head(cols_v, acc);
@@ -116,9 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
   at::Tensor dv = alloc({B * heads, H, W, c});
   at::Tensor dla = alloc({B * heads, H, W}), dlb = alloc({B * heads, H, W});
   if (work) {
-    PPMA_DISPATCH_CPU_ISA(criss_cross_backward, go, qh, kh, vh, ca, cb, rp, x1, x2, scale,
-                          dq, dk, dv, dla, dlb)
+    PPMA_DISPATCH_CPU_ISA(criss_cross_backward, go, qh, kh, vh, tables.ca, tables.cb,
+                          tables.na, tables.nb, rp, x1, x2, scale, dq, dk, dv, dla, dlb)
   }
+  finish_decay_grads(tables, log_alpha, log_beta, dla, dlb);
   const auto dt = q.scalar_type();
   return {dq.view({B, heads, H, W, d}).to(dt), dk.view({B, heads, H, W, d}).to(dt),
           dv.view({B, heads, H, W, c}).to(v.scalar_type()), dla.view({B, heads, H, W}).to(dt),

@@ -22,13 +22,27 @@ PPMA_HOST_DEVICE inline T log_mask(T c_query, T c_key) {
   return -fabs(c_query - c_key);
 }
 
-// Row `row` of the line softmax: s[x] ← softmax_x(s[x] + log_mask(C[row], C[x])).
+// Blocked paths (docs/design.md §2.7): with log decays of −inf, C holds the line's sums of the
+// finite log decays and Nc counts the −inf ones so far. Counts never decrease along a line, so
+// the tokens with equal counts form segments; a path is open exactly inside one.
+// The end (exclusive) of the segment that starts at `begin`.
 template <typename T>
-PPMA_HOST_DEVICE inline void masked_softmax_row(T* s, int64_t n, const T* C, int64_t row) {
+PPMA_HOST_DEVICE inline int64_t segment_end(const T* Nc, int64_t n, int64_t begin) {
+  int64_t end = begin + 1;
+  while (end < n && Nc[end] == Nc[begin]) ++end;
+  return end;
+}
+
+// Row `row` of the line softmax: s[x] ← softmax_x(s[x] + log_mask(C[row], C[x])). Nc: the
+// counts of −inf log decays, or null; keys outside the row's segment get probability 0 (their
+// score becomes −inf; the row's own token keeps the maximum finite).
+template <typename T>
+PPMA_HOST_DEVICE inline void masked_softmax_row(T* s, int64_t n, const T* C, const T* Nc,
+                                                int64_t row) {
   using std::exp;
   T m = -INFINITY;
   for (int64_t x = 0; x < n; ++x) {
-    s[x] += log_mask(C[row], C[x]);
+    s[x] = (Nc != nullptr && Nc[x] != Nc[row]) ? T(-INFINITY) : s[x] + log_mask(C[row], C[x]);
     m = s[x] > m ? s[x] : m;
   }
   T sum = 0;

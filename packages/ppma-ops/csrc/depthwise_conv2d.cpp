@@ -10,13 +10,18 @@
 //
 // The autograd formula is registered here in C++ (not with torch.library.register_autograd as
 // for the attention ops): a model runs this op three times per block on small maps, where the
-// Python backward wrapper cost as much as the kernels.
+// Python backward wrapper cost as much as the kernels. When the backward itself is recorded
+// (create_graph=True) it runs ATen's convolution backward instead, whose own derivative gives
+// correct second derivatives; the native backward op has none.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <vector>
 
 #include "cpu_dispatch.h"
 #include "depthwise_conv2d_kernel.h"
@@ -96,6 +101,30 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(const at::Tenso
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The gradients as ATen's convolution backward, which autograd can differentiate again: the
+// native backward op has no derivative of its own, so a graph built through it (create_graph)
+// would silently give zero second derivatives.
+std::tuple<at::Tensor, at::Tensor> differentiable_backward(const at::Tensor& grad_out,
+                                                           const at::Tensor& x,
+                                                           const at::Tensor& weight) {
+  const int64_t C = x.size(3), kh = weight.size(2), kw = weight.size(3);
+  const std::vector<int64_t> ones{1, 1}, padding{kh / 2, kw / 2}, no_padding{0, 0};
+  auto [grad_x, grad_weight, unused] = at::convolution_backward(
+      grad_out.permute({0, 3, 1, 2}), x.permute({0, 3, 1, 2}), weight, std::nullopt, ones,
+      padding, ones, /*transposed=*/false, no_padding, C, {true, true, false});
+  return {grad_x.permute({0, 2, 3, 1}), grad_weight};
+}
+
+// True when the backward runs under create_graph and its result can depend on a tensor that
+// requires a gradient.
+bool builds_graph(std::initializer_list<const at::Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
 class DepthwiseConv2dFunction : public torch::autograd::Function<DepthwiseConv2dFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -117,7 +146,9 @@ class DepthwiseConv2dFunction : public torch::autograd::Function<DepthwiseConv2d
                              const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad_out = grads[0];
-    auto [grad_x, grad_weight] = op.call(grad_out, saved[0], saved[1]);
+    const bool graph = builds_graph({&grad_out, &saved[0], &saved[1]}) && saved[0].numel() > 0;
+    auto [grad_x, grad_weight] = graph ? differentiable_backward(grad_out, saved[0], saved[1])
+                                       : op.call(grad_out, saved[0], saved[1]);
     at::Tensor grad_bias;
     if (ctx->saved_data["has_bias"].toBool()) grad_bias = grad_out.sum({0, 1, 2});
     return {grad_x, grad_weight, grad_bias};

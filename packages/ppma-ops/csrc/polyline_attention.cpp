@@ -40,13 +40,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd_cpu(
   const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3);
   const int64_t N = H * W, c = v.size(4);
   const at::Tensor qf = flat_tokens(q, acc), kf = flat_tokens(k, acc), vf = flat_tokens(v, acc);
-  const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
+  const DecayTables tables = decay_tables(kOp, log_alpha, log_beta, acc);
   const auto opts = qf.options();
   at::Tensor out = at::empty({B * heads, N, c}, opts);
   at::Tensor parts = at::empty({B * heads, 2, N, c}, opts);
   at::Tensor lse = at::empty({B * heads, 2, N}, opts);
   if (B * heads * N > 0) {
-    PPMA_DISPATCH_CPU_ISA(polyline_attention_forward, qf, kf, vf, ca, cb, scale, out, parts, lse)
+    PPMA_DISPATCH_CPU_ISA(polyline_attention_forward, qf, kf, vf, tables.ca, tables.cb,
+                          tables.na, tables.nb, scale, out, parts, lse)
   }
   return {out.view({B, heads, H, W, c}).to(v.scalar_type()),
           parts.view({B, heads, 2, H, W, c}), lse.view({B, heads, 2, H, W})};
@@ -72,7 +73,7 @@ polyline_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
               "returned by polyline_attention_fwd");
   const at::Tensor go = flat_tokens(grad_out, acc);
   const at::Tensor qf = flat_tokens(q, acc), kf = flat_tokens(k, acc), vf = flat_tokens(v, acc);
-  const auto [ca, cb] = cumsum_tables(log_alpha, log_beta, acc);
+  const DecayTables tables = decay_tables(kOp, log_alpha, log_beta, acc);
   const at::Tensor parts_f = parts.contiguous().view({B * heads, 2, N, c});
   // Softmax-backward row sums: delta_p,u = ½·dO_u·O_p,u.
   const at::Tensor delta = (go.unsqueeze(1) * parts_f).sum(-1).mul_(0.5).contiguous();
@@ -84,13 +85,14 @@ polyline_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
   at::Tensor dca = at::zeros({B * heads, H, W}, opts);
   at::Tensor dcb = at::zeros({B * heads, H, W}, opts);
   if (B * heads * N > 0) {
-    PPMA_DISPATCH_CPU_ISA(polyline_attention_backward, go, qf, kf, vf, ca, cb, lse_f, delta,
-                          scale, dq, dk, dv, dca, dcb)
+    PPMA_DISPATCH_CPU_ISA(polyline_attention_backward, go, qf, kf, vf, tables.ca, tables.cb,
+                          tables.na, tables.nb, lse_f, delta, scale, dq, dk, dv, dca, dcb)
   }
   // Gradients of the cumsum tables → of the log decays: reverse cumsums (along W for Ca,
   // along H for Cb).
-  const at::Tensor dla = dca.flip(-1).cumsum(-1).flip(-1).view({B, heads, H, W});
-  const at::Tensor dlb = dcb.flip(-2).cumsum(-2).flip(-2).view({B, heads, H, W});
+  at::Tensor dla = dca.flip(-1).cumsum(-1).flip(-1).view({B, heads, H, W});
+  at::Tensor dlb = dcb.flip(-2).cumsum(-2).flip(-2).view({B, heads, H, W});
+  finish_decay_grads(tables, log_alpha, log_beta, dla, dlb);
   return {dq.view({B, heads, H, W, d}).to(q.scalar_type()),
           dk.view({B, heads, H, W, d}).to(k.scalar_type()),
           dv.view({B, heads, H, W, c}).to(v.scalar_type()),

@@ -22,6 +22,25 @@ PPMA_HOST_DEVICE inline T log_mask(T ca_row_a, T ca_row_b, T cb_col_a, T cb_col_
   return -std::abs(ca_row_a - ca_row_b) - std::abs(cb_col_a - cb_col_b);
 }
 
+// Blocked paths (docs/design.md §2.7). When some log decays are −inf, Ca and Cb hold the sums
+// of the finite log decays and Na, Nb count the −inf ones so far along each row / column. A
+// path is open exactly when the counts at the two ends of both legs agree (the operands in
+// log_mask's order, counts for sums); its mask is then log_mask of the finite sums, exact (no
+// −inf − (−inf)); a blocked path has log mask −inf, a mask entry of exactly 0.
+template <typename T>
+PPMA_HOST_DEVICE inline bool path_open(T na_row_a, T na_row_b, T nb_col_a, T nb_col_b) {
+  return na_row_a == na_row_b && nb_col_a == nb_col_b;
+}
+
+// exp(x − m) for a score x of an online softmax whose running maximum is m ≥ x. A blocked
+// score (x = −inf) weighs 0 also while every key so far was blocked (m = −inf), where
+// exp(−inf − (−inf)) would be NaN.
+template <typename T>
+PPMA_HOST_DEVICE inline T online_softmax_weight(T x, T m) {
+  using std::exp;
+  return x == -INFINITY ? T(0) : exp(x - m);
+}
+
 // d|x|/dx with the value 0 at x = 0, as torch.abs's gradient: decays that are exactly 1
 // (log decay 0) make cumsum differences vanish and then contribute no mask gradient.
 template <typename T>

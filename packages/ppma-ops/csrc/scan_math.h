@@ -45,7 +45,9 @@ PPMA_HOST_DEVICE inline void mix_line(const acc_t* x, acc_t* out, int64_t n, int
       for (int64_t ch = 0; ch < c; ++ch) ot[g * c + ch] = xt[g * c + ch] + a * prev[g * c + ch];
     }
   }
-  // Backward scan in carry; out_t = F_t + G_t − x_t (G_{n−1} = x_{n−1}, so the last step keeps F).
+  // Backward scan in carry; out_t = F_t + (G_t − x_t) = F_t + e^{a_{t+1}}·G_{t+1}, added as that
+  // product: forming G_t and subtracting x_t would turn an infinite x_t into inf − inf = NaN
+  // (docs/design.md §2.7) and loses low bits of the tail to cancellation.
   const acc_t* xl = x + (n - 1) * step;
   for (int64_t e = 0; e < lanes; ++e) carry[e] = xl[e];
   for (int64_t t = n - 2; t >= 0; --t) {
@@ -55,8 +57,9 @@ PPMA_HOST_DEVICE inline void mix_line(const acc_t* x, acc_t* out, int64_t n, int
       const acc_t a = decay(dec[(t + 1) * dstep + g * dgroup]);
       for (int64_t ch = 0; ch < c; ++ch) {
         const int64_t e = g * c + ch;
-        carry[e] = xt[e] + a * carry[e];
-        ot[e] += carry[e] - xt[e];
+        const acc_t tail = a * carry[e];
+        ot[e] += tail;
+        carry[e] = xt[e] + tail;
       }
     }
   }

@@ -191,6 +191,61 @@ def test_polyline_scan_matches_reference(transpose: bool, shape, dtype) -> None:
         _assert_close(g, rg, atol=10 * tol, rtol=10 * tol, what=f"d{name}")
 
 
+def _blocked(inputs, seed: int, rate: float = 0.3):
+    """Some log decays set to −inf (decays of 0, docs/design.md §2.7)."""
+    gen = torch.Generator().manual_seed(seed)
+    *qkv, la, lb = inputs
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        hit = torch.rand(t.shape, generator=gen) < rate
+        return t.masked_fill(hit.to(t.device), -float("inf"))
+
+    return (*qkv, cut(la), cut(lb))
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION))
+@pytest.mark.parametrize("shape", [(2, 2, 6, 9, 16, 16), (1, 1, 3, 80, 8, 8), (1, 1, 40, 4, 8, 8)])
+def test_attention_with_blocked_paths_matches_reference(kind: str, shape) -> None:
+    # Heads with −inf log decays take the counted (blocked) mask; heads without, the plain one.
+    native, ref = ATTENTION[kind]
+    inputs = _blocked(_problem(shape, dtype=torch.float64, seed=11), seed=12)
+    out, grads = _forward_and_grads(native, inputs)
+    ref_out, ref_grads = _forward_and_grads(ref, inputs)
+    assert not out.isnan().any()
+    _assert_close(out, ref_out, atol=1e-10, rtol=1e-9, what="out")
+    for name, g, rg in zip(GRAD_NAMES, grads, ref_grads, strict=True):
+        _assert_close(g, rg, atol=1e-9, rtol=1e-8, what=f"d{name}")
+
+
+def test_polyline_attention_with_every_vertical_step_blocked() -> None:
+    # A query then reaches only its own grid row through M: its first key tiles are all
+    # blocked, and the running softmax maximum stays −inf across them.
+    q, k, v, la, lb = _problem((1, 2, 12, 30, 8, 8), dtype=torch.float64, seed=13)
+    lb = torch.full_like(lb, -float("inf"))
+    out = ppma_ops.polyline_attention(q, k, v, la, lb)
+    _assert_close(out, reference.polyline_attention(q, k, v, la, lb), atol=1e-10, rtol=1e-9,
+                  what="out")  # fmt: skip
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_polyline_scan_with_blocked_paths_and_infinite_values(transpose: bool) -> None:
+    _, _, x, la, lb = _blocked(_problem((2, 2, 5, 7, 1, 3), dtype=torch.float64, seed=14), 15)
+    y = ppma_ops.polyline_scan(x, la, lb, transpose=transpose)
+    expected = reference.polyline_scan(x, la, lb, transpose=transpose)
+    _assert_close(y, expected, atol=1e-11, rtol=1e-11, what="y")
+    _, _, x, la, lb = _problem((1, 1, 4, 5, 1, 2), seed=16)
+    x[0, 0, 1, 2, 0] = float("inf")  # every mask entry is positive: +inf reaches every token
+    y = ppma_ops.polyline_scan(x, la, lb, transpose=transpose)
+    assert torch.all(y[..., 0] == float("inf")) and torch.isfinite(y[..., 1]).all()
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION))
+def test_second_derivatives_on_cuda(kind: str) -> None:
+    native, _ = ATTENTION[kind]
+    inputs = [t.requires_grad_(True) for t in _problem((1, 2, 2, 3, 4, 3), dtype=torch.float64)]
+    assert torch.autograd.gradgradcheck(lambda *a: native(*a, scale=0.7), inputs, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", sorted(ATTENTION))
 def test_cuda_kernel_matches_cpu_kernel_including_saved_tensors(kind: str) -> None:
     # The fake kernels describe the saved tensors by the CPU layout; the CUDA op must agree.

@@ -16,17 +16,14 @@ import scipy.sparse as sp
 from numpy.typing import ArrayLike, NDArray
 
 from ppma_mask import validation
-from ppma_mask.mask import cumsum_excluding_first
+from ppma_mask.mask import line_log_masks
 
 __all__ = ["broadcast_factors", "column_masks", "factors", "row_masks"]
 
 
 def stack_line_masks(log_lines: NDArray[np.float64]) -> NDArray[np.float64]:
     """The 1-D mask of every line: (m, n) log decays → (m, n, n). No argument checks."""
-    c = cumsum_excluding_first(log_lines, axis=1)
-    log_masks = c[:, :, None] - c[:, None, :]
-    np.abs(log_masks, out=log_masks)
-    np.negative(log_masks, out=log_masks)
+    log_masks = line_log_masks(log_lines)
     return np.exp(log_masks, out=log_masks)
 
 

@@ -48,6 +48,25 @@ def cumsum_excluding_first(log_a: NDArray[np.float64], axis: int) -> NDArray[np.
     return np.cumsum(trimmed, axis=axis)
 
 
+def line_log_masks(log_lines: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The log 1-D mask of every line: (m, n) log decays → (m, n, n), no argument checks.
+
+    Entry [q, s, t] is −|C_s − C_t| over the line's cumsum C, except that a step with log decay
+    −inf (a decay of 0) in (min(s, t), max(s, t)] makes it −inf. Subtracting cumsums that both
+    passed such a step would give −inf − (−inf) = NaN, so the −inf steps are counted apart from
+    the finite partial sums: pairs on the same side of every −inf step subtract finite sums
+    exactly, pairs with different counts between them are blocked.
+    """
+    blocked = np.isneginf(log_lines)
+    finite = cumsum_excluding_first(np.where(blocked, 0.0, log_lines), axis=1)
+    crossed = cumsum_excluding_first(blocked.astype(np.float64), axis=1)
+    log_masks = finite[:, :, None] - finite[:, None, :]
+    np.abs(log_masks, out=log_masks)
+    np.negative(log_masks, out=log_masks)
+    log_masks[crossed[:, :, None] != crossed[:, None, :]] = -np.inf
+    return log_masks
+
+
 def cumulative_log_decays(
     log_alpha: ArrayLike, log_beta: ArrayLike
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -55,17 +74,20 @@ def cumulative_log_decays(
 
     ``Ca[i, j] = Σ_{0<t≤j} log_alpha[i, t]`` (along rows), ``Cb[i, l] = Σ_{0<s≤i} log_beta[s, l]``
     (along columns). Any constant offset per row (column) cancels in the mask; this one makes
-    ``Ca[:, 0] = Cb[0, :] = 0``.
+    ``Ca[:, 0] = Cb[0, :] = 0``. A log decay of −inf makes the rest of its line −inf (the
+    masks themselves are built from finite partial sums, see ``line_log_masks``).
     """
     a, b = validation.log_decay_grid(log_alpha, log_beta)
     return cumsum_excluding_first(a, axis=1), cumsum_excluding_first(b, axis=0)
 
 
 def log_mask_1d(log_a: ArrayLike) -> NDArray[np.float64]:
-    """Log of the symmetric 1-D mask: (n,) → (n, n), entries −|C_s − C_t| ≤ 0."""
+    """Log of the symmetric 1-D mask: (n,) → (n, n), entries −|C_s − C_t| ≤ 0.
+
+    −inf where a log decay of −inf lies between s and t (the path is blocked).
+    """
     a = validation.log_decay_1d(log_a, "log_a")
-    c = cumsum_excluding_first(a, axis=0)
-    return -np.abs(c[:, None] - c[None, :])
+    return line_log_masks(a[None, :])[0]
 
 
 def mask_1d(log_a: ArrayLike) -> NDArray[np.float64]:
@@ -89,13 +111,10 @@ def causal_mask_1d(log_a: ArrayLike) -> NDArray[np.float64]:
 def _log_mask_v2h(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
     """log L for validated (H, W) log decays, as an (N, N) array (row-major tokens)."""
     height, width = a.shape
-    ca = cumsum_excluding_first(a, axis=1)
-    cb = cumsum_excluding_first(b, axis=0)
     # horizontal leg: depends on (i, j, l) only; vertical leg: on (i, k, l) only.
-    horizontal = np.abs(ca[:, :, None] - ca[:, None, :])  # [i, j, l]
-    vertical = np.abs(cb[:, None, :] - cb[None, :, :])  # [i, k, l]
-    log_l = horizontal[:, :, None, :] + vertical[:, None, :, :]  # [i, j, k, l]
-    np.negative(log_l, out=log_l)  # in place: this is the one N×N-sized temporary
+    horizontal = line_log_masks(a)  # [i, j, l]
+    vertical = line_log_masks(b.T).transpose(1, 2, 0)  # [l, i, k] → [i, k, l]
+    log_l = horizontal[:, :, None, :] + vertical[:, None, :, :]  # [i, j, k, l], the N×N one
     n = height * width
     return log_l.reshape(n, n)
 
@@ -192,10 +211,16 @@ def manhattan_mask(
     width = validation.grid_size(width, "W")
     g_row = validation.log_decay_scalar(log_gamma_row, "log_gamma_row")
     g_col = validation.log_decay_scalar(log_gamma_col, "log_gamma_col")
-    rows = np.arange(height)
-    cols = np.arange(width)
-    log_h = g_row * np.abs(cols[:, None] - cols[None, :])  # [j, l]
-    log_v = g_col * np.abs(rows[:, None] - rows[None, :])  # [i, k]
+    log_h = _steps_times(g_row, width)  # [j, l]
+    log_v = _steps_times(g_col, height)  # [i, k]
     log_m = log_h[None, :, None, :] + log_v[:, None, :, None]
     n = height * width
     return np.exp(log_m).reshape(n, n)
+
+
+def _steps_times(log_gamma: float, n: int) -> NDArray[np.float64]:
+    """(n, n) array log_gamma·|s − t|, 0 on the diagonal also for log_gamma = −inf (γ⁰ = 1)."""
+    steps = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]).astype(np.float64)
+    out = np.zeros_like(steps)
+    np.multiply(log_gamma, steps, out=out, where=steps > 0)
+    return out

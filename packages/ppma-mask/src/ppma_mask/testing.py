@@ -23,6 +23,7 @@ __all__ = [
     "LOG_DECAY_MAX",
     "LOG_DECAY_MIN",
     "assert_products_close",
+    "blocked_grids",
     "grid_shapes",
     "grids",
     "log_decays",
@@ -61,6 +62,24 @@ def grids(
     """(log_alpha, log_beta), both (H, W), on a random grid."""
     shape = draw(grid_shapes(min_side, max_side))
     return draw(log_decays(shape)), draw(log_decays(shape))
+
+
+@st.composite
+def blocked_grids(
+    draw: st.DrawFn, min_side: int = 1, max_side: int = 8
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Like ``grids``, with some log decays set to −inf (decays of exactly 0, blocked steps).
+
+    Each entry is blocked with a drawn probability up to 1/2, so grids range from a single
+    blocked step to most paths cut.
+    """
+    log_alpha, log_beta = draw(grids(min_side, max_side))
+    rate = draw(st.floats(0.05, 0.5))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    for table in (log_alpha, log_beta):
+        table[rng.random(table.shape) < rate] = -np.inf
+    return log_alpha, log_beta
 
 
 def right_hand_sides(

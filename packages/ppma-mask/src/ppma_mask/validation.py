@@ -37,11 +37,17 @@ def check_finite(array: NDArray[np.float64], name: str) -> None:
 
 
 def check_log_decay_values(array: NDArray[np.float64], name: str) -> None:
-    """A log decay must be finite and ≤ 0 (the decay itself lies in (0, 1])."""
-    check_finite(array, name)
+    """A log decay must be ≤ 0 and not NaN (the decay itself lies in [0, 1]).
+
+    −inf is a decay of exactly 0: it blocks every path that steps onto its token, whose mask
+    entries are then exactly 0 (docs/design.md §2.7).
+    """
+    nan = int(np.count_nonzero(np.isnan(array)))
+    if nan:
+        raise ValueError(f"{name} contains {nan} NaN value(s)")
     if array.size and array.max() > 0.0:
         raise ValueError(
-            f"{name} must be <= 0 (the log of a decay in (0, 1]); its largest entry is "
+            f"{name} must be <= 0 (the log of a decay in [0, 1]); its largest entry is "
             f"{array.max():.6g}"
         )
 
@@ -58,7 +64,7 @@ def log_decay_1d(log_a: ArrayLike, name: str = "log_a") -> NDArray[np.float64]:
 def log_decay_grid(
     log_alpha: ArrayLike, log_beta: ArrayLike
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Check the two (H, W) tables of log decays: same shape, H, W ≥ 1, finite, ≤ 0."""
+    """Check the two (H, W) tables of log decays: same shape, H, W ≥ 1, ≤ 0, no NaN."""
     alpha = log_decay_table(log_alpha, "log_alpha")
     beta = as_float_array(log_beta, "log_beta")
     if beta.shape != alpha.shape:
@@ -70,7 +76,7 @@ def log_decay_grid(
 
 
 def log_decay_table(value: ArrayLike, name: str) -> NDArray[np.float64]:
-    """Check one (H, W) table of log decays: H, W ≥ 1, finite, ≤ 0."""
+    """Check one (H, W) table of log decays: H, W ≥ 1, ≤ 0, no NaN."""
     table = as_float_array(value, name)
     if table.ndim != 2 or 0 in table.shape:
         raise ValueError(f"{name} must have shape (H, W) with H, W >= 1, got {table.shape}")
@@ -107,7 +113,7 @@ def grid_size(value: object, name: str) -> int:
 
 
 def log_decay_scalar(value: object, name: str) -> float:
-    """A single finite log decay ≤ 0."""
+    """A single log decay ≤ 0 (−inf allowed), not NaN."""
     array = as_float_array(value, name)  # type: ignore[arg-type]
     if array.ndim != 0:
         raise ValueError(f"{name} must be a scalar, got shape {array.shape}")

@@ -46,26 +46,28 @@ struct Grid {
   int64_t BH, H, W, d, c;
 };
 
-// Fused mask + softmax over an n×n tile (leading dimension n) of one line: for every query
-// row x, S[x, :] ← softmax(S[x, :] − |C[x] − C[:]|).
+// Fused mask + softmax over the rows [r0, r1) of an n×n tile (leading dimension n), each over
+// the keys [r0, r1) of the same span: S[x, span] ← softmax(S[x, span] − |C[x] − C[span]|). The
+// whole line is one span, a segment of a blocked line another (see masked_softmax_tile).
 template <typename T>
-void masked_softmax_tile(T* s, int64_t n, const T* C) {
+void masked_softmax_span(T* s, int64_t n, const T* C, int64_t r0, int64_t r1) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
-  const int64_t nv = n - n % L;
-  for (int64_t row = 0; row < n; ++row) {
-    T* sr = s + row * n;
+  const int64_t len = r1 - r0, nv = len - len % L;
+  const T* Cs = C + r0;
+  for (int64_t row = r0; row < r1; ++row) {
+    T* sr = s + row * n + r0;
     const Vec cq(C[row]);
     Vec vmax(-std::numeric_limits<T>::infinity());
     for (int64_t x = 0; x < nv; x += L) {
-      const Vec v = Vec::loadu(sr + x) - (cq - Vec::loadu(C + x)).abs();
+      const Vec v = Vec::loadu(sr + x) - (cq - Vec::loadu(Cs + x)).abs();
       v.store(sr + x);
       vmax = at::vec::maximum(vmax, v);
     }
-    T m = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); },
-                                     vmax);
-    for (int64_t x = nv; x < n; ++x) {
-      sr[x] += criss_cross::log_mask(C[row], C[x]);
+    T m = at::vec::vec_reduce_all<T>(
+        [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    for (int64_t x = nv; x < len; ++x) {
+      sr[x] += criss_cross::log_mask(C[row], Cs[x]);
       m = std::max(m, sr[x]);
     }
     const Vec vm(m);
@@ -76,13 +78,34 @@ void masked_softmax_tile(T* s, int64_t n, const T* C) {
       vsum = vsum + e;
     }
     T sum = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
-    for (int64_t x = nv; x < n; ++x) {
+    for (int64_t x = nv; x < len; ++x) {
       sr[x] = std::exp(sr[x] - m);
       sum += sr[x];
     }
     const Vec inv(T(1) / sum);
     for (int64_t x = 0; x < nv; x += L) (Vec::loadu(sr + x) * inv).store(sr + x);
-    for (int64_t x = nv; x < n; ++x) sr[x] *= T(1) / sum;
+    for (int64_t x = nv; x < len; ++x) sr[x] *= T(1) / sum;
+  }
+}
+
+// Fused mask + softmax over an n×n tile (leading dimension n) of one line: for every query
+// row x, S[x, :] ← softmax(S[x, :] − |C[x] − C[:]|). Nc: the line's counts of −inf log decays
+// (docs/design.md §2.7), or null. Counts never decrease along a line, so equal counts form
+// segments, and a path is open exactly inside one: a query's softmax runs over its segment
+// and the keys beyond get probability exactly 0 (C holds the finite sums, exact inside).
+template <typename T>
+void masked_softmax_tile(T* s, int64_t n, const T* C, const T* Nc) {
+  if (Nc == nullptr || Nc[0] == Nc[n - 1]) {
+    masked_softmax_span(s, n, C, 0, n);
+    return;
+  }
+  for (int64_t begin = 0, end = 0; begin < n; begin = end) {
+    end = criss_cross::segment_end(Nc, n, begin);
+    for (int64_t row = begin; row < end; ++row) {
+      std::fill(s + row * n, s + row * n + begin, T(0));
+      std::fill(s + row * n + end, s + (row + 1) * n, T(0));
+    }
+    masked_softmax_span(s, n, C, begin, end);
   }
 }
 
@@ -229,13 +252,31 @@ T* scratch(int64_t n) {
 
 // The column softmaxes B̂_l of a block of gathered columns: scores, mask and softmax of column
 // j into `tile` (H×H). Shared by the forward and the backward, which recomputes them rather
-// than reading them back from memory, so both see bitwise the same tile.
+// than reading them back from memory, so both see bitwise the same tile. Nc: the gathered
+// columns' counts of −inf log decays, or null (§2.7).
 template <typename T>
-void column_probs(const T* qc, const T* kc, const T* C, int64_t H, int64_t d, T scale,
-                  int64_t j, T* tile) {
+void column_probs(const T* qc, const T* kc, const T* C, const T* Nc, int64_t H, int64_t d,
+                  T scale, int64_t j, T* tile) {
   tile_gemm<T>(false, true, H, H, d, scale, qc + j * H * d, d, kc + j * H * d, d, T(0), tile, H);
-  masked_softmax_tile<T>(tile, H, C + j * H);
+  masked_softmax_tile<T>(tile, H, C + j * H, Nc == nullptr ? nullptr : Nc + j * H);
 }
+
+// The count tables of docs/design.md §2.7 where some log decay is −inf, else null pointers.
+template <typename T>
+struct CountTables {
+  const T* na;  // (BH, H, W), along rows
+  const T* nb;  // (BH, H, W), along columns
+  CountTables(const at::Tensor& na_t, const at::Tensor& nb_t)
+      : na(na_t.defined() ? na_t.const_data_ptr<T>() : nullptr),
+        nb(nb_t.defined() ? nb_t.const_data_ptr<T>() : nullptr) {}
+  const T* row(int64_t r, int64_t W) const { return na == nullptr ? nullptr : na + r * W; }
+  // Gathers columns [l0, l0 + n) of head bh into `dst` (n·H values); null when not blocked.
+  const T* gather(int64_t bh, int64_t H, int64_t W, int64_t l0, int64_t n, T* dst) const {
+    if (nb == nullptr) return nullptr;
+    gather_columns(nb + bh * H * W, H, W, 1, l0, n, dst);
+    return dst;
+  }
+};
 
 // Where one head's Â (H, W, W), X₁ and X₂ (H, W, c) live during the forward.
 template <typename T>
@@ -251,9 +292,9 @@ struct HeadState {
 // temporaries.
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& ca, const at::Tensor& cb, T scale, at::Tensor& out,
-                  const at::Tensor& row_probs, const at::Tensor& rows_v,
-                  const at::Tensor& cols_v) {
+                  const at::Tensor& ca, const at::Tensor& cb, const CountTables<T>& counts,
+                  T scale, at::Tensor& out, const at::Tensor& row_probs,
+                  const at::Tensor& rows_v, const at::Tensor& cols_v) {
   const Grid g{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
   const int64_t H = g.H, W = g.W, d = g.d, c = g.c;
   const T* qp = q.const_data_ptr<T>();
@@ -289,7 +330,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t r = bh * H + i;
       T* p = st.probs + i * W * W;
       tile_gemm<T>(false, true, W, W, d, scale, qp + r * W * d, d, kp + r * W * d, d, T(0), p, W);
-      masked_softmax_tile<T>(p, W, cap + r * W);
+      masked_softmax_tile<T>(p, W, cap + r * W, counts.row(r, W));
       tile_gemm<T>(false, false, W, c, W, T(1), p, W, vp + r * W * c, c, T(0),
                    st.x1 + i * W * c, c);
     }
@@ -301,6 +342,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     T* C = scratch<T, 0>(kColumnBlock * H);
     T* p = scratch<T, 1>(H * H);
     T* qc = scratch<T, 2>(2 * td + 4 * tc);
+    T* Nc_buf = counts.nb == nullptr ? nullptr : scratch<T, 3>(kColumnBlock * H);
     T* kc = qc + td;
     T* vc = kc + td;
     T* x1c = vc + tc;
@@ -310,13 +352,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     for (int64_t t = t0; t < t1; ++t) {
       const auto [l0, n] = ColumnBlock(t, W);
       gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C);
+      const T* Nc = counts.gather(bh, H, W, l0, n, Nc_buf);
       gather_columns(qp + qh, H, W, d, l0, n, qc);
       gather_columns(kp + qh, H, W, d, l0, n, kc);
       gather_columns(vp + vh, H, W, c, l0, n, vc);
       gather_columns(st.x1, H, W, c, l0, n, x1c);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t jc = j * H * c;
-        column_probs(qc, kc, C, H, d, scale, j, p);
+        column_probs(qc, kc, C, Nc, H, d, scale, j, p);
         tile_gemm<T>(false, false, H, c, H, T(1), p, H, vc + jc, c, T(0), x2c + jc, c);
         tile_gemm<T>(false, false, H, c, H, T(0.5), p, H, x1c + jc, c, T(0), oc + jc, c);
       }
@@ -336,10 +379,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   run_phases(g.BH, {rows, columns, rows_again});
 }
 
+// The saved row softmaxes are exactly 0 on blocked pairs, and so are the recomputed column
+// ones: those pairs add nothing to dS, hence nothing to any gradient.
 template <typename T>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& ca, const at::Tensor& cb,
-                   const at::Tensor& row_probs, const at::Tensor& rows_v,
+                   const CountTables<T>& counts, const at::Tensor& row_probs,
+                   const at::Tensor& rows_v,
                    const at::Tensor& cols_v, T scale, at::Tensor& dq, at::Tensor& dk,
                    at::Tensor& dv, at::Tensor& d_log_alpha, at::Tensor& d_log_beta) {
   const Grid g{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
@@ -376,6 +422,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const Phase columns{ColumnBlock::count(W), [&](int64_t bh, int64_t t0, int64_t t1) {
     const int64_t td = kColumnBlock * H * d, tc = kColumnBlock * H * c;
     T* C = scratch<T, 0>(kColumnBlock * H);
+    T* Nc_buf = counts.nb == nullptr ? nullptr : scratch<T, 3>(kColumnBlock * H);
     T* p = scratch<T, 1>(2 * H * H + H);
     T* ds = p + H * H;
     T* dC = ds + H * H;
@@ -393,6 +440,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
     for (int64_t t = t0; t < t1; ++t) {
       const auto [l0, n] = ColumnBlock(t, W);
       gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C);
+      const T* Nc = counts.gather(bh, H, W, l0, n, Nc_buf);
       gather_columns(qp + qh, H, W, d, l0, n, qc);
       gather_columns(kp + qh, H, W, d, l0, n, kc);
       gather_columns(vp + vh, H, W, c, l0, n, vc);
@@ -401,7 +449,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       gather_columns(dx2p + vh, H, W, c, l0, n, dx2c);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t jd = j * H * d, jc = j * H * c;
-        column_probs(qc, kc, C, H, d, scale, j, p);
+        column_probs(qc, kc, C, Nc, H, d, scale, j, p);
         tile_gemm<T>(true, false, H, c, H, T(0.5), p, H, gc + jc, c, T(0), dx1c + jc, c);
         tile_gemm<T>(false, true, H, H, c, T(0.5), gc + jc, c, x1c + jc, c, T(0), ds, H);
         tile_gemm<T>(false, true, H, H, c, T(1), dx2c + jc, c, vc + jc, c, T(1), ds, H);
@@ -439,29 +487,33 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
 }  // namespace
 
 void criss_cross_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& ca, const at::Tensor& cb, double scale,
-                         at::Tensor& out, const at::Tensor& row_probs, const at::Tensor& rows_v,
+                         const at::Tensor& ca, const at::Tensor& cb, const at::Tensor& na,
+                         const at::Tensor& nb, double scale, at::Tensor& out,
+                         const at::Tensor& row_probs, const at::Tensor& rows_v,
                          const at::Tensor& cols_v) {
   if (q.scalar_type() == at::kDouble) {
-    forward_impl<double>(q, k, v, ca, cb, scale, out, row_probs, rows_v, cols_v);
+    forward_impl<double>(q, k, v, ca, cb, CountTables<double>(na, nb), scale, out, row_probs,
+                         rows_v, cols_v);
   } else {
-    forward_impl<float>(q, k, v, ca, cb, static_cast<float>(scale), out, row_probs, rows_v,
-                        cols_v);
+    forward_impl<float>(q, k, v, ca, cb, CountTables<float>(na, nb), static_cast<float>(scale),
+                        out, row_probs, rows_v, cols_v);
   }
 }
 
 void criss_cross_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& ca, const at::Tensor& cb,
+                          const at::Tensor& na, const at::Tensor& nb,
                           const at::Tensor& row_probs, const at::Tensor& rows_v,
                           const at::Tensor& cols_v, double scale, at::Tensor& dq,
                           at::Tensor& dk, at::Tensor& dv, at::Tensor& d_log_alpha,
                           at::Tensor& d_log_beta) {
   if (q.scalar_type() == at::kDouble) {
-    backward_impl<double>(grad_out, q, k, v, ca, cb, row_probs, rows_v, cols_v, scale, dq, dk,
-                          dv, d_log_alpha, d_log_beta);
+    backward_impl<double>(grad_out, q, k, v, ca, cb, CountTables<double>(na, nb), row_probs,
+                          rows_v, cols_v, scale, dq, dk, dv, d_log_alpha, d_log_beta);
   } else {
-    backward_impl<float>(grad_out, q, k, v, ca, cb, row_probs, rows_v, cols_v,
-                         static_cast<float>(scale), dq, dk, dv, d_log_alpha, d_log_beta);
+    backward_impl<float>(grad_out, q, k, v, ca, cb, CountTables<float>(na, nb), row_probs,
+                         rows_v, cols_v, static_cast<float>(scale), dq, dk, dv, d_log_alpha,
+                         d_log_beta);
   }
 }
 

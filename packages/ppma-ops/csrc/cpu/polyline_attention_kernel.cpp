@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "polyline_attention_kernel.h"
@@ -69,6 +70,51 @@ inline Vectorized<T> sign_times(const Vectorized<T>& x, const Vectorized<T>& g) 
   return Vectorized<T>::blendv(zero, g, x > zero) - Vectorized<T>::blendv(zero, g, x < zero);
 }
 
+// One head's cumsum tables (H×W, row-major). na, nb count the −inf log decays along rows /
+// columns (docs/design.md §2.7); they are read only by the kBlocked instantiations, which run
+// when some log decay is −inf, so the common case pays nothing for them.
+template <typename T>
+struct HeadTables {
+  const T* ca;
+  const T* cb;
+  const T* na;
+  const T* nb;
+};
+
+// The count operands of a query (i, j) against the key segment of row k (kBlocked only): which
+// keys l have a blocked path, for M (leg along row i, then column l from row k) and for Mᵀ
+// (leg along row k, then column j from row i, fixed for the segment). Blocked lanes of the
+// vector tests have all bits set; polyline::path_open is the scalar rule.
+template <typename T>
+struct SegmentCounts {
+  using V = Vectorized<T>;
+  const T* na_i;
+  const T* na_k;
+  const T* nb_i;
+  const T* nb_k;
+  T na_ij, na_kj;
+  bool column_leg2_open;
+
+  SegmentCounts() = default;  // the plain instantiations never read it
+  SegmentCounts(const HeadTables<T>& tb, long long W, long long i, long long j, long long k)
+      : na_i(tb.na + i * W), na_k(tb.na + k * W), nb_i(tb.nb + i * W), nb_k(tb.nb + k * W),
+        na_ij(na_i[j]), na_kj(na_k[j]), column_leg2_open(nb_k[j] == nb_i[j]) {}
+
+  V blocked1(long long l) const {
+    return (V(na_ij) != V::loadu(na_i + l)) | (V::loadu(nb_i + l) != V::loadu(nb_k + l));
+  }
+  V blocked2(long long l) const {
+    const V row_leg = V(na_kj) != V::loadu(na_k + l);
+    return column_leg2_open ? row_leg : V(T(0)) == V(T(0));  // all lanes when the column is cut
+  }
+  bool open1(long long j, long long l) const {
+    return polyline::path_open(na_i[j], na_i[l], nb_i[l], nb_k[l]);
+  }
+  bool open2(long long j, long long l) const {
+    return polyline::path_open(na_k[j], na_k[l], nb_k[j], nb_i[j]);
+  }
+};
+
 // Walks the key tile [v0, v1) as segments inside one grid row: f(k, l0, n, offset).
 template <typename F>
 inline void for_each_key_segment(long long v0, long long v1, long long W, F&& f) {
@@ -82,31 +128,38 @@ inline void for_each_key_segment(long long v0, long long v1, long long W, F&& f)
 }
 
 // Masked scores of one query row against a key tile: x1 = s + M, x2 = s + Mᵀ, and their maxima.
-template <typename T>
+// kBlocked: −inf where the path crosses a −inf log decay.
+template <typename T, bool kBlocked>
 inline void masked_scores_row(const T* s, long long v0, long long v1, long long W, long long i,
-                              long long j, const T* ca, const T* cb, T* x1, T* x2, T* max1,
+                              long long j, const HeadTables<T>& tb, T* x1, T* x2, T* max1,
                               T* max2) {
   using V = Vectorized<T>;
   constexpr long long L = V::size();
-  const T* ca_i = ca + i * W;
-  const T* cb_i = cb + i * W;
+  const T* ca_i = tb.ca + i * W;
+  const T* cb_i = tb.cb + i * W;
   const T ca_ij = ca_i[j], cb_ij = cb_i[j];
   const T neg_inf = -std::numeric_limits<T>::infinity();
   V vm1(neg_inf), vm2(neg_inf);
   T m1 = neg_inf, m2 = neg_inf;
   for_each_key_segment(v0, v1, W, [&](long long k, long long l0, long long n, long long o) {
-    const T* ca_k = ca + k * W;
-    const T* cb_k = cb + k * W;
+    const T* ca_k = tb.ca + k * W;
+    const T* cb_k = tb.cb + k * W;
     const T ca_kj = ca_k[j];
     const T cb_diff_j = std::abs(cb_k[j] - cb_ij);
-    const V vca_ij(ca_ij), vca_kj(ca_kj), vcb_diff_j(cb_diff_j);
+    const V vca_ij(ca_ij), vca_kj(ca_kj), vcb_diff_j(cb_diff_j), vneg_inf(neg_inf);
+    const SegmentCounts<T> counts = kBlocked ? SegmentCounts<T>(tb, W, i, j, k)
+                                             : SegmentCounts<T>{};
     long long t = 0;
     for (; t + L <= n; t += L) {
       const long long l = l0 + t;
       const V sv = V::loadu(s + o + t);
-      const V y1 = sv - (vca_ij - V::loadu(ca_i + l)).abs() -
-                   (V::loadu(cb_i + l) - V::loadu(cb_k + l)).abs();
-      const V y2 = sv - (vca_kj - V::loadu(ca_k + l)).abs() - vcb_diff_j;
+      V y1 = sv - (vca_ij - V::loadu(ca_i + l)).abs() -
+             (V::loadu(cb_i + l) - V::loadu(cb_k + l)).abs();
+      V y2 = sv - (vca_kj - V::loadu(ca_k + l)).abs() - vcb_diff_j;
+      if constexpr (kBlocked) {
+        y1 = V::blendv(y1, vneg_inf, counts.blocked1(l));
+        y2 = V::blendv(y2, vneg_inf, counts.blocked2(l));
+      }
       y1.store(x1 + o + t);
       y2.store(x2 + o + t);
       vm1 = at::vec::maximum(vm1, y1);
@@ -114,8 +167,12 @@ inline void masked_scores_row(const T* s, long long v0, long long v1, long long 
     }
     for (; t < n; ++t) {
       const long long l = l0 + t;
-      const T y1 = s[o + t] + polyline::log_mask(ca_ij, ca_i[l], cb_i[l], cb_k[l]);
-      const T y2 = s[o + t] + polyline::log_mask(ca_kj, ca_k[l], cb_k[j], cb_ij);
+      T y1 = s[o + t] + polyline::log_mask(ca_ij, ca_i[l], cb_i[l], cb_k[l]);
+      T y2 = s[o + t] + polyline::log_mask(ca_kj, ca_k[l], cb_k[j], cb_ij);
+      if constexpr (kBlocked) {
+        y1 = counts.open1(j, l) ? y1 : neg_inf;
+        y2 = counts.open2(j, l) ? y2 : neg_inf;
+      }
       x1[o + t] = y1;
       x2[o + t] = y2;
       m1 = std::max(m1, y1);
@@ -157,18 +214,28 @@ inline void scale_row(T* x, long long n, T f) {
   for (; t < n; ++t) x[t] *= f;
 }
 
+// The tables of head bh; na, nb undefined (plain problems) give null count pointers.
 template <typename T>
+HeadTables<T> head_tables(const at::Tensor& ca, const at::Tensor& cb, const at::Tensor& na,
+                          const at::Tensor& nb, long long bh) {
+  const long long N = ca.size(1) * ca.size(2);
+  const bool blocked = na.defined();
+  return {ca.const_data_ptr<T>() + bh * N, cb.const_data_ptr<T>() + bh * N,
+          blocked ? na.const_data_ptr<T>() + bh * N : nullptr,
+          blocked ? nb.const_data_ptr<T>() + bh * N : nullptr};
+}
+
+template <typename T, bool kBlocked>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& ca, const at::Tensor& cb, double scale_d, at::Tensor& out,
-                  at::Tensor& parts, at::Tensor& lse) {
+                  const at::Tensor& ca, const at::Tensor& cb, const at::Tensor& na,
+                  const at::Tensor& nb, double scale_d, at::Tensor& out, at::Tensor& parts,
+                  at::Tensor& lse) {
   const long long BH = q.size(0), N = q.size(1), d = q.size(2), c = v.size(2);
   const long long H = ca.size(1), W = ca.size(2);
   const T scale = static_cast<T>(scale_d);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
-  const T* cap = ca.data_ptr<T>();
-  const T* cbp = cb.data_ptr<T>();
   T* outp = out.data_ptr<T>();
   T* partsp = parts.data_ptr<T>();
   T* lsep = lse.data_ptr<T>();
@@ -184,8 +251,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       qt.range(tile, &u0, &u1);
       const long long nq = u1 - u0;
       const T* qtile = qp + (bh * N + u0) * d;
-      const T* ca_bh = cap + bh * N;
-      const T* cb_bh = cbp + bh * N;
+      const HeadTables<T> tb = head_tables<T>(ca, cb, na, nb, bh);
       std::fill(acc.begin(), acc.begin() + 2 * nq * c, T(0));
       std::fill(m.begin(), m.begin() + 2 * nq, neg_inf);
       std::fill(l.begin(), l.begin() + 2 * nq, T(0));
@@ -200,13 +266,19 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           T* x1 = p.data() + r * nk;
           T* x2 = p.data() + (nq + r) * nk;
           T max1, max2;
-          masked_scores_row(s.data() + r * nk, v0, v1, W, i, j, ca_bh, cb_bh, x1, x2, &max1,
-                            &max2);
+          masked_scores_row<T, kBlocked>(s.data() + r * nk, v0, v1, W, i, j, tb, x1, x2, &max1,
+                                         &max2);
           const T* maxima[2] = {&max1, &max2};
           T* rows[2] = {x1, x2};
           for (int side = 0; side < 2; ++side) {
             const long long idx = side * nq + r;
             const T m_new = std::max(m[idx], *maxima[side]);
+            // Every key so far blocked (§2.7): the tile adds nothing (and exp(−inf − (−inf))
+            // would be NaN). Plain problems never get here: their scores are finite.
+            if (kBlocked && m_new == neg_inf) {
+              std::fill(rows[side], rows[side] + nk, T(0));
+              continue;
+            }
             const T sum = exp_shift_sum(rows[side], nk, m_new);
             const T f = polyline::rescale_factor(m[idx], m_new);
             l[idx] = l[idx] * f + sum;
@@ -256,27 +328,31 @@ struct GradRowOut {
   long long keyrow0;
 };
 
-template <typename T, bool kQueryPass>
+// kBlocked: P₁, P₂ are 0 where the path crosses a −inf log decay (§2.7), so those pairs add
+// nothing to any gradient; the table differences stay finite (finite partial sums).
+template <typename T, bool kQueryPass, bool kBlocked>
 inline void grad_row(const T* s, const T* dp, long long v0, long long v1, long long W,
-                     long long i, long long j, const T* ca, const T* cb, T lse1, T lse2, T delta1,
+                     long long i, long long j, const HeadTables<T>& tb, T lse1, T lse2, T delta1,
                      T delta2, const GradRowOut& o_) {
   using V = Vectorized<T>;
   constexpr long long L = V::size();
   T* ds = static_cast<T*>(o_.ds);
-  const T* ca_i = ca + i * W;
-  const T* cb_i = cb + i * W;
+  const T* ca_i = tb.ca + i * W;
+  const T* cb_i = tb.cb + i * W;
   const T ca_ij = ca_i[j], cb_ij = cb_i[j];
   const V vlse1(lse1), vlse2(lse2), vdelta1(delta1), vdelta2(delta2), vhalf(T(0.5));
   V q_ca_acc(T(0));
   T q_ca = T(0), q_cb = T(0);
   for_each_key_segment(v0, v1, W, [&](long long k, long long l0, long long n, long long o) {
-    const T* ca_k = ca + k * W;
-    const T* cb_k = cb + k * W;
+    const T* ca_k = tb.ca + k * W;
+    const T* cb_k = tb.cb + k * W;
     const T ca_kj = ca_k[j];
     const T cb_kj_minus_ij = cb_k[j] - cb_ij;
     const T sign_b2 = polyline::abs_grad(cb_kj_minus_ij);
     const T cb_diff_j = std::abs(cb_kj_minus_ij);
-    const V vca_ij(ca_ij), vca_kj(ca_kj), vcb_diff_j(cb_diff_j);
+    const V vca_ij(ca_ij), vca_kj(ca_kj), vcb_diff_j(cb_diff_j), vzero(T(0));
+    const SegmentCounts<T> counts = kBlocked ? SegmentCounts<T>(tb, W, i, j, k)
+                                             : SegmentCounts<T>{};
     V g2_sum(T(0)), f_acc(T(0));
     T g2_sum_s = T(0), f_acc_s = T(0);
     long long t = 0;
@@ -287,8 +363,12 @@ inline void grad_row(const T* s, const T* dp, long long v0, long long v1, long l
       const V da1 = vca_ij - V::loadu(ca_i + l);
       const V db1 = V::loadu(cb_i + l) - V::loadu(cb_k + l);
       const V da2 = V::loadu(ca_k + l) - vca_kj;
-      const V p1 = (sv - da1.abs() - db1.abs() - vlse1).exp_u20();
-      const V p2 = (sv - da2.abs() - vcb_diff_j - vlse2).exp_u20();
+      V p1 = (sv - da1.abs() - db1.abs() - vlse1).exp_u20();
+      V p2 = (sv - da2.abs() - vcb_diff_j - vlse2).exp_u20();
+      if constexpr (kBlocked) {
+        p1 = V::blendv(p1, vzero, counts.blocked1(l));
+        p2 = V::blendv(p2, vzero, counts.blocked2(l));
+      }
       const V g1 = p1 * (dpv - vdelta1);
       const V g2 = p2 * (dpv - vdelta2);
       (g1 + g2).store(ds + o + t);
@@ -316,8 +396,12 @@ inline void grad_row(const T* s, const T* dp, long long v0, long long v1, long l
       const T da1 = ca_ij - ca_i[l];
       const T db1 = cb_i[l] - cb_k[l];
       const T da2 = ca_k[l] - ca_kj;
-      const T p1 = std::exp(s[o + t] - std::abs(da1) - std::abs(db1) - lse1);
-      const T p2 = std::exp(s[o + t] - std::abs(da2) - cb_diff_j - lse2);
+      T p1 = std::exp(s[o + t] - std::abs(da1) - std::abs(db1) - lse1);
+      T p2 = std::exp(s[o + t] - std::abs(da2) - cb_diff_j - lse2);
+      if constexpr (kBlocked) {
+        p1 = counts.open1(j, l) ? p1 : T(0);
+        p2 = counts.open2(j, l) ? p2 : T(0);
+      }
       const T g1 = polyline::softmax_grad(p1, dp[o + t], delta1);
       const T g2 = polyline::softmax_grad(p2, dp[o + t], delta2);
       ds[o + t] = g1 + g2;
@@ -350,12 +434,12 @@ inline void grad_row(const T* s, const T* dp, long long v0, long long v1, long l
   }
 }
 
-template <typename T>
+template <typename T, bool kBlocked>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& ca, const at::Tensor& cb,
-                   const at::Tensor& lse, const at::Tensor& delta, double scale_d,
-                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dca,
-                   at::Tensor& dcb) {
+                   const at::Tensor& na, const at::Tensor& nb, const at::Tensor& lse,
+                   const at::Tensor& delta, double scale_d, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv, at::Tensor& dca, at::Tensor& dcb) {
   const long long BH = q.size(0), N = q.size(1), d = q.size(2), c = v.size(2);
   const long long H = ca.size(1), W = ca.size(2);
   const T scale = static_cast<T>(scale_d);
@@ -363,8 +447,6 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
-  const T* cap = ca.data_ptr<T>();
-  const T* cbp = cb.data_ptr<T>();
   const T* lsep = lse.data_ptr<T>();
   const T* deltap = delta.data_ptr<T>();
   T* dqp = dq.data_ptr<T>();
@@ -394,8 +476,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       const long long nq = u1 - u0, row0 = qt.first_row(tile);
       const T* qtile = qp + (bh * N + u0) * d;
       const T* gotile = gop + (bh * N + u0) * c;
-      const T* ca_bh = cap + bh * N;
-      const T* cb_bh = cbp + bh * N;
+      const HeadTables<T> tb = head_tables<T>(ca, cb, na, nb, bh);
       T* rows_ca = q_rows_p + (bh * qt.count + tile) * qt.rows_per_tile * W;
       T* rows_cb = rows_ca + q_rows_plane;
       std::fill(dq_acc.begin(), dq_acc.begin() + nq * d, T(0));
@@ -420,9 +501,10 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
           o_.query_cb = dcbp + bh * N + u;
           o_.row_ca = rows_ca + (i - row0) * W;
           o_.row_cb = rows_cb + (i - row0) * W;
-          grad_row<T, true>(s.data() + r * nk, dp.data() + r * nk, v0, v1, W, i, j, ca_bh, cb_bh,
-                            lsep[(bh * 2) * N + u], lsep[(bh * 2 + 1) * N + u],
-                            deltap[(bh * 2) * N + u], deltap[(bh * 2 + 1) * N + u], o_);
+          grad_row<T, true, kBlocked>(s.data() + r * nk, dp.data() + r * nk, v0, v1, W, i, j,
+                                      tb, lsep[(bh * 2) * N + u], lsep[(bh * 2 + 1) * N + u],
+                                      deltap[(bh * 2) * N + u], deltap[(bh * 2 + 1) * N + u],
+                                      o_);
         }
         tile_gemm<T>(false, false, nq, d, nk, scale, ds.data(), nk, kp + (bh * N + v0) * d, d,
                      T(1), dq_acc.data(), d);
@@ -444,8 +526,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       const long long nk = v1 - v0, krow0 = kt.first_row(tile);
       const T* ktile = kp + (bh * N + v0) * d;
       const T* vtile = vp + (bh * N + v0) * c;
-      const T* ca_bh = cap + bh * N;
-      const T* cb_bh = cbp + bh * N;
+      const HeadTables<T> tb = head_tables<T>(ca, cb, na, nb, bh);
       T* rows_ca = k_rows_p + (bh * kt.count + tile) * kt.rows_per_tile * W;
       T* rows_cb = rows_ca + k_rows_plane;
       std::fill(dk_acc.begin(), dk_acc.begin() + nk * d, T(0));
@@ -470,9 +551,10 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
           o_.keyrows_ca = rows_ca;
           o_.keyrows_cb = rows_cb;
           o_.keyrow0 = krow0;
-          grad_row<T, false>(s.data() + r * nk, dp.data() + r * nk, v0, v1, W, i, j, ca_bh,
-                             cb_bh, lsep[(bh * 2) * N + u], lsep[(bh * 2 + 1) * N + u],
-                             deltap[(bh * 2) * N + u], deltap[(bh * 2 + 1) * N + u], o_);
+          grad_row<T, false, kBlocked>(s.data() + r * nk, dp.data() + r * nk, v0, v1, W, i, j,
+                                       tb, lsep[(bh * 2) * N + u], lsep[(bh * 2 + 1) * N + u],
+                                       deltap[(bh * 2) * N + u], deltap[(bh * 2 + 1) * N + u],
+                                       o_);
         }
         // dV += P̄ᵀ·dO, dK += scale·dSᵀ·Q.
         tile_gemm<T>(true, false, nk, c, nq, T(1), pbar.data(), nk, gotile, c, T(1),
@@ -513,27 +595,38 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
 
 }  // namespace
 
-void polyline_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& ca, const at::Tensor& cb, double scale,
-                                at::Tensor& out, at::Tensor& parts, at::Tensor& lse) {
+// Calls f(T{}, std::bool_constant<kBlocked>{}) for the accumulation dtype of q and for whether
+// count tables (blocked paths, §2.7) were given.
+template <typename F>
+void dispatch_dtype_blocked(const at::Tensor& q, const at::Tensor& na, F&& f) {
+  const bool blocked = na.defined();
   if (q.scalar_type() == at::kDouble) {
-    forward_impl<double>(q, k, v, ca, cb, scale, out, parts, lse);
+    blocked ? f(double{}, std::true_type{}) : f(double{}, std::false_type{});
   } else {
-    forward_impl<float>(q, k, v, ca, cb, scale, out, parts, lse);
+    blocked ? f(float{}, std::true_type{}) : f(float{}, std::false_type{});
   }
+}
+
+void polyline_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& ca, const at::Tensor& cb, const at::Tensor& na,
+                                const at::Tensor& nb, double scale, at::Tensor& out,
+                                at::Tensor& parts, at::Tensor& lse) {
+  dispatch_dtype_blocked(q, na, [&](auto t, auto blocked) {
+    forward_impl<decltype(t), decltype(blocked)::value>(q, k, v, ca, cb, na, nb, scale, out,
+                                                        parts, lse);
+  });
 }
 
 void polyline_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& ca,
-                                 const at::Tensor& cb, const at::Tensor& lse,
-                                 const at::Tensor& delta, double scale, at::Tensor& dq,
-                                 at::Tensor& dk, at::Tensor& dv, at::Tensor& dca,
+                                 const at::Tensor& cb, const at::Tensor& na, const at::Tensor& nb,
+                                 const at::Tensor& lse, const at::Tensor& delta, double scale,
+                                 at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dca,
                                  at::Tensor& dcb) {
-  if (q.scalar_type() == at::kDouble) {
-    backward_impl<double>(grad_out, q, k, v, ca, cb, lse, delta, scale, dq, dk, dv, dca, dcb);
-  } else {
-    backward_impl<float>(grad_out, q, k, v, ca, cb, lse, delta, scale, dq, dk, dv, dca, dcb);
-  }
+  dispatch_dtype_blocked(q, na, [&](auto t, auto blocked) {
+    backward_impl<decltype(t), decltype(blocked)::value>(grad_out, q, k, v, ca, cb, na, nb, lse,
+                                                         delta, scale, dq, dk, dv, dca, dcb);
+  });
 }
 
 int parallel_threads_used() {

@@ -28,11 +28,13 @@ namespace {
 constexpr int kThreads = 128;
 
 // probs[line, pos, :] = softmax_x(scale·q[pos]·k[x] − |C[pos] − C[x]|): one thread per
-// (line, pos). The scores are written to the output row, then normalised in place.
+// (line, pos). The scores are written to the output row, then normalised in place. Nc: the
+// lines' counts of −inf log decays (docs/design.md §2.7); keys across one get probability 0.
 template <typename acc_t>
 __global__ void line_softmax_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k,
-                                    const acc_t* __restrict__ C, Lines lines, int64_t num_lines,
-                                    int64_t d, acc_t scale, acc_t* __restrict__ probs) {
+                                    const acc_t* __restrict__ C, const acc_t* __restrict__ Nc,
+                                    Lines lines, int64_t num_lines, int64_t d, acc_t scale,
+                                    acc_t* __restrict__ probs) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t n = lines.n;
   if (idx >= num_lines * n) return;
@@ -45,7 +47,7 @@ __global__ void line_softmax_kernel(const acc_t* __restrict__ q, const acc_t* __
     for (int64_t e = 0; e < d; ++e) s += qp[e] * kp[e];
     row[x] = scale * s;
   }
-  criss_cross::masked_softmax_row(row, n, C + line * n, pos);
+  criss_cross::masked_softmax_row(row, n, C + line * n, Nc + line * n, pos);
 }
 
 // y[line, pos, e] (=|+=) alpha·Σ_x P[pos, x]·x_in[line, x, e], with P = probs[line] or its
@@ -155,18 +157,24 @@ void launch(Kernel kernel, int64_t work, Args... args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Cumsum tables with each line contiguous: Ca (B·heads, H, W) for the rows and Cbᵀ
-// (B·heads, W, H) for the columns, in the accumulation dtype.
-std::pair<at::Tensor, at::Tensor> line_tables(const at::Tensor& log_alpha,
-                                              const at::Tensor& log_beta, at::ScalarType acc,
-                                              int64_t BH, int64_t H, int64_t W) {
-  at::Tensor ca = line_cumsum(as_acc(log_alpha, acc).view({BH, H, W}), BH, H, W,
-                              /*along_rows=*/true, /*reverse=*/false);
-  at::Tensor cb_t = line_cumsum(as_acc(log_beta, acc).view({BH, H, W}), BH, H, W,
-                                /*along_rows=*/false, /*reverse=*/false)
-                        .transpose(-1, -2)
-                        .contiguous();
-  return {ca, cb_t};
+// Tables with each line contiguous, in the accumulation dtype (docs/design.md §1, §2.7): sums
+// of the finite log decays Ca (B·heads, H, W) for the rows and Cbᵀ (B·heads, W, H) for the
+// columns, and the counts of −inf log decays Na, Nbᵀ in the same layouts.
+struct LineTables {
+  at::Tensor ca, cb_t, na, nb_t;
+};
+
+LineTables line_tables(const at::Tensor& log_alpha, const at::Tensor& log_beta,
+                       at::ScalarType acc, int64_t BH, int64_t H, int64_t W) {
+  LineTables t;
+  std::tie(t.ca, t.na) = decay_tables(as_acc(log_alpha, acc).view({BH, H, W}), BH, H, W,
+                                      /*along_rows=*/true);
+  at::Tensor cb, nb;
+  std::tie(cb, nb) = decay_tables(as_acc(log_beta, acc).view({BH, H, W}), BH, H, W,
+                                  /*along_rows=*/false);
+  t.cb_t = cb.transpose(-1, -2).contiguous();
+  t.nb_t = nb.transpose(-1, -2).contiguous();
+  return t;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cuda(
@@ -186,9 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cuda(
   at::Tensor cols_v = at::zeros({BH, H, W, c}, opts);
   if (BH * H * W > 0) {
     const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
-    // Plain variables, not structured bindings: lambdas may not capture those before C++20.
-    at::Tensor ca, cb_t;
-    std::tie(ca, cb_t) = line_tables(log_alpha, log_beta, acc, BH, H, W);
+    const LineTables tb = line_tables(log_alpha, log_beta, acc, BH, H, W);
     const Lines rows = Lines::rows(H, W), cols = Lines::columns(H, W);
     const int64_t n_rows = BH * H, n_cols = BH * W;
     AT_DISPATCH_FLOATING_TYPES(acc, "ppma_criss_cross_fwd", [&] {
@@ -201,10 +207,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cuda(
       scalar_t* x1 = rows_v.mutable_data_ptr<scalar_t>();
       scalar_t* x2 = cols_v.mutable_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      launch(line_softmax_kernel<scalar_t>, n_rows * W, qp, kp, ca.const_data_ptr<scalar_t>(),
-             rows, n_rows, d, s, rp);
-      launch(line_softmax_kernel<scalar_t>, n_cols * H, qp, kp, cb_t.const_data_ptr<scalar_t>(),
-             cols, n_cols, d, s, cp);
+      launch(line_softmax_kernel<scalar_t>, n_rows * W, qp, kp, tb.ca.const_data_ptr<scalar_t>(),
+             tb.na.const_data_ptr<scalar_t>(), rows, n_rows, d, s, rp);
+      launch(line_softmax_kernel<scalar_t>, n_cols * H, qp, kp,
+             tb.cb_t.const_data_ptr<scalar_t>(), tb.nb_t.const_data_ptr<scalar_t>(), cols, n_cols,
+             d, s, cp);
       const scalar_t one = 1, half = 0.5;
       launch(line_apply_kernel<scalar_t>, n_rows * W * c, static_cast<const scalar_t*>(rp), vp,
              rows, n_rows, c, false, one, false, x1);
@@ -249,9 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
     const at::Tensor rp = row_probs.contiguous();
     at::Tensor cp = at::empty({BH, W, H, H}, opts);  // B̂, recomputed below
     const at::Tensor x1 = rows_v.contiguous(), x2 = cols_v.contiguous();
-    // Plain variables, not structured bindings: lambdas may not capture those before C++20.
-    at::Tensor ca, cb_t;
-    std::tie(ca, cb_t) = line_tables(log_alpha, log_beta, acc, BH, H, W);
+    const LineTables tb = line_tables(log_alpha, log_beta, acc, BH, H, W);
     at::Tensor dx1 = at::empty({BH, H, W, c}, opts), dx2 = at::empty({BH, H, W, c}, opts);
     at::Tensor ds_rows = at::empty({BH, H, W, W}, opts);
     at::Tensor ds_cols = at::empty({BH, W, H, H}, opts);
@@ -266,8 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
       const T* rpp = rp.const_data_ptr<T>();
       // The same kernel and inputs as the forward's, so bitwise the same column softmaxes.
       launch(line_softmax_kernel<T>, n_cols * H, qf.const_data_ptr<T>(), kf.const_data_ptr<T>(),
-             cb_t.const_data_ptr<T>(), cols, n_cols, d, static_cast<T>(scale),
-             cp.mutable_data_ptr<T>());
+             tb.cb_t.const_data_ptr<T>(), tb.nb_t.const_data_ptr<T>(), cols, n_cols, d,
+             static_cast<T>(scale), cp.mutable_data_ptr<T>());
       const T* cpp = cp.const_data_ptr<T>();
       const T* x1p = x1.const_data_ptr<T>();
       const T* x2p = x2.const_data_ptr<T>();
@@ -293,13 +298,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cro
              static_cast<const T*>(ds_rows.const_data_ptr<T>()),
              static_cast<const T*>(ds_cols.const_data_ptr<T>()), BH, H, W, d,
              static_cast<T>(scale), dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>());
+      // Blocked pairs have probability 0, hence dS = 0: they add nothing here.
       launch(line_mask_grad_kernel<T>, n_rows, ds_rows.const_data_ptr<T>(),
-             ca.const_data_ptr<T>(), rows, n_rows, scratch.mutable_data_ptr<T>(),
+             tb.ca.const_data_ptr<T>(), rows, n_rows, scratch.mutable_data_ptr<T>(),
              dla.mutable_data_ptr<T>());
       launch(line_mask_grad_kernel<T>, n_cols, ds_cols.const_data_ptr<T>(),
-             cb_t.const_data_ptr<T>(), cols, n_cols, scratch.mutable_data_ptr<T>(),
+             tb.cb_t.const_data_ptr<T>(), cols, n_cols, scratch.mutable_data_ptr<T>(),
              dlb.mutable_data_ptr<T>());
     });
+    dla = finish_decay_grad(dla, log_alpha, /*along_rows=*/true);
+    dlb = finish_decay_grad(dlb, log_beta, /*along_rows=*/false);
   }
   const auto dt = q.scalar_type();
   return {dq.view({B, heads, H, W, d}).to(dt), dk.view({B, heads, H, W, d}).to(dt),

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <utility>
 
@@ -175,6 +176,58 @@ inline at::Tensor line_cumsum(const at::Tensor& src, int64_t BH, int64_t H, int6
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dst;
+}
+
+// The decay tables of docs/design.md §1 and §2.7 along each line: sums of the finite log
+// decays, leaving out the line's first one (it never enters the mask), and the running count
+// of −inf log decays (decays of 0, which block every path through their step). One thread per
+// line, sequential: deterministic bit for bit. Values are not checked here (see
+// check_attention_args): sums that overflow are refused by the Python entry points.
+template <typename acc_t>
+__global__ void decay_table_kernel(const acc_t* __restrict__ src, acc_t* __restrict__ sums,
+                                   acc_t* __restrict__ counts, Lines lines, int64_t num_lines) {
+  const int64_t line = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (line >= num_lines) return;
+  acc_t sum = 0, blocked = 0;
+  for (int64_t x = 0; x < lines.n; ++x) {
+    const int64_t idx = lines.token(line, x);
+    const acc_t a = src[idx];
+    if (x > 0 && a == -INFINITY) {
+      blocked += acc_t(1);
+    } else if (x > 0) {
+      sum += a;
+    }
+    sums[idx] = sum;
+    counts[idx] = blocked;
+  }
+}
+
+// (BH, H, W) log decays in `src` → (sums, counts) along W (rows) or H (columns), same layout.
+inline std::pair<at::Tensor, at::Tensor> decay_tables(const at::Tensor& src, int64_t BH,
+                                                      int64_t H, int64_t W, bool along_rows) {
+  at::Tensor sums = at::empty_like(src), counts = at::empty_like(src);
+  const Lines lines = along_rows ? Lines::rows(H, W) : Lines::columns(H, W);
+  const int64_t num_lines = BH * lines.lines_per_head;
+  if (src.numel() == 0) return {sums, counts};
+  constexpr int threads = 128;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "ppma_decay_tables", [&] {
+    decay_table_kernel<scalar_t>
+        <<<blocks_for(num_lines, threads), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            src.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<scalar_t>(),
+            counts.mutable_data_ptr<scalar_t>(), lines, num_lines);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sums, counts};
+}
+
+// Log-decay gradients (BH, H, W): exactly 0 at a log decay of −inf (e^a = 0 scales every path
+// through it) and at each line's first (it never enters the mask), where reverse cumsums of
+// table gradients leave rounding residue. No host sync: plain elementwise ops.
+inline at::Tensor finish_decay_grad(at::Tensor grad, const at::Tensor& log_decay,
+                                    bool along_rows) {
+  grad = grad.masked_fill(at::isneginf(log_decay).reshape(grad.sizes()), 0);
+  if (grad.numel() > 0) grad.select(along_rows ? -1 : -2, 0).zero_();
+  return grad;
 }
 
 }  // namespace ppma::cuda

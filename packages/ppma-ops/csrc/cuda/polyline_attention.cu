@@ -72,6 +72,39 @@ __device__ __forceinline__ void stage_tables(bool in_smem, acc_t* smem, int64_t 
   cb = smem + N;
 }
 
+// Count tables of head bh (docs/design.md §2.7) when that head has a −inf log decay, else
+// null: the kernels then evaluate the plain masks. The flag is uniform over a block (one head
+// per block), so plain heads pay one predictable branch per score.
+template <typename acc_t>
+struct HeadCounts {
+  const acc_t* na = nullptr;
+  const acc_t* nb = nullptr;
+  __device__ HeadCounts(const acc_t* na_all, const acc_t* nb_all,
+                        const unsigned char* head_blocked, int64_t bh, int64_t N) {
+    if (head_blocked[bh]) {
+      na = na_all + bh * N;
+      nb = nb_all + bh * N;
+    }
+  }
+  // log M for query (i, j), key (k, l), given its plain value; blocked per §2.7. The operands
+  // of polyline::path_open are those of polyline::log_mask, with counts for sums.
+  __device__ __forceinline__ acc_t mask1(acc_t plain, int64_t W, int64_t i, int64_t j,
+                                         int64_t k, int64_t l) const {
+    if (na == nullptr) return plain;
+    return polyline::path_open(na[i * W + j], na[i * W + l], nb[i * W + l], nb[k * W + l])
+               ? plain
+               : acc_t(-INFINITY);
+  }
+  // log Mᵀ for the same pair.
+  __device__ __forceinline__ acc_t mask2(acc_t plain, int64_t W, int64_t i, int64_t j,
+                                         int64_t k, int64_t l) const {
+    if (na == nullptr) return plain;
+    return polyline::path_open(na[k * W + j], na[k * W + l], nb[k * W + j], nb[i * W + j])
+               ? plain
+               : acc_t(-INFINITY);
+  }
+};
+
 // Copies rows [row0, row0 + rows) of a (·, width) matrix into a (tile_rows, kDim) tile, zero
 // outside (so register loops may run over the full kDim without bounds).
 template <typename acc_t, int kDim>
@@ -87,10 +120,12 @@ template <typename acc_t, int kDim>
 __global__ void __launch_bounds__(kFwdThreads)
     polyline_forward_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k,
                             const acc_t* __restrict__ v, const acc_t* __restrict__ ca_all,
-                            const acc_t* __restrict__ cb_all, int64_t H, int64_t W, int64_t d,
-                            int64_t c, acc_t scale, int64_t query_blocks, bool tables_in_smem,
-                            acc_t* __restrict__ out, acc_t* __restrict__ parts,
-                            acc_t* __restrict__ lse) {
+                            const acc_t* __restrict__ cb_all, const acc_t* __restrict__ na_all,
+                            const acc_t* __restrict__ nb_all,
+                            const unsigned char* __restrict__ head_blocked, int64_t H, int64_t W,
+                            int64_t d, int64_t c, acc_t scale, int64_t query_blocks,
+                            bool tables_in_smem, acc_t* __restrict__ out,
+                            acc_t* __restrict__ parts, acc_t* __restrict__ lse) {
   extern __shared__ __align__(16) unsigned char ppma_smem[];
   acc_t* k_tile = reinterpret_cast<acc_t*>(ppma_smem);  // [kFwdKeyTile][kDim]
   acc_t* v_tile = k_tile + kFwdKeyTile * kDim;          // [kFwdKeyTile][kDim]
@@ -103,6 +138,7 @@ __global__ void __launch_bounds__(kFwdThreads)
   const acc_t* ca = ca_all + bh * N;
   const acc_t* cb = cb_all + bh * N;
   stage_tables(tables_in_smem, tables, N, ca, cb);
+  const HeadCounts<acc_t> counts(na_all, nb_all, head_blocked, bh, N);
 
   const int64_t uu = active ? u : 0;  // inactive threads still join every barrier
   const int64_t i = uu / W, j = uu - i * W;
@@ -135,8 +171,10 @@ __global__ void __launch_bounds__(kFwdThreads)
       s *= scale;
       const acc_t* ca_k = ca + kr * W;
       const acc_t* cb_k = cb + kr * W;
-      const acc_t x1 = s + polyline::log_mask(ca_ij, ca_i[l], cb_i[l], cb_k[l]);
-      const acc_t x2 = s + polyline::log_mask(ca_k[j], ca_k[l], cb_k[j], cb_ij);
+      const acc_t x1 =
+          s + counts.mask1(polyline::log_mask(ca_ij, ca_i[l], cb_i[l], cb_k[l]), W, i, j, kr, l);
+      const acc_t x2 =
+          s + counts.mask2(polyline::log_mask(ca_k[j], ca_k[l], cb_k[j], cb_ij), W, i, j, kr, l);
       if (x1 > m1) {
         const acc_t f = polyline::rescale_factor(m1, x1);
         l1 *= f;
@@ -151,7 +189,9 @@ __global__ void __launch_bounds__(kFwdThreads)
         for (int e = 0; e < kDim; ++e) acc2[e] *= f;
         m2 = x2;
       }
-      const acc_t p1 = exp_of(x1 - m1), p2 = exp_of(x2 - m2);
+      // 0 for a blocked key, also while every key so far was blocked (m = −inf).
+      const acc_t p1 = polyline::online_softmax_weight(x1, m1);
+      const acc_t p2 = polyline::online_softmax_weight(x2, m2);
       l1 += p1;
       l2 += p2;
       const acc_t* vt = v_tile + t * kDim;
@@ -234,10 +274,12 @@ template <typename acc_t, int kDim>
 __global__ void __launch_bounds__(kBwdThreads) polyline_backward_query_kernel(
     const acc_t* __restrict__ q, const acc_t* __restrict__ k, const acc_t* __restrict__ v,
     const acc_t* __restrict__ grad_out, const acc_t* __restrict__ ca_all,
-    const acc_t* __restrict__ cb_all, const acc_t* __restrict__ lse,
-    const acc_t* __restrict__ delta, int64_t H, int64_t W, int64_t d, int64_t c, acc_t scale,
-    Tiling tiling, bool tables_in_smem, acc_t* __restrict__ dq, acc_t* __restrict__ own_ca,
-    acc_t* __restrict__ own_cb, acc_t* __restrict__ cross_ca, acc_t* __restrict__ cross_cb) {
+    const acc_t* __restrict__ cb_all, const acc_t* __restrict__ na_all,
+    const acc_t* __restrict__ nb_all, const unsigned char* __restrict__ head_blocked,
+    const acc_t* __restrict__ lse, const acc_t* __restrict__ delta, int64_t H, int64_t W,
+    int64_t d, int64_t c, acc_t scale, Tiling tiling, bool tables_in_smem,
+    acc_t* __restrict__ dq, acc_t* __restrict__ own_ca, acc_t* __restrict__ own_cb,
+    acc_t* __restrict__ cross_ca, acc_t* __restrict__ cross_cb) {
   extern __shared__ __align__(16) unsigned char ppma_smem[];
   acc_t* k_tile = reinterpret_cast<acc_t*>(ppma_smem);    // [kBwdTile][kDim]
   acc_t* v_tile = k_tile + kBwdTile * kDim;               // [kBwdTile][kDim]
@@ -258,6 +300,7 @@ __global__ void __launch_bounds__(kBwdThreads) polyline_backward_query_kernel(
   const acc_t* ca = ca_all + bh * N;
   const acc_t* cb = cb_all + bh * N;
   stage_tables(tables_in_smem, tables, N, ca, cb);
+  const HeadCounts<acc_t> counts(na_all, nb_all, head_blocked, bh, N);
 
   const int64_t u = active ? u0 + r : u0;
   const int64_t i = u / W, j = u - i * W;
@@ -299,8 +342,13 @@ __global__ void __launch_bounds__(kBwdThreads) polyline_backward_query_kernel(
         const acc_t* cb_k = cb + kr * W;
         const acc_t ca_il = ca_i[l], cb_il = cb_i[l], cb_kl = cb_k[l];
         const acc_t ca_kj = ca_k[j], ca_kl = ca_k[l], cb_kj = cb_k[j];
-        const acc_t p1 = exp_of(s + polyline::log_mask(ca_ij, ca_il, cb_il, cb_kl) - lse1);
-        const acc_t p2 = exp_of(s + polyline::log_mask(ca_kj, ca_kl, cb_kj, cb_ij) - lse2);
+        // Blocked pairs: P = exp(−inf) = 0, so they add nothing to any gradient below.
+        const acc_t m1 =
+            counts.mask1(polyline::log_mask(ca_ij, ca_il, cb_il, cb_kl), W, i, j, kr, l);
+        const acc_t m2 =
+            counts.mask2(polyline::log_mask(ca_kj, ca_kl, cb_kj, cb_ij), W, i, j, kr, l);
+        const acc_t p1 = exp_of(s + m1 - lse1);
+        const acc_t p2 = exp_of(s + m2 - lse2);
         const acc_t g1 = polyline::softmax_grad(p1, dp, delta1);
         const acc_t g2 = polyline::softmax_grad(p2, dp, delta2);
         const acc_t ds = g1 + g2;
@@ -337,11 +385,12 @@ template <typename acc_t, int kDim>
 __global__ void __launch_bounds__(kBwdThreads) polyline_backward_key_kernel(
     const acc_t* __restrict__ q, const acc_t* __restrict__ k, const acc_t* __restrict__ v,
     const acc_t* __restrict__ grad_out, const acc_t* __restrict__ ca_all,
-    const acc_t* __restrict__ cb_all, const acc_t* __restrict__ lse,
-    const acc_t* __restrict__ delta, int64_t H, int64_t W, int64_t d, int64_t c, acc_t scale,
-    Tiling tiling, bool tables_in_smem, acc_t* __restrict__ dk, acc_t* __restrict__ dv,
-    acc_t* __restrict__ own_ca, acc_t* __restrict__ own_cb, acc_t* __restrict__ cross_ca,
-    acc_t* __restrict__ cross_cb) {
+    const acc_t* __restrict__ cb_all, const acc_t* __restrict__ na_all,
+    const acc_t* __restrict__ nb_all, const unsigned char* __restrict__ head_blocked,
+    const acc_t* __restrict__ lse, const acc_t* __restrict__ delta, int64_t H, int64_t W,
+    int64_t d, int64_t c, acc_t scale, Tiling tiling, bool tables_in_smem,
+    acc_t* __restrict__ dk, acc_t* __restrict__ dv, acc_t* __restrict__ own_ca,
+    acc_t* __restrict__ own_cb, acc_t* __restrict__ cross_ca, acc_t* __restrict__ cross_cb) {
   extern __shared__ __align__(16) unsigned char ppma_smem[];
   acc_t* q_tile = reinterpret_cast<acc_t*>(ppma_smem);      // [kBwdTile][kDim]
   acc_t* g_tile = q_tile + kBwdTile * kDim;                 // [kBwdTile][kDim]
@@ -363,6 +412,7 @@ __global__ void __launch_bounds__(kBwdThreads) polyline_backward_key_kernel(
   const acc_t* ca = ca_all + bh * N;
   const acc_t* cb = cb_all + bh * N;
   stage_tables(tables_in_smem, tables, N, ca, cb);
+  const HeadCounts<acc_t> counts(na_all, nb_all, head_blocked, bh, N);
 
   const int64_t key = active ? k0 + r : k0;
   const int64_t kr = key / W, l = key - kr * W;
@@ -412,10 +462,13 @@ __global__ void __launch_bounds__(kBwdThreads) polyline_backward_key_kernel(
         const acc_t* cb_i = cb + i * W;
         const acc_t ca_ij = ca_i[j], cb_ij = cb_i[j], ca_il = ca_i[l], cb_il = cb_i[l];
         const acc_t ca_kj = ca_k[j], cb_kj = cb_k[j];
-        const acc_t p1 =
-            exp_of(s + polyline::log_mask(ca_ij, ca_il, cb_il, cb_kl) - stats[t]);
-        const acc_t p2 =
-            exp_of(s + polyline::log_mask(ca_kj, ca_kl, cb_kj, cb_ij) - stats[kBwdTile + t]);
+        // Blocked pairs: P = exp(−inf) = 0, so they add nothing to any gradient below.
+        const acc_t m1 =
+            counts.mask1(polyline::log_mask(ca_ij, ca_il, cb_il, cb_kl), W, i, j, kr, l);
+        const acc_t m2 =
+            counts.mask2(polyline::log_mask(ca_kj, ca_kl, cb_kj, cb_ij), W, i, j, kr, l);
+        const acc_t p1 = exp_of(s + m1 - stats[t]);
+        const acc_t p2 = exp_of(s + m2 - stats[kBwdTile + t]);
         const acc_t g1 = polyline::softmax_grad(p1, dp, stats[2 * kBwdTile + t]);
         const acc_t g2 = polyline::softmax_grad(p2, dp, stats[3 * kBwdTile + t]);
         const acc_t ds = g1 + g2;
@@ -470,13 +523,24 @@ bool tables_fit(size_t base, int64_t N, size_t elem) {
   return with_tables <= cap;
 }
 
-std::pair<at::Tensor, at::Tensor> cumsum_tables(const at::Tensor& log_alpha,
-                                                const at::Tensor& log_beta, at::ScalarType acc,
-                                                int64_t BH, int64_t H, int64_t W) {
-  const at::Tensor la = as_acc(log_alpha, acc).view({BH, H, W});
-  const at::Tensor lb = as_acc(log_beta, acc).view({BH, H, W});
-  return {line_cumsum(la, BH, H, W, /*along_rows=*/true, /*reverse=*/false),
-          line_cumsum(lb, BH, H, W, /*along_rows=*/false, /*reverse=*/false)};
+// The tables of docs/design.md §1 and §2.7, (BH, H, W): Ca, Cb (sums of the finite log decays
+// along rows / columns) and Na, Nb (counts of −inf ones), plus one flag per head that says
+// whether it has any −inf log decay. All on the device: no host sync.
+struct Tables {
+  at::Tensor ca, cb, na, nb, head_blocked;
+};
+
+Tables decay_tables_of(const at::Tensor& log_alpha, const at::Tensor& log_beta,
+                       at::ScalarType acc, int64_t BH, int64_t H, int64_t W) {
+  Tables t;
+  std::tie(t.ca, t.na) = decay_tables(as_acc(log_alpha, acc).view({BH, H, W}), BH, H, W, true);
+  std::tie(t.cb, t.nb) = decay_tables(as_acc(log_beta, acc).view({BH, H, W}), BH, H, W, false);
+  // Counts only grow along a line: its last entry says whether the line has a −inf step.
+  t.head_blocked = at::logical_or(t.na.select(2, W - 1).amax(1) > 0,
+                                  t.nb.select(1, H - 1).amax(1) > 0)
+                       .to(at::kByte)
+                       .contiguous();
+  return t;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd_cuda(
@@ -494,9 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd_cuda(
   at::Tensor lse = at::empty({BH, 2, N}, opts);
   if (BH * N > 0) {
     const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
-    // Plain variables, not structured bindings: lambdas may not capture those before C++20.
-    at::Tensor ca, cb;
-    std::tie(ca, cb) = cumsum_tables(log_alpha, log_beta, acc, BH, H, W);
+    const Tables tb = decay_tables_of(log_alpha, log_beta, acc, BH, H, W);
     const int64_t query_blocks = ceil_div(N, kFwdThreads);
     const int64_t dim = d > c ? d : c;
     AT_DISPATCH_FLOATING_TYPES(acc, "ppma_polyline_attention_fwd", [&] {
@@ -509,9 +571,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd_cuda(
         kernel<<<blocks_for(BH * query_blocks, 1), kFwdThreads, bytes,
                  c10::cuda::getCurrentCUDAStream()>>>(
             qf.const_data_ptr<scalar_t>(), kf.const_data_ptr<scalar_t>(),
-            vf.const_data_ptr<scalar_t>(), ca.const_data_ptr<scalar_t>(),
-            cb.const_data_ptr<scalar_t>(), H, W, d, c, static_cast<scalar_t>(scale),
-            query_blocks, in_smem, out.mutable_data_ptr<scalar_t>(),
+            vf.const_data_ptr<scalar_t>(), tb.ca.const_data_ptr<scalar_t>(),
+            tb.cb.const_data_ptr<scalar_t>(), tb.na.const_data_ptr<scalar_t>(),
+            tb.nb.const_data_ptr<scalar_t>(), tb.head_blocked.const_data_ptr<unsigned char>(), H,
+            W, d, c, static_cast<scalar_t>(scale), query_blocks, in_smem,
+            out.mutable_data_ptr<scalar_t>(),
             parts.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -545,9 +609,7 @@ polyline_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q
   if (BH * N > 0) {
     const at::Tensor go = as_acc(grad_out, acc);
     const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
-    // Plain variables, not structured bindings: lambdas may not capture those before C++20.
-    at::Tensor ca, cb;
-    std::tie(ca, cb) = cumsum_tables(log_alpha, log_beta, acc, BH, H, W);
+    const Tables tb = decay_tables_of(log_alpha, log_beta, acc, BH, H, W);
     const at::Tensor parts_f = parts.contiguous();
     const at::Tensor lse_f = lse.contiguous();
     at::Tensor delta = at::empty({BH, 2, N}, opts);
@@ -579,7 +641,9 @@ polyline_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q
         set_dynamic_smem(query_kernel, base_q + table_bytes);
         query_kernel<<<blocks, kBwdThreads, base_q + table_bytes, stream>>>(
             qf.const_data_ptr<acc_t>(), kf.const_data_ptr<acc_t>(), vf.const_data_ptr<acc_t>(),
-            go.const_data_ptr<acc_t>(), ca.const_data_ptr<acc_t>(), cb.const_data_ptr<acc_t>(),
+            go.const_data_ptr<acc_t>(), tb.ca.const_data_ptr<acc_t>(),
+            tb.cb.const_data_ptr<acc_t>(), tb.na.const_data_ptr<acc_t>(),
+            tb.nb.const_data_ptr<acc_t>(), tb.head_blocked.const_data_ptr<unsigned char>(),
             lse_f.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(), H, W, d, c,
             static_cast<acc_t>(scale), tiling, in_smem, dq.mutable_data_ptr<acc_t>(),
             own_q_ca.mutable_data_ptr<acc_t>(), own_q_cb.mutable_data_ptr<acc_t>(),
@@ -590,7 +654,9 @@ polyline_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q
         set_dynamic_smem(key_kernel, base_k + table_bytes);
         key_kernel<<<blocks, kBwdThreads, base_k + table_bytes, stream>>>(
             qf.const_data_ptr<acc_t>(), kf.const_data_ptr<acc_t>(), vf.const_data_ptr<acc_t>(),
-            go.const_data_ptr<acc_t>(), ca.const_data_ptr<acc_t>(), cb.const_data_ptr<acc_t>(),
+            go.const_data_ptr<acc_t>(), tb.ca.const_data_ptr<acc_t>(),
+            tb.cb.const_data_ptr<acc_t>(), tb.na.const_data_ptr<acc_t>(),
+            tb.nb.const_data_ptr<acc_t>(), tb.head_blocked.const_data_ptr<unsigned char>(),
             lse_f.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(), H, W, d, c,
             static_cast<acc_t>(scale), tiling, in_smem, dk.mutable_data_ptr<acc_t>(),
             dv.mutable_data_ptr<acc_t>(), own_k_ca.mutable_data_ptr<acc_t>(),
@@ -608,8 +674,10 @@ polyline_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q
           reduce_row_partials(cross_k_cb, tiling, BH, H, W);
   }
   // Ca[i,j] = Σ_{t≤j} log_alpha[i,t] → d log_alpha[i,t] = Σ_{j≥t} dCa[i,j] (likewise along H).
-  const at::Tensor dla = line_cumsum(dca.contiguous(), BH, H, W, true, /*reverse=*/true);
-  const at::Tensor dlb = line_cumsum(dcb.contiguous(), BH, H, W, false, /*reverse=*/true);
+  const at::Tensor dla = finish_decay_grad(
+      line_cumsum(dca.contiguous(), BH, H, W, true, /*reverse=*/true), log_alpha, true);
+  const at::Tensor dlb = finish_decay_grad(
+      line_cumsum(dcb.contiguous(), BH, H, W, false, /*reverse=*/true), log_beta, false);
   return {dq.view({B, heads, H, W, d}).to(q.scalar_type()),
           dk.view({B, heads, H, W, d}).to(k.scalar_type()),
           dv.view({B, heads, H, W, c}).to(v.scalar_type()),

@@ -8,13 +8,16 @@ library is unavailable or an exportable graph is wanted.
 Shapes (row-major tokens, u = i·W + j):
     q, k:                (B, heads, H, W, d)
     v, x:                (B, heads, H, W, c)
-    log_alpha, log_beta: (B, heads, H, W), entries ≤ 0
+    log_alpha, log_beta: (B, heads, H, W), entries ≤ 0; −inf (a decay of 0) blocks the paths
+                         through its step: their mask entries are exactly 0 (§2.7)
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .validation import first_of_line
 
 __all__ = [
     "depthwise_conv2d",
@@ -25,20 +28,44 @@ __all__ = [
 ]
 
 
+def _split_cumsum(
+    log_decay: torch.Tensor, dim: int, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cumsum of log decays along ``dim`` with the −inf ones (decays of 0) counted apart.
+
+    Returns the cumsum of the finite entries and the running count of −inf entries
+    (docs/design.md §2.7): two tokens of a line are joined by an open path exactly when their
+    counts agree, and their log mask is then the difference of the finite sums. Plain cumsums
+    would give −inf − (−inf) = NaN for every pair behind a blocked step. Each line's first log
+    decay is left out of both: it never enters the mask, and a huge or −inf one would offset
+    the whole line.
+    """
+    t = log_decay.to(acc)
+    blocked, first = torch.isneginf(t), first_of_line(t, dim)
+    finite = t.masked_fill(blocked | first, 0.0)
+    return torch.cumsum(finite, dim), torch.cumsum((blocked & ~first).to(acc), dim)
+
+
+def _line_log_masks(c: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(…, n) tables of one line → (…, n, n) log masks −|c[s] − c[t]|, −inf across a block."""
+    log_m = -(c.unsqueeze(-1) - c.unsqueeze(-2)).abs()
+    return log_m.masked_fill(count.unsqueeze(-1) != count.unsqueeze(-2), float("-inf"))
+
+
 def _row_col_log_masks(
     log_alpha: torch.Tensor, log_beta: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 1-D log-masks of docs/design.md §1, from cumsums kept in at least float32.
 
     Returns log_A (B, h, H, W, W) with log_A[i, j, l] = −|Ca[i, j] − Ca[i, l]| and
-    log_B (B, h, W, H, H) with log_B[l, i, k] = −|Cb[i, l] − Cb[k, l]|.
+    log_B (B, h, W, H, H) with log_B[l, i, k] = −|Cb[i, l] − Cb[k, l]|; −inf where a log decay
+    of −inf lies on the leg (§2.7).
     """
     acc = torch.promote_types(log_alpha.dtype, torch.float32)
-    ca = torch.cumsum(log_alpha.to(acc), dim=-1)  # along each row (W)
-    cb = torch.cumsum(log_beta.to(acc), dim=-2)  # along each column (H)
-    log_a = -(ca.unsqueeze(-1) - ca.unsqueeze(-2)).abs()
-    cbt = cb.transpose(-1, -2)  # (B, h, W, H)
-    log_b = -(cbt.unsqueeze(-1) - cbt.unsqueeze(-2)).abs()
+    ca, na = _split_cumsum(log_alpha, -1, acc)  # along each row (W)
+    cb, nb = _split_cumsum(log_beta, -2, acc)  # along each column (H)
+    log_a = _line_log_masks(ca, na)
+    log_b = _line_log_masks(cb.transpose(-1, -2), nb.transpose(-1, -2))  # (B, h, W, H, H)
     return log_a, log_b
 
 

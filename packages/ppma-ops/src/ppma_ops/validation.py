@@ -5,6 +5,8 @@ Errors name the offending argument so a user can see which tensor is wrong.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -44,8 +46,13 @@ def check_log_decays(
     *,
     check_values: bool = True,
 ) -> None:
-    """log_alpha, log_beta: (B, heads, H, W), all entries ≤ 0 and not NaN."""
-    for name, t in (("log_alpha", log_alpha), ("log_beta", log_beta)):
+    """log_alpha, log_beta: (B, heads, H, W), entries ≤ 0 and not NaN (docs/design.md §2.7).
+
+    −inf (a decay of 0) is allowed. The finite entries of each row of log_alpha and each
+    column of log_beta must sum to a finite number in the accumulation dtype (float32, float64
+    for float64 inputs): the ops' cumulative sums would overflow otherwise.
+    """
+    for name, t, dim in (("log_alpha", log_alpha, -1), ("log_beta", log_beta, -2)):
         if tuple(t.shape) != tuple(grid_shape):
             raise ValueError(
                 f"{name} must have shape (B, heads, H, W) = {tuple(grid_shape)}, "
@@ -53,12 +60,28 @@ def check_log_decays(
             )
         # Values are only inspected on real (non-fake, non-traced) tensors.
         if check_values and _is_concrete(t) and t.numel():
-            if torch.isnan(t).any():
-                raise ValueError(f"{name} contains NaN")
-            if (t > 0).any():
-                raise ValueError(
-                    f"{name} must be <= 0 (log of a decay in (0, 1]); max is {t.max().item():.3g}"
-                )
+            _check_log_decay_values(name, t, dim)
+
+
+def _check_log_decay_values(name: str, t: torch.Tensor, dim: int) -> None:
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one pass, one sync; NaN propagates
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"{name} contains NaN")
+    if hi > 0:
+        raise ValueError(f"{name} must be <= 0 (log of a decay in [0, 1]); max is {hi:.3g}")
+    acc = torch.promote_types(t.dtype, torch.float32)
+    limit = torch.finfo(acc).max
+    if lo * t.shape[dim] >= -limit:
+        return  # no line can sum past the limit (and no entry is −inf)
+    # The sums the ops form: cumulative, in order, without the line's first log decay (it
+    # never enters the mask), so a line overflows where the last of them does.
+    finite = t.to(acc).masked_fill(torch.isneginf(t) | first_of_line(t, dim), 0.0)
+    if torch.isinf(finite.cumsum(dim).select(dim, -1)).any():
+        line = "row" if dim == -1 else "column"
+        raise ValueError(
+            f"{name}: the finite log decays of a {line} sum below {-limit:.4g}, the {acc} "
+            "limit of the cumulative sums; use -inf for a decay of exactly 0"
+        )
 
 
 def check_same_kind(*, same_dtype: bool = True, **tensors: torch.Tensor) -> None:
@@ -72,6 +95,16 @@ def check_same_kind(*, same_dtype: bool = True, **tensors: torch.Tensor) -> None
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def first_of_line(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """True at each line's first entry along ``dim`` (−1: rows, −2: columns), broadcastable to t.
+
+    That log decay never enters the mask (docs/design.md §1), so the ops leave it out of their
+    cumulative sums.
+    """
+    first = torch.arange(t.shape[dim], device=t.device) == 0
+    return first if dim == -1 else first.unsqueeze(-1)
 
 
 def _is_concrete(t: torch.Tensor) -> bool:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
+from ._graph_backward import builds_graph, reference_gradients
+
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -88,6 +91,14 @@ def _backward(ctx, grad_out, _grad_row_probs, _grad_rows_v, _grad_cols_v):
     q, k, v, log_alpha, log_beta, *saved = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(v)
+    if builds_graph(grad_out, q, k, v, log_alpha, log_beta):
+        # create_graph=True: a backward autograd can differentiate again (second derivatives).
+        grads = reference_gradients(
+            lambda *a: reference.criss_cross_attention(*a, scale=ctx.scale),
+            (q, k, v, log_alpha, log_beta),
+            grad_out,
+        )
+        return (*grads, None)
     dq, dk, dv, dlog_alpha, dlog_beta = torch.ops.ppma.criss_cross_attention_backward(
         grad_out, q, k, v, log_alpha, log_beta, *saved, ctx.scale
     )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
 from ..validation import check_spatial_args
+from ._graph_backward import builds_graph, reference_gradients
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,6 +56,14 @@ def _backward(ctx, grad_out, grad_parts, grad_lse):
     q, k, v, log_alpha, log_beta, parts, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(v)
+    if builds_graph(grad_out, q, k, v, log_alpha, log_beta):
+        # create_graph=True: a backward autograd can differentiate again (second derivatives).
+        grads = reference_gradients(
+            lambda *a: reference.polyline_attention(*a, scale=ctx.scale),
+            (q, k, v, log_alpha, log_beta),
+            grad_out,
+        )
+        return (*grads, None)
     dq, dk, dv, dla, dlb = torch.ops.ppma.polyline_attention_backward(
         grad_out, q, k, v, log_alpha, log_beta, parts, lse, ctx.scale
     )

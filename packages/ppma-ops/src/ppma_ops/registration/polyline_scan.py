@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
+from ._graph_backward import builds_graph, reference_gradients
+
 
 @torch.library.register_fake("ppma::polyline_scan")
 def _polyline_scan_fake(
@@ -39,6 +42,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_y: torch.Tensor):
     x, log_alpha, log_beta = ctx.saved_tensors
+    if builds_graph(grad_y, x, log_alpha, log_beta):
+        # create_graph=True: a backward autograd can differentiate again (second derivatives).
+        grads = reference_gradients(
+            lambda *a: reference.polyline_scan(*a, transpose=ctx.transpose),
+            (x, log_alpha, log_beta),
+            grad_y,
+        )
+        return (*grads, None)
     grad_x, grad_log_alpha, grad_log_beta = torch.ops.ppma.polyline_scan_backward(
         grad_y, x, log_alpha, log_beta, ctx.transpose
     )
