@@ -8,22 +8,29 @@ Public ops (q, k: (B, heads, H, W, d); v, x: (B, heads, H, W, c); log decays: (B
 - :func:`depthwise_conv2d`      the blocks' depthwise convolutions on (B, H, W, C) maps
 
 Each runs the fused native kernel when the compiled library is loaded, and the pure-PyTorch
-reference (:mod:`ppma_ops.reference`) otherwise, or when ``PPMA_OPS_FORCE_REFERENCE=1``.
+reference (:mod:`ppma_ops.reference`) otherwise, or when the reference backend is selected:
+:func:`use_backend`, :func:`set_backend` or ``PPMA_OPS_BACKEND=reference``
+(:mod:`ppma_ops.backend`).
 """
 
 from __future__ import annotations
 
 from . import reference
-from ._native import FORCE_REFERENCE_ENV, native_available, native_load_error
+from ._native import native_available, native_load_error
+from .backend import BACKEND_ENV, BACKENDS, get_backend, set_backend, use_backend
 from .ops import criss_cross_attention, depthwise_conv2d, polyline_attention, polyline_scan
 
 __all__ = [
-    "FORCE_REFERENCE_ENV",
+    "BACKENDS",
+    "BACKEND_ENV",
     "criss_cross_attention",
     "depthwise_conv2d",
+    "get_backend",
     "native_available",
     "native_load_error",
     "polyline_attention",
     "polyline_scan",
     "reference",
+    "set_backend",
+    "use_backend",
 ]

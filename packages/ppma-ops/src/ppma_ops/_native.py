@@ -8,12 +8,11 @@ functions use the pure-PyTorch reference instead.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 
-FORCE_REFERENCE_ENV = "PPMA_OPS_FORCE_REFERENCE"
+from .backend import get_backend
 
 _load_error: str | None = None
 try:
@@ -27,8 +26,8 @@ except Exception as exc:  # ImportError, or an undefined symbol from a torch mis
 
 
 def native_available() -> bool:
-    """True when the compiled kernels are loaded and not disabled by PPMA_OPS_FORCE_REFERENCE."""
-    return _C is not None and os.environ.get(FORCE_REFERENCE_ENV, "") in ("", "0")
+    """True when the compiled kernels are loaded (whichever backend is selected)."""
+    return _C is not None
 
 
 @functools.cache
@@ -37,8 +36,8 @@ def _registered(op_name: str) -> bool:
 
 
 def has_native_op(op_name: str) -> bool:
-    """True when ``torch.ops.ppma.<op_name>`` has a native kernel and native use is allowed."""
-    return native_available() and _registered(op_name)
+    """True when the "native" backend is selected and ``torch.ops.ppma.<op_name>`` exists."""
+    return get_backend() == "native" and _registered(op_name)
 
 
 def native_load_error() -> str | None:
