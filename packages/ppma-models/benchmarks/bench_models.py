@@ -5,8 +5,8 @@
 
 Measures, on this machine:
 * images/s for inference (eval, no_grad) and for a training step (forward, cross-entropy,
-  backward, SGD step) at batch 16, 224², native and reference attention interleaved in one
-  run on the same model object (``set_attention``), medians over repeats;
+  backward, SGD step) at batch 16, 224², native and reference ops interleaved in one run on
+  the same model object (``ppma_ops.use_backend``), medians over repeats;
 * peak resident memory of one such step, each configuration in its own subprocess (so
   peaks do not mix);
 * one dense-size forward: a 1024×1024 image through the PPMA-T backbone (features_only),
@@ -58,11 +58,7 @@ def _build(spec: dict):
     from ppma_models import create_model
 
     torch.manual_seed(0)
-    if spec["mode"] == "dense":
-        model = create_model(spec["model"], features_only=True, attention=spec["impl"])
-    else:
-        model = create_model(spec["model"], attention=spec["impl"])
-    return model
+    return create_model(spec["model"], features_only=spec["mode"] == "dense")
 
 
 def _step_fn(model, spec: dict):
@@ -94,7 +90,10 @@ def child(spec: dict) -> dict:
     """Run in a fresh process: build, one warm-up step, ``timed`` timed steps, peak memory."""
     import warnings
 
+    import ppma_ops
+
     warnings.simplefilter("ignore")
+    ppma_ops.set_backend(spec["impl"])  # this process runs one implementation only
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     if spec.get("mem_limit_gb"):
         limit = int(spec["mem_limit_gb"] * 2**30)
@@ -139,24 +138,25 @@ def run_child(spec: dict, mem_limit_gb: float, timeout_s: float) -> dict:
 
 
 def time_interleaved(model_name: str, mode: str, batch: int, size: int, repeats: int) -> dict:
-    """Median step time per implementation, alternating implementations on one model."""
+    """Step times per implementation, alternating implementations on one model."""
+    import ppma_ops
     from ppma_models import create_model
 
     torch.manual_seed(0)
-    model = create_model(model_name, attention="native")
+    model = create_model(model_name)
     spec = {"mode": mode, "batch": batch, "size": size}
     step = _step_fn(model, spec)
     times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for impl in IMPLS:  # warm-up both
-        model.set_attention(impl)
-        step()
+        with ppma_ops.use_backend(impl):
+            step()
     for r in range(repeats):
         order = IMPLS if r % 2 == 0 else IMPLS[::-1]
         for impl in order:
-            model.set_attention(impl)
-            t0 = time.perf_counter()
-            step()
-            times[impl].append(time.perf_counter() - t0)
+            with ppma_ops.use_backend(impl):
+                t0 = time.perf_counter()
+                step()
+                times[impl].append(time.perf_counter() - t0)
     return times
 
 

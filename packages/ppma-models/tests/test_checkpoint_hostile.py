@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from ppma_models import PPMAConfig, create_model, load_checkpoint, load_model, save_safetensors
-from ppma_models import checkpoint as ckpt
 from ppma_models.checkpoint import CheckpointError, CheckpointWarning
+from ppma_models.checkpoint import metadata as ckpt_metadata
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -33,7 +33,7 @@ class TrainingArgs:
 def good_file(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A correct ppma_nano safetensors file and the model it was written from."""
     torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=NUM_CLASSES, attention="reference").eval()
+    model = create_model("ppma_nano", num_classes=NUM_CLASSES).eval()
     path = tmp_path_factory.mktemp("good") / "nano.safetensors"
     save_safetensors(model, path, class_names=["a", "b", "c"])
     return path, model
@@ -115,13 +115,13 @@ def test_non_float_weights_are_refused_naming_file_and_tensor(tmp_path, good_fil
     one = _variant(good, tmp_path / "one.safetensors", state={"stem.conv1.weight": stem.to(dtype)})
     pattern = rf"{re.escape(str(one))}: 1 tensor\(s\) hold data .*stem\.conv1\.weight \({dtype}"
     with pytest.raises(CheckpointError, match=pattern):
-        load_model(one, attention="reference")
+        load_model(one)
     with pytest.raises(CheckpointError, match=pattern):
         load_checkpoint(model, one)
 
     every = tmp_path / "every.pth"  # the authors' format goes through the same check
     torch.save({"model": {**model.state_dict(), **_cast_floats(model.state_dict(), dtype)}}, every)
-    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES, attention="reference")
+    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES)
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(every))}: \d+ tensor\(s\) hold"):
         load_checkpoint(fresh, every)
 
@@ -139,10 +139,10 @@ def test_other_float_precisions_are_converted_with_a_warning(tmp_path, good_file
         rf"converted to the model's torch.float32 \({how}\)"
     )
     with pytest.warns(CheckpointWarning, match=pattern):
-        rebuilt = load_model(path, attention="reference")
+        rebuilt = load_model(path)
     for key, value in stored.items():
         assert torch.equal(rebuilt.state_dict()[key], value.float()), key
-    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES, attention="reference")
+    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES)
     with pytest.warns(CheckpointWarning, match=pattern):
         result = load_checkpoint(fresh, path)
     assert result.converted == sorted(stored)
@@ -152,7 +152,7 @@ def test_a_correct_file_loads_bit_exactly_without_warnings(good_file):
     good, model = good_file
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rebuilt = load_model(good, attention="reference").eval()
+        rebuilt = load_model(good).eval()
     assert rebuilt.class_names == ["a", "b", "c"]
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
@@ -183,7 +183,7 @@ def test_huge_config_in_metadata_is_refused_before_allocating(
 ):
     good, _ = good_file
     path = _variant(good, tmp_path / "huge.safetensors", config=_config(good, dims=dims))
-    real_ppma = ckpt.PPMA
+    real_ppma = ckpt_metadata.PPMA
     devices = []
 
     def guarded(config: PPMAConfig, **kwargs: object):
@@ -193,9 +193,9 @@ def test_huge_config_in_metadata_is_refused_before_allocating(
             raise AssertionError("the model described by the metadata was allocated")
         return real_ppma(config, **kwargs)
 
-    monkeypatch.setattr(ckpt, "PPMA", guarded)
+    monkeypatch.setattr(ckpt_metadata, "PPMA", guarded)
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: .*{message}"):
-        load_model(path, attention="reference")
+        load_model(path)
     assert set(devices) <= {"meta"}
 
 
@@ -234,12 +234,12 @@ def test_bad_metadata_is_one_error_naming_the_file(tmp_path, good_file, change, 
     }  # {"config": {...}} changes fields of the good config
     path = _variant(good, tmp_path / "bad.safetensors", **change)
     with pytest.raises(CheckpointError, match=message) as caught:
-        load_model(path, attention="reference")
+        load_model(path)
     assert str(path) in str(caught.value)
 
 
 def test_config_checks_cover_every_config_field():
-    assert set(ckpt._CONFIG_FIELDS) == {f.name for f in dataclasses.fields(PPMAConfig)}
+    assert set(ckpt_metadata._CONFIG_FIELDS) == {f.name for f in dataclasses.fields(PPMAConfig)}
 
 
 def test_authors_file_with_foreign_rotary_angles_is_refused_by_load_model(tmp_path):
