@@ -13,6 +13,7 @@ from ppma_models import PPMA, create_model, get_config, list_models
 from ppma_models.decay import DecayField
 from ppma_models.residual_conv import residual_depthwise_conv
 from ppma_models.rope import FlatRotaryEmbedding, apply_rotary, rotary_frequencies
+from ppma_models.testing import seeded_model
 from torch.utils.flop_counter import FlopCounterMode
 
 # (name, parameters at 1000 classes, GFLOPs at 224² with a multiply-add counted once)
@@ -80,8 +81,7 @@ def test_layer_scale_only_where_configured():
 
 
 def test_model_wide_init_and_decay_field_init():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano")
+    model = seeded_model("ppma_nano")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights = torch.cat([m.weight.flatten() for m in linears])
     # trunc-normal std 0.02 (truncated at ±2 absolute, so effectively untruncated)
@@ -166,8 +166,7 @@ def test_decay_field_matches_the_formula_per_head():
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
 def test_forward_backward_at_odd_size(backend):
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=7, drop_path_rate=0.0)
+    model = seeded_model("ppma_nano", num_classes=7, drop_path_rate=0.0)
     x = torch.randn(1, 3, 97, 131, requires_grad=True)
     with ppma_ops.use_backend(backend):
         logits = model(x)
@@ -181,8 +180,7 @@ def test_forward_backward_at_odd_size(backend):
 
 
 def test_features_at_odd_size_are_normalised_stage_outputs():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", features_only=True).eval()
+    model = seeded_model("ppma_nano", features_only=True).eval()
     for norm in model.out_norms.values():  # non-trivial affine so the check means something
         torch.nn.init.normal_(norm.weight)
         torch.nn.init.normal_(norm.bias)
@@ -279,8 +277,7 @@ def test_ppma_ops_backend_routes_every_op(monkeypatch):
         monkeypatch.setattr(ppma_ops, name, spy(public, kind, getattr(ppma_ops, name)))
         op = getattr(ppma_ops.reference, name)
         monkeypatch.setattr(ppma_ops.reference, name, spy(reference, kind, op))
-    torch.manual_seed(0)
-    model = create_model("ppma_nano").eval()
+    model = seeded_model("ppma_nano").eval()
     x = torch.randn(1, 3, 40, 40)
     # use_backend restores the process's choice afterwards, whatever set_attention did inside.
     with torch.no_grad(), ppma_ops.use_backend(ppma_ops.get_backend()):
@@ -301,8 +298,7 @@ def test_ppma_ops_backend_routes_every_op(monkeypatch):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", drop_path_rate=0.0)
+    model = seeded_model("ppma_nano", drop_path_rate=0.0)
     x = torch.randn(2, 3, 20, 28)
 
     def grads():
@@ -319,8 +315,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_drop_path_is_active_in_training_only():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", drop_path_rate=0.5)
+    model = seeded_model("ppma_nano", drop_path_rate=0.5)
     x = torch.randn(4, 3, 32, 32)
     model.eval()
     with torch.no_grad():
@@ -330,8 +325,7 @@ def test_drop_path_is_active_in_training_only():
 
 
 def test_torch_compile_traces_the_whole_model():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=5).eval()
+    model = seeded_model("ppma_nano", num_classes=5).eval()
     x = torch.randn(2, 3, 20, 24)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
@@ -360,8 +354,7 @@ def test_residual_depthwise_conv_equals_identity_plus_conv():
 
 def test_inference_and_training_modes_agree():
     """The no-grad path (in-place residuals) computes what the autograd path computes."""
-    torch.manual_seed(0)
-    model = create_model("ppma_nano").eval()
+    model = seeded_model("ppma_nano").eval()
     x = torch.randn(2, 3, 30, 26)
     with torch.no_grad():
         fast = model(x)
@@ -372,8 +365,7 @@ def test_inference_and_training_modes_agree():
 def test_bf16_autocast_runs_and_tracks_float32(backend):
     # Under autocast the projections are bf16 while the decay head is not: the attention
     # layer must hand the ops one dtype. The result should stay close to the float32 model.
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=10).eval()
+    model = seeded_model("ppma_nano", num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(), ppma_ops.use_backend(backend):
         reference = model(x)

@@ -22,8 +22,8 @@ class PPMA(nn.Module):
 
     Classifier mode (default): ``forward(x)`` → logits (B, num_classes).
     Features mode (``features_only=True``): no head; ``forward(x)`` → list of NCHW maps, one
-    per entry of ``out_indices`` (stage i has stride 4·2^i and ``config.dims[i]`` channels),
-    each through its own LayerNorm.
+    per entry of ``out_indices`` (default: every stage; stage i has stride 4·2^i and
+    ``config.dims[i]`` channels), each through its own LayerNorm.
 
     Input x: (B, in_chans, H, W), any H, W ≥ 1 (odd sizes round up at each stride-2 step).
     The masked attention and the blocks' depthwise convolutions are ``ppma_ops`` calls; which
@@ -37,7 +37,7 @@ class PPMA(nn.Module):
         *,
         num_classes: int = 1000,
         features_only: bool = False,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Sequence[int] | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__()
@@ -45,6 +45,8 @@ class PPMA(nn.Module):
         self.name = name
         self.features_only = features_only
         n = config.num_stages
+        if out_indices is None:
+            out_indices = range(n)
         out_indices = tuple(sorted(int(i) for i in out_indices))
         if features_only:
             if not out_indices or any(not 0 <= i < n for i in out_indices):

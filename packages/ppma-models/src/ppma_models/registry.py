@@ -84,7 +84,7 @@ def create_model(
     num_classes: int = 1000,
     pretrained: str | Path | None = None,
     features_only: bool = False,
-    out_indices: Sequence[int] = (0, 1, 2, 3),
+    out_indices: Sequence[int] | None = None,
     drop_path_rate: float | None = None,
     strict: bool = True,
     **overrides: object,
@@ -96,7 +96,8 @@ def create_model(
         ``backbone.`` prefix) or one of our safetensors files; loaded with
         :func:`ppma_models.checkpoint.load_checkpoint`. A classifier whose head size differs
         from ``num_classes`` keeps a freshly initialised final layer (fine-tuning).
-    features_only / out_indices: dense multi-scale backbone returning NCHW maps.
+    features_only / out_indices: dense multi-scale backbone returning NCHW maps of the
+        ``out_indices`` stages (default: all).
     drop_path_rate: overrides the config's stochastic-depth rate.
     overrides: any other :class:`PPMAConfig` field (e.g. ``in_chans=1``).
 
