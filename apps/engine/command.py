@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 
 from apps.engine.options import OptionError, out_problem
 
-__all__ = ["COMMAND_MODULES", "configure_process", "given_options", "run_command"]
+__all__ = ["COMMAND_MODULES", "configure_process", "options_given", "run_command"]
 
 #: The module of an app package that implements each command (``run_<command>`` in it).
 COMMAND_MODULES = {"train": "train", "eval": "evaluate", "predict": "predict"}
 
 
-def given_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> frozenset[str]:
+def options_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> frozenset[str]:
     """The destinations of the options the command line set to other than their defaults
     (``args.given``: a resumed run warns about those its recipe overrides)."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -63,7 +63,7 @@ def run_command(
     option values).
     """
     args = parser.parse_args(argv)
-    args.given = given_options(parser, args)
+    args.given = options_given(parser, args)
     try:
         check(args)
     except OptionError as exc:
