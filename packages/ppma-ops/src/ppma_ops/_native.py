@@ -14,6 +14,19 @@ import torch
 
 from .backend import get_backend
 
+# The ops with a kernel per device (CPU, and CUDA where built with it): every op of the
+# library but the CompositeImplicitAutograd public attention ops and the CPU-only depthwise
+# convolution.
+CUDA_KERNEL_OPS = (
+    "_polyline_attention_fwd",
+    "_polyline_attention_bwd",
+    "_criss_cross_attention_fwd",
+    "_criss_cross_attention_bwd",
+    "_criss_cross_attention_inference",
+    "polyline_scan",
+    "_polyline_scan_bwd",
+)
+
 _load_error: str | None = None
 try:
     from . import (
