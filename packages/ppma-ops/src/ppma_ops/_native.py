@@ -7,7 +7,6 @@ functions use the pure-PyTorch reference instead.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -43,14 +42,17 @@ def native_available() -> bool:
     return _C is not None
 
 
-@functools.cache
-def _registered(op_name: str) -> bool:
-    return _C is not None and hasattr(torch.ops.ppma, op_name)
+# The public ops the library registered, looked up once: a plain set keeps has_native_op
+# traceable by torch.compile (a functools.cache lookup would make Dynamo warn or break).
+PUBLIC_OPS = ("polyline_attention", "criss_cross_attention", "polyline_scan", "depthwise_conv2d")
+_REGISTERED = frozenset(
+    name for name in PUBLIC_OPS if _C is not None and hasattr(torch.ops.ppma, name)
+)
 
 
 def has_native_op(op_name: str) -> bool:
     """True when the "native" backend is selected and ``torch.ops.ppma.<op_name>`` exists."""
-    return get_backend() == "native" and _registered(op_name)
+    return get_backend() == "native" and op_name in _REGISTERED
 
 
 def native_load_error() -> str | None:
