@@ -27,7 +27,6 @@ memory is allocated.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from ppma_models.convert import convert_from_upstream, is_upstream_state_dict
 from apps.engine.checkpoint import load_training_state
 from apps.engine.model_args import config_problem
 from apps.engine.runspec import RUN_FORMAT, RunSpec, is_run_spec
+from apps.engine.values import is_int, is_real, short
 from apps.engine.weights import app_metadata, is_safetensors, load_state_checked, state_weights
 
 __all__ = ["APP", "LoadedClassifier", "build_model", "load_classifier", "read_run_spec"]
@@ -80,7 +80,7 @@ def _first_layout(meta: Mapping[str, Any], path: Path) -> RunSpec:
         recipe["legacy_drop_last"] = bool(meta.get("legacy_drop_last", False))
         if sources is None:  # a run from before defaults were resolved from the data
             size = meta.get("input_size")
-            if not (isinstance(size, list) and size and _is_int(size[0])):
+            if not (isinstance(size, list) and size and is_int(size[0])):
                 raise CheckpointError(f"{path}: the recorded input_size is damaged")
             recipe["input_size"] = size[0]
             recipe["legacy_drop_last"] = True  # it dropped every short last batch; keep its steps
@@ -109,19 +109,6 @@ def read_run_spec(meta: object, path: Path) -> RunSpec:
     return spec
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _description_problems(model: Mapping[str, Any], classes: int, chans: int) -> list[str]:
     """What is wrong with the class names, input size and normalisation of a description."""
     names, size = model.get("class_names"), model.get("input_size")
@@ -132,14 +119,14 @@ def _description_problems(model: Mapping[str, Any], classes: int, chans: int) ->
         and all(isinstance(n, str) for n in names),
         "input_size": isinstance(size, list)
         and len(size) == 2
-        and all(_is_int(v) and 1 <= v <= MAX_INPUT_SIZE for v in size),
-        "mean": isinstance(mean, list) and len(mean) == chans and all(map(_is_real, mean)),
+        and all(is_int(v) and 1 <= v <= MAX_INPUT_SIZE for v in size),
+        "mean": isinstance(mean, list) and len(mean) == chans and all(map(is_real, mean)),
         "std": isinstance(std, list)
         and len(std) == chans
-        and all(_is_real(v) and v > 0 for v in std),
+        and all(is_real(v) and v > 0 for v in std),
     }
     shown = {"class_names": names, "input_size": size, "mean": mean, "std": std}
-    return [f"{k}={_short(shown[k])}" for k, ok in checks.items() if not ok]
+    return [f"{k}={short(shown[k])}" for k, ok in checks.items() if not ok]
 
 
 def _loaded(model, spec: RunSpec, source: str, path: Path) -> LoadedClassifier:
@@ -163,10 +150,10 @@ def _check_buildable(model: Mapping[str, Any], path: Path) -> None:
     if problem is not None:
         raise CheckpointError(f"{path}: the recorded model_config is not usable: {problem}")
     classes, name = model.get("num_classes"), model.get("model")
-    if not (_is_int(classes) and 1 <= classes <= CONFIG_LIMITS["classes"]):
-        raise CheckpointError(f"{path}: invalid num_classes {_short(classes)}")
+    if not (is_int(classes) and 1 <= classes <= CONFIG_LIMITS["classes"]):
+        raise CheckpointError(f"{path}: invalid num_classes {short(classes)}")
     if not isinstance(name, str | None):
-        raise CheckpointError(f"{path}: invalid model name {_short(name)}")
+        raise CheckpointError(f"{path}: invalid model name {short(name)}")
 
 
 def build_model(model: Mapping[str, Any]) -> ppma_models.PPMA:

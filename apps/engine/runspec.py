@@ -25,6 +25,8 @@ from typing import Any
 
 from ppma_models import CheckpointError
 
+from apps.engine.values import short
+
 __all__ = ["RUN_FORMAT", "RunSpec", "is_run_spec"]
 
 RUN_FORMAT = "ppma-run/1"
@@ -33,11 +35,6 @@ RUN_FORMAT = "ppma-run/1"
 def is_run_spec(meta: object) -> bool:
     """Whether ``meta`` is in the run-spec layout (rather than an app's older one)."""
     return isinstance(meta, Mapping) and meta.get("format") == RUN_FORMAT
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -81,7 +78,7 @@ class RunSpec:
             "model": lambda v: isinstance(v, dict),
             "data": lambda v: isinstance(v, dict),
         }
-        bad = [f"{k}={_short(meta.get(k))}" for k, ok in checks.items() if not ok(meta.get(k))]
+        bad = [f"{k}={short(meta.get(k))}" for k, ok in checks.items() if not ok(meta.get(k))]
         if bad:
             raise CheckpointError(f"{where}: damaged run description: {', '.join(bad)}")
         return cls(

@@ -27,6 +27,7 @@ from ppma_models.registry import get_config
 from apps.engine.checkpoint import load_training_state, load_weights
 from apps.engine.model_args import overrides_problem
 from apps.engine.runspec import RUN_FORMAT, RunSpec, is_run_spec
+from apps.engine.values import is_int, is_rate, short
 from apps.engine.weights import app_metadata, is_safetensors, load_state_checked, state_weights
 
 __all__ = [
@@ -75,13 +76,13 @@ class ModelSpec:
         """The spec a checkpoint records; CheckpointError (without the file name, which the
         caller adds) for missing fields or values of the wrong type or size."""
         if not isinstance(d, dict):
-            raise CheckpointError(f"the model metadata is not a JSON object: {_short(d)}")
+            raise CheckpointError(f"the model metadata is not a JSON object: {short(d)}")
         known = {f.name for f in fields(cls)}
         missing = {"backbone", "num_classes", "class_names"} - set(d)
         if missing:
             raise CheckpointError(f"checkpoint metadata lacks {sorted(missing)}")
         kwargs = {k: v for k, v in d.items() if k in known}
-        bad = [f"{k}={_short(v)}" for k, v in kwargs.items() if not _SPEC_CHECKS[k](v)]
+        bad = [f"{k}={short(v)}" for k, v in kwargs.items() if not _SPEC_CHECKS[k](v)]
         if bad:
             raise CheckpointError(f"invalid model metadata value(s): {', '.join(bad)}")
         if len(kwargs["class_names"]) != kwargs["num_classes"]:
@@ -100,32 +101,19 @@ class ModelSpec:
         return cls(**kwargs)
 
 
-def _is_int(value: object, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _is_rate(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 # Each ModelSpec field's check: JSON gives no types, and the sizes bound what gets allocated.
 _WIDTH = CONFIG_LIMITS["width"]
 _SPEC_CHECKS: dict[str, Callable[[object], bool]] = {
     "backbone": lambda v: isinstance(v, str),
-    "num_classes": lambda v: _is_int(v, 1, CONFIG_LIMITS["classes"]),
+    "num_classes": lambda v: is_int(v, 1, CONFIG_LIMITS["classes"]),
     "class_names": lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
-    "channels": lambda v: _is_int(v, 1, _WIDTH),
-    "aux_channels": lambda v: _is_int(v, 0, _WIDTH),
-    "ignore_index": lambda v: _is_int(v, 0, 65535),
-    "crop": lambda v: _is_int(v, 1, 1 << 14),
-    "drop_path": _is_rate,
-    "dropout": _is_rate,
-    "fuse_kernel": lambda v: _is_int(v, 1, 31) and v % 2 == 1,
+    "channels": lambda v: is_int(v, 1, _WIDTH),
+    "aux_channels": lambda v: is_int(v, 0, _WIDTH),
+    "ignore_index": lambda v: is_int(v, 0, 65535),
+    "crop": lambda v: is_int(v, 1, 1 << 14),
+    "drop_path": is_rate,
+    "dropout": is_rate,
+    "fuse_kernel": lambda v: is_int(v, 1, 31) and v % 2 == 1,
     "backbone_args": lambda v: v is None or isinstance(v, dict),
 }
 
