@@ -119,10 +119,14 @@ class Explanation:
             out.update({prefix + k: v for k, v in layer.arrays().items()})
         return out
 
-    def save_npz(self, path: str | os.PathLike) -> Path:
+    def save_npz(self, path: str | os.PathLike, **extra: np.ndarray) -> Path:
+        """Write :meth:`arrays` (and any ``extra`` arrays) as a compressed .npz file."""
         path = Path(path)
+        clash = sorted(set(extra) & set(self.arrays()))
+        if clash:
+            raise ValueError(f"extra arrays {clash} would replace the explanation's own")
         buf = io.BytesIO()
-        np.savez_compressed(buf, **self.arrays())
+        np.savez_compressed(buf, **self.arrays(), **extra)
         path.write_bytes(buf.getvalue())
         return path
 

@@ -21,7 +21,7 @@ import contextlib
 import importlib.util
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import ppma_ops
@@ -178,6 +178,7 @@ def export_onnx(
     verify: bool = True,
     input_name: str = "image",
     output_names: Sequence[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``model`` (a PPMA classifier or backbone, a SegmentationModel, any module taking
     one (B, C, H, W) image batch) to the ONNX file ``path``; returns the path.
@@ -193,6 +194,7 @@ def export_onnx(
         at a second one with other grid sizes, and raise :class:`OnnxExportError` if it
         differs from the model run in PyTorch by more than 1e-3 relative to the outputs' scale.
     output_names: default :func:`onnx_output_names`.
+    metadata: strings stored in the file's ``metadata_props`` (e.g. class names as JSON).
     The model is traced in eval mode with the reference ppma_ops backend and left as it was.
     """
     if not isinstance(model, nn.Module):
@@ -207,6 +209,10 @@ def export_onnx(
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"path {path} is a directory; give the .onnx file to write")
+    metadata = dict(metadata or {})
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"metadata must map str to str; not so for {bad}")
     if dynamic:
         side = _min_traced_side(model)
         height, width, batch_size = max(height, side), max(width, side), max(batch_size, 2)
@@ -238,6 +244,7 @@ def export_onnx(
         )
     if dynamic:
         _name_dynamic_axes(program.model)
+    program.model.metadata_props.update(metadata)
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > _SINGLE_FILE_LIMIT
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(path, external_data=big)

@@ -1,0 +1,104 @@
+"""The apps' ``export --onnx`` commands: files that onnxruntime runs like the models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import ppma_models
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from apps.classify.export import add_export_parser as add_classify_export  # noqa: E402
+from apps.classify.export import parse_size  # noqa: E402
+from apps.classify.weights import export_classifier, load_classifier  # noqa: E402
+from apps.engine.checkpoint import save_weights  # noqa: E402
+from apps.segment.export import add_export_parser as add_segment_export  # noqa: E402
+from apps.segment.model import ModelSpec, build_model, load_trained  # noqa: E402
+
+
+def _run(add_parser, argv: list[str]):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def _session(path):
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _metadata(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(path).metadata_props}
+
+
+def test_classify_export_runs_in_onnxruntime(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = ppma_models.create_model("ppma_nano", num_classes=3, depths=(1, 1, 1, 1), in_chans=1)
+    names = ["ant", "bee", "cat"]
+    meta = {"class_names": names, "input_size": [28, 28], "mean": [0.3], "std": [0.35]}
+    checkpoint = tmp_path / "best.safetensors"
+    export_classifier(model, checkpoint, meta)
+    path = tmp_path / "out" / "fm.onnx"
+    assert (
+        _run(add_classify_export, ["export", "--checkpoint", str(checkpoint), "--onnx", str(path)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"wrote {path}" in printed and "onnxruntime vs PyTorch" in printed
+    props = _metadata(path)
+    assert json.loads(props["class_names"]) == names
+    assert json.loads(props["input_size"]) == [28, 28]
+    assert json.loads(props["mean"]) == [0.3] and json.loads(props["std"]) == [0.35]
+    loaded = load_classifier(checkpoint).model
+    session = _session(path)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(4, 1, 28, 28), (1, 1, 36, 60)]:
+        x = torch.randn(shape, generator=g)
+        with torch.no_grad():
+            expected = loaded(x).numpy()
+        (got,) = session.run(None, {"image": x.numpy()})
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_segment_export_runs_in_onnxruntime(tmp_path, capsys):
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        backbone="ppma_nano", num_classes=3, class_names=("sky", "road", "car"), channels=8,
+        aux_channels=4, crop=64, backbone_args={"depths": (1, 1, 1, 1)},
+    )  # fmt: skip
+    checkpoint = tmp_path / "best.safetensors"
+    save_weights(
+        build_model(spec).state_dict(), checkpoint, {"app": "segment", "model": spec.to_dict()}
+    )
+    path = tmp_path / "seg.onnx"
+    assert _run(add_segment_export, ["export", str(checkpoint), "--onnx", str(path)]) == path
+    assert "onnxruntime vs PyTorch" in capsys.readouterr().out
+    assert json.loads(_metadata(path)["class_names"]) == ["sky", "road", "car"]
+    model, _ = load_trained(checkpoint)
+    session = _session(path)
+    assert [o.name for o in session.get_outputs()] == ["logits"]  # no auxiliary head
+    g = torch.Generator().manual_seed(2)
+    for shape in [(2, 3, 64, 64), (1, 3, 90, 50)]:
+        x = torch.randn(shape, generator=g)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (got,) = session.run(None, {"image": x.numpy()})
+        assert got.shape == (shape[0], 3, *shape[2:])
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("text", "size"), [("32", (32, 32)), ("40,64", (40, 64))])
+def test_input_size_option(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "a,b", "1,2,3", "-4"])
+def test_bad_input_size_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(text)
