@@ -199,11 +199,7 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    height, width = _pair(input_size, "input_size")
-    if batch_size is None:
-        batch_size = 2 if dynamic else 1
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    example = _traced_example(model, input_size, batch_size, dynamic)
     if not isinstance(opset, int) or opset < 17:
         raise ValueError(f"opset must be an int >= 17 (LayerNormalization), got {opset!r}")
     path = Path(path)
@@ -213,13 +209,6 @@ def export_onnx(
     bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
         raise TypeError(f"metadata must map str to str; not so for {bad}")
-    if dynamic:
-        side = _min_traced_side(model)
-        height, width, batch_size = max(height, side), max(width, side), max(batch_size, 2)
-    weight = _parameter(model)
-    in_chans = int(getattr(model, "in_chans", 3))
-    example = torch.randn(batch_size, in_chans, height, width, device=weight.device)
-    example = example.to(weight.dtype)
     _require("onnx", "onnxscript")
     with (
         _eval_mode(model),
@@ -227,16 +216,14 @@ def export_onnx(
         ppma_ops.use_backend("reference"),
         torch.no_grad(),
     ):
-        outputs = model(example)
-        names = list(output_names) if output_names is not None else None
-        if names is None:
-            names = onnx_output_names(model, outputs)
+        if output_names is None:
+            output_names = onnx_output_names(model, model(example))
         dims = {axis: torch.export.Dim.DYNAMIC for axis in _DYNAMIC_NAMES}
         program = torch.onnx.export(
             model,
             (example,),
             input_names=[input_name],
-            output_names=names,
+            output_names=list(output_names),
             opset_version=opset,
             dynamo=True,
             dynamic_shapes=(dims,) if dynamic else None,
@@ -249,12 +236,31 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(path, external_data=big)
     if verify and importlib.util.find_spec("onnxruntime") is not None:
-        stride = _total_stride(model)
+        height, width = example.shape[-2:]
         sizes = [(height, width)]
-        if dynamic:
+        if dynamic:  # other grid sizes at every stage
+            stride = _total_stride(model)
             sizes.append((height + stride + 1, width + 2 * stride - 1))
-        _verify(path, model, sizes, batch_size=1 if dynamic else batch_size)
+        _verify(path, model, sizes, batch_size=1 if dynamic else example.shape[0])
     return path
+
+
+def _traced_example(
+    model: nn.Module, input_size: int | Sequence[int], batch_size: int | None, dynamic: bool
+) -> torch.Tensor:
+    """The random (B, C, H, W) input to trace, in the model's device and dtype."""
+    height, width = _pair(input_size, "input_size")
+    if batch_size is None:
+        batch_size = 2 if dynamic else 1
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if dynamic:
+        side = _min_traced_side(model)
+        height, width, batch_size = max(height, side), max(width, side), max(batch_size, 2)
+    weight = _parameter(model)
+    in_chans = int(getattr(model, "in_chans", 3))
+    example = torch.randn(batch_size, in_chans, height, width, device=weight.device)
+    return example.to(weight.dtype)
 
 
 def _require(*modules: str) -> None:
