@@ -396,7 +396,12 @@ def _panel_maps(
         (alpha, "viridis", f"α {alpha.min():.3f}–{alpha.max():.3f}", alpha.min(), alpha.max()),
         (beta, "viridis", f"β {beta.min():.3f}–{beta.max():.3f}", beta.min(), beta.max()),
     ]
-    out += [(m, "magma", title, 0.0, 1.0) for m, title in zip(masks, PANELS[3:6], strict=True)]
+    # One range for the three masks of a row, so that the paths compare at a glance.
+    lo, hi = min(m.min() for m in masks), max(m.max() for m in masks)
+    names = ("L", "Lᵀ", "½(L + Lᵀ)")
+    out += [
+        (m, "magma", f"{n} {lo:.3f}–{hi:.3f}", lo, hi) for m, n in zip(masks, names, strict=True)
+    ]
     out.append((attention, "inferno", f"attention ≤ {attention.max():.3f}", 0.0, attention.max()))
     return out
 
@@ -412,8 +417,9 @@ def write_explanation_png(
     """One PNG grid: a row per (layer, head), the columns of :data:`PANELS`.
 
     Every map is stretched over the image (token cells split it evenly) and blended over a
-    grey copy; + marks the query pixel. α and β use each panel's own range (printed in its
-    title: decays are often all close to 1), masks [0, 1], attention [0, its maximum].
+    grey copy; + marks the query pixel. α and β use each panel's own range, the three masks
+    of a row one shared range (printed in the titles: trained decays are often all close to
+    1), attention [0, its maximum].
     heads: only these head indices (default all). Needs matplotlib.
     """
     rows = [
@@ -442,7 +448,7 @@ def write_explanation_png(
                 values, cmap=cmap, vmin=lo, vmax=max(hi, lo + 1e-12), alpha=0.75, extent=extent,
                 interpolation="nearest",
             )  # fmt: skip
-            ax.set_title(title if r == 0 or c in (1, 2, 6) else "", fontsize=6)
+            ax.set_title(f"{PANELS[c]}\n{title}" if r == 0 else title, fontsize=6)
         for ax in axes[r]:
             ax.plot(col_px, row_px, "+", color="cyan", markersize=6, markeredgewidth=1.2)
             ax.set_xticks([])
