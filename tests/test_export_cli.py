@@ -16,17 +16,21 @@ pytest.importorskip("onnxscript")
 
 from apps.classify.export import add_export_parser as add_classify_export  # noqa: E402
 from apps.classify.export import parse_size  # noqa: E402
-from apps.classify.weights import export_classifier, load_classifier  # noqa: E402
-from apps.engine.checkpoint import save_weights  # noqa: E402
+from apps.classify.weights import load_classifier  # noqa: E402
+from apps.engine import options as shared  # noqa: E402
+from apps.engine.command import COMMAND_MODULES, run_command  # noqa: E402
+from apps.engine.runspec import RunSpec  # noqa: E402
+from apps.engine.weights import weights_exporter  # noqa: E402
 from apps.segment.export import add_export_parser as add_segment_export  # noqa: E402
 from apps.segment.model import ModelSpec, build_model, load_trained  # noqa: E402
 
 
-def _run(add_parser, argv: list[str]):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.handler(args)
+def _main(package: str, add_parser, argv: list[str], monkeypatch) -> int:
+    """The app's command line with ``export`` registered, run as its ``main`` runs commands."""
+    monkeypatch.setitem(COMMAND_MODULES, "export", "export")
+    parser, sub = shared.app_parser(f"python -m {package}", "")
+    add_parser(sub)
+    return run_command(parser, argv, check=shared.check_runtime_options, package=package)
 
 
 def _session(path):
@@ -37,18 +41,17 @@ def _metadata(path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(path).metadata_props}
 
 
-def test_classify_export_runs_in_onnxruntime(tmp_path, capsys):
+def test_classify_export_runs_in_onnxruntime(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     model = ppma_models.create_model("ppma_nano", num_classes=3, depths=(1, 1, 1, 1), in_chans=1)
     names = ["ant", "bee", "cat"]
-    meta = {"class_names": names, "input_size": [28, 28], "mean": [0.3], "std": [0.35]}
+    description = {"class_names": names, "input_size": [28, 28], "mean": [0.3], "std": [0.35]}
     checkpoint = tmp_path / "best.safetensors"
-    export_classifier(model, checkpoint, meta)
+    meta = RunSpec("classify", description, {}).to_meta()
+    weights_exporter("classify", names)(model, checkpoint, meta)
     path = tmp_path / "out" / "fm.onnx"
-    assert (
-        _run(add_classify_export, ["export", "--checkpoint", str(checkpoint), "--onnx", str(path)])
-        == 0
-    )
+    argv = ["export", "--checkpoint", str(checkpoint), "--onnx", str(path)]
+    assert _main("apps.classify", add_classify_export, argv, monkeypatch) == 0
     printed = capsys.readouterr().out
     assert f"wrote {path}" in printed and "onnxruntime vs PyTorch" in printed
     props = _metadata(path)
@@ -66,18 +69,18 @@ def test_classify_export_runs_in_onnxruntime(tmp_path, capsys):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
-def test_segment_export_runs_in_onnxruntime(tmp_path, capsys):
+def test_segment_export_runs_in_onnxruntime(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     spec = ModelSpec(
         backbone="ppma_nano", num_classes=3, class_names=("sky", "road", "car"), channels=8,
         aux_channels=4, crop=64, backbone_args={"depths": (1, 1, 1, 1)},
     )  # fmt: skip
     checkpoint = tmp_path / "best.safetensors"
-    save_weights(
-        build_model(spec).state_dict(), checkpoint, {"app": "segment", "model": spec.to_dict()}
-    )
+    meta = RunSpec("segment", spec.to_dict(), {}).to_meta()
+    weights_exporter("segment", spec.class_names)(build_model(spec), checkpoint, meta)
     path = tmp_path / "seg.onnx"
-    assert _run(add_segment_export, ["export", str(checkpoint), "--onnx", str(path)]) == path
+    argv = ["export", str(checkpoint), "--onnx", str(path)]
+    assert _main("apps.segment", add_segment_export, argv, monkeypatch) == 0
     assert "onnxruntime vs PyTorch" in capsys.readouterr().out
     assert json.loads(_metadata(path)["class_names"]) == ["sky", "road", "car"]
     model, _ = load_trained(checkpoint)

@@ -21,7 +21,9 @@ from apps.classify.datasets import DataError, read_image
 from apps.classify.evaluate import _read_names
 from apps.classify.transforms import Preprocess
 from apps.classify.weights import load_classifier
+from apps.engine import options as shared
 from apps.engine.distributed import resolve_device
+from apps.engine.options import OptionError
 
 __all__ = [
     "EXPLAIN_EPILOG",
@@ -84,23 +86,12 @@ def add_layer_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="cpu, cuda, cuda:N or auto (default: auto, a GPU when there is one)",
-    )
-    p.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (default: 0, torch's choice)"
-    )
-
-
 def add_explain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "explain",
         help="draw decay maps, polyline masks and attention for one pixel",
         epilog=EXPLAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=shared.HelpFormatter,
         description="For one query pixel of an image: per stage and head, the decay maps,\n"
         "the polyline masks the query sees and its attention map.",
     )
@@ -138,15 +129,13 @@ def add_explain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     p.add_argument("--out", default=None, help="output directory (default: explain-<image name>)")
     add_layer_options(p)
-    _add_runtime(p)
-    p.set_defaults(handler=run_explain)
+    shared.add_runtime_options(p, workers=False)
     return p
 
 
 @torch.no_grad()
 def run_explain(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """Write explain.png and explain.npz (the front end has set threads and the ops)."""
     loaded = load_classifier(
         args.checkpoint,
         weights="model" if args.no_ema else "ema",
@@ -164,7 +153,7 @@ def run_explain(args: argparse.Namespace) -> int:
     x = Preprocess(size, loaded.mean, loaded.std, channels=chans)(raw)
     shown = Preprocess(size, [0.0] * chans, [1.0] * chans, channels=chans)(raw)  # no normalising
     if args.pixel is not None and not (args.pixel[0] < size[0] and args.pixel[1] < size[1]):
-        raise DataError(f"--pixel {args.pixel} lies outside the {size[0]}x{size[1]} model input")
+        raise OptionError(f"--pixel {args.pixel} lies outside the {size[0]}x{size[1]} model input")
     result = explain(
         model,
         x.to(device),
@@ -176,7 +165,7 @@ def run_explain(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     heads = args.heads
     if heads is not None and not any(h < layer.heads for layer in result.layers for h in heads):
-        raise DataError(f"--heads {heads}: no layer has these heads")
+        raise OptionError(f"--heads {heads}: no layer has these heads")
     png = write_explanation_png(result, out / "explain.png", heads=heads)
     npz = result.save_npz(out / "explain.npz")
     probs = torch.from_numpy(result.output).softmax(0)

@@ -19,6 +19,7 @@ from ppma_models.export import DEFAULT_OPSET, check_onnx, export_onnx
 
 from apps.classify.evaluate import _read_names
 from apps.classify.weights import load_classifier
+from apps.engine import options as shared
 
 __all__ = ["EXPORT_EPILOG", "add_export_parser", "parse_size", "report_export", "run_export"]
 
@@ -44,7 +45,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def add_onnx_options(p: argparse.ArgumentParser) -> None:
-    """--onnx, --input-size, --static, --opset (``apps.segment``'s export has them too)."""
+    """--onnx, --input-size, --static, --opset, --threads (``apps.segment``'s export has them
+    too). The export runs on the CPU; the front end sets the threads."""
     p.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
     p.add_argument(
         "--input-size",
@@ -65,6 +67,12 @@ def add_onnx_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_OPSET,
         help="ONNX opset version, >= 17 (default: %(default)s)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: 0, torch's choice)",
+    )
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -72,7 +80,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         "export",
         help="write the classifier as an ONNX file",
         epilog=EXPORT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=shared.HelpFormatter,
         description="Export a classifier to ONNX (standard operators only: the masked\n"
         "attention runs as the reference math), checked in onnxruntime.",
     )
@@ -100,7 +108,6 @@ def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         "(default: the checkpoint's names, else class_0, class_1, ...)",
     )
     add_onnx_options(p)
-    p.set_defaults(handler=run_export)
     return p
 
 
@@ -119,6 +126,7 @@ def report_export(
 
 @torch.no_grad()
 def run_export(args: argparse.Namespace) -> int:
+    """Write the ONNX file and report its agreement with PyTorch."""
     loaded = load_classifier(
         args.checkpoint,
         weights="model" if args.no_ema else "ema",

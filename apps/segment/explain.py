@@ -19,7 +19,9 @@ import torch
 from ppma_models.explain import explain, write_explanation_png
 
 from apps.classify.explain import add_layer_options, parse_pixel
+from apps.engine import options as shared
 from apps.engine.distributed import resolve_device
+from apps.engine.options import OptionError
 from apps.segment.folder import read_image
 from apps.segment.model import load_trained
 from apps.segment.transforms import to_tensors
@@ -32,11 +34,11 @@ def window_around(pixel: int, length: int, window: int) -> int:
     return min(max(pixel - window // 2, 0), length - window)
 
 
-def add_explain_parser(sub: argparse._SubParsersAction, formatter=None) -> argparse.ArgumentParser:
+def add_explain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "explain",
         help="decay maps, polyline masks and attention for one pixel",
-        formatter_class=formatter or argparse.HelpFormatter,
+        formatter_class=shared.HelpFormatter,
         description="For one pixel of an image: per backbone stage and head, the decay maps, "
         "the polyline masks the pixel's token sees and its attention map.",
     )
@@ -58,17 +60,14 @@ def add_explain_parser(sub: argparse._SubParsersAction, formatter=None) -> argpa
     )
     p.add_argument("--out", default=None, help="output directory (default: explain-<image name>)")
     add_layer_options(p)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default: auto)")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    p.set_defaults(handler=run_explain)
+    shared.add_runtime_options(p, workers=False)
     return p
 
 
 @torch.no_grad()
 def run_explain(args: argparse.Namespace) -> Path:
-    """Write explain.png and explain.npz; returns the output directory."""
+    """Write explain.png and explain.npz; returns the output directory. The front end has
+    set the threads and the ops' backend."""
     model, spec = load_trained(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
@@ -76,14 +75,14 @@ def run_explain(args: argparse.Namespace) -> Path:
     try:
         image = read_image(path)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: cannot read image {path}: {exc}") from None
+        raise OptionError(f"cannot read image {path}: {exc}") from None
     height, width = image.shape[:2]
     row, col = args.pixel if args.pixel is not None else (height // 2, width // 2)
     if not (row < height and col < width):
-        raise SystemExit(f"error: --pixel {row},{col} lies outside the {height}x{width} image")
+        raise OptionError(f"--pixel {row},{col} lies outside the {height}x{width} image")
     side = spec.crop if args.window is None else args.window
     if side < 0:
-        raise SystemExit(f"error: --window must be >= 0, got {side}")
+        raise OptionError(f"--window must be >= 0, got {side}")
     win_h, win_w = (height, width) if side == 0 else (min(side, height), min(side, width))
     top, left = window_around(row, height, win_h), window_around(col, width, win_w)
     crop = np.ascontiguousarray(image[top : top + win_h, left : left + win_w])
@@ -98,7 +97,7 @@ def run_explain(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     heads = args.heads
     if heads is not None and not any(h < layer.heads for layer in result.layers for h in heads):
-        raise SystemExit(f"error: --heads {heads}: no layer has these heads")
+        raise OptionError(f"--heads {heads}: no layer has these heads")
     png = write_explanation_png(result, out / "explain.png", heads=heads)
     npz = result.save_npz(out / "explain.npz", window=np.array([top, left, win_h, win_w]))
     label = int(result.output[:, row - top, col - left].argmax())

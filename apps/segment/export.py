@@ -15,26 +15,26 @@ import json
 from pathlib import Path
 
 import torch
+from ppma_models import IMAGENET_MEAN, IMAGENET_STD
 from ppma_models.export import export_onnx
 
 from apps.classify.export import add_onnx_options, report_export
+from apps.engine import options as shared
 from apps.segment.model import load_trained
-from apps.segment.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["add_export_parser", "run_export"]
 
 
-def add_export_parser(sub: argparse._SubParsersAction, formatter=None) -> argparse.ArgumentParser:
+def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="write the model as an ONNX file",
-        formatter_class=formatter or argparse.HelpFormatter,
+        formatter_class=shared.HelpFormatter,
         description="Export a segmentation model to ONNX (standard operators only: the masked "
         "attention runs as the reference math), checked in onnxruntime.",
     )
     p.add_argument("checkpoint", help="run directory (its best.safetensors), .safetensors or .pt")
     add_onnx_options(p)
-    p.set_defaults(handler=run_export)
     return p
 
 
