@@ -28,7 +28,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .convert import convert_from_upstream, is_upstream_state_dict
 from .model import PPMA
-from .registry import create_model
+from .registry import create_model, get_pretrained_cfg
 
 __all__ = ["TIMM_MODELS", "checkpoint_filter", "timm_pretrained_cfg"]
 
@@ -51,8 +51,6 @@ def timm_pretrained_cfg(name: str) -> dict[str, Any]:
     authors' model names go to ``notes``; ``first_conv`` and ``classifier`` tell timm where to
     adapt a checkpoint to other input channels or classes.
     """
-    from . import get_pretrained_cfg
-
     settings = get_pretrained_cfg(name)
     cfg = {k: v for k, v in dataclasses.asdict(settings).items() if k in _SAME_NAMES}
     if settings.url:
