@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import ppma_models
@@ -94,6 +97,23 @@ def test_segment_export_runs_in_onnxruntime(tmp_path, capsys, monkeypatch):
         (got,) = session.run(None, {"image": x.numpy()})
         assert got.shape == (shape[0], 3, *shape[2:])
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_parsers_load_no_torch_and_default_to_the_library_s_opset():
+    """The CLI builds these commands' parsers before it knows the command line is good."""
+    code = (
+        "import sys, apps.classify.explain, apps.classify.export, apps.segment.explain, "
+        "apps.segment.export; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    from ppma_models.export import DEFAULT_OPSET
+
+    from apps.classify.export import OPSET
+
+    assert OPSET == DEFAULT_OPSET
 
 
 @pytest.mark.parametrize(("text", "size"), [("32", (32, 32)), ("40,64", (40, 64))])

@@ -14,15 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from ppma_models.explain import explain, write_explanation_png
-
-from apps.classify.datasets import DataError, read_image
-from apps.classify.evaluate import _read_names
-from apps.classify.transforms import Preprocess
-from apps.classify.weights import load_classifier
 from apps.engine import options as shared
-from apps.engine.distributed import resolve_device
 from apps.engine.options import OptionError
 
 __all__ = [
@@ -133,9 +125,19 @@ def add_explain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     return p
 
 
-@torch.no_grad()
 def run_explain(args: argparse.Namespace) -> int:
     """Write explain.png and explain.npz (the front end has set threads and the ops)."""
+    # Imported when the command runs: the CLI builds this module's parser, and --help and
+    # option errors must answer without loading torch.
+    import torch
+    from ppma_models.explain import explain, write_explanation_png
+
+    from apps.classify.datasets import DataError, read_image
+    from apps.classify.evaluate import _read_names
+    from apps.classify.transforms import Preprocess
+    from apps.classify.weights import load_classifier
+    from apps.engine.distributed import resolve_device
+
     loaded = load_classifier(
         args.checkpoint,
         weights="model" if args.no_ema else "ema",
@@ -160,7 +162,7 @@ def run_explain(args: argparse.Namespace) -> int:
         pixel=args.pixel,
         layers=args.layers,
         display=shown.permute(1, 2, 0).expand(-1, -1, 3).clamp(0, 1).numpy(),
-    )
+    )  # explain runs the model without recording gradients
     out = Path(args.out) if args.out else Path(f"explain-{path.stem}")
     out.mkdir(parents=True, exist_ok=True)
     heads = args.heads
@@ -168,7 +170,7 @@ def run_explain(args: argparse.Namespace) -> int:
         raise OptionError(f"--heads {heads}: no layer has these heads")
     png = write_explanation_png(result, out / "explain.png", heads=heads)
     npz = result.save_npz(out / "explain.npz")
-    probs = torch.from_numpy(result.output).softmax(0)
+    probs = torch.from_numpy(result.output).double().softmax(0)
     top = int(probs.argmax())
     print(
         f"{path}: {loaded.class_names[top]} ({float(probs[top]):.3f}), query pixel {result.pixel}"

@@ -14,14 +14,21 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from ppma_models.export import DEFAULT_OPSET, check_onnx, export_onnx
-
-from apps.classify.evaluate import _read_names
-from apps.classify.weights import load_classifier
 from apps.engine import options as shared
 
-__all__ = ["EXPORT_EPILOG", "add_export_parser", "parse_size", "report_export", "run_export"]
+__all__ = [
+    "EXPORT_EPILOG",
+    "OPSET",
+    "add_export_parser",
+    "add_onnx_options",
+    "parse_size",
+    "report_export",
+    "run_export",
+]
+
+#: --opset's default: ppma_models.export.DEFAULT_OPSET, written out so that building the
+#: parser does not import torch (a test holds the two equal).
+OPSET = 18
 
 EXPORT_EPILOG = """\
 examples:
@@ -64,7 +71,7 @@ def add_onnx_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--opset",
         type=int,
-        default=DEFAULT_OPSET,
+        default=OPSET,
         help="ONNX opset version, >= 17 (default: %(default)s)",
     )
     p.add_argument(
@@ -111,11 +118,12 @@ def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def report_export(
-    path: Path, model: torch.nn.Module, size: tuple[int, int], *, dynamic: bool
-) -> None:
-    """Print the file's size and its agreement with PyTorch at ``size`` (and, for a dynamic
-    graph, at a size 33 and 63 pixels larger: other grids at every stage)."""
+def report_export(path: Path, model, size: tuple[int, int], *, dynamic: bool) -> None:
+    """Print the file's size and its agreement with ``model`` (an nn.Module) in PyTorch at
+    ``size`` (and, for a dynamic graph, at a size 33 and 63 pixels larger: other grids at
+    every stage)."""
+    from ppma_models.export import check_onnx
+
     sizes = [size] + ([(size[0] + 33, size[1] + 63)] if dynamic else [])
     errors = check_onnx(path, model, sizes, batch_size=1)
     agreement = ", ".join(f"{h}x{w}: {e:.2g}" for (h, w), e in errors.items())
@@ -124,9 +132,15 @@ def report_export(
     print(f"onnxruntime vs PyTorch, max |difference|: {agreement}")
 
 
-@torch.no_grad()
 def run_export(args: argparse.Namespace) -> int:
     """Write the ONNX file and report its agreement with PyTorch."""
+    # Imported when the command runs: the CLI builds this module's parser, and --help and
+    # option errors must answer without loading torch.
+    from ppma_models.export import export_onnx
+
+    from apps.classify.evaluate import _read_names
+    from apps.classify.weights import load_classifier
+
     loaded = load_classifier(
         args.checkpoint,
         weights="model" if args.no_ema else "ema",

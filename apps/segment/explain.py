@@ -14,17 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-import torch
-from ppma_models.explain import explain, write_explanation_png
-
 from apps.classify.explain import add_layer_options, parse_pixel
 from apps.engine import options as shared
-from apps.engine.distributed import resolve_device
 from apps.engine.options import OptionError
-from apps.segment.folder import read_image
-from apps.segment.model import load_trained
-from apps.segment.transforms import to_tensors
 
 __all__ = ["add_explain_parser", "run_explain", "window_around"]
 
@@ -64,10 +56,19 @@ def add_explain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     return p
 
 
-@torch.no_grad()
 def run_explain(args: argparse.Namespace) -> Path:
     """Write explain.png and explain.npz; returns the output directory. The front end has
     set the threads and the ops' backend."""
+    # Imported when the command runs: the CLI builds this module's parser, and --help and
+    # option errors must answer without loading torch.
+    import numpy as np
+    from ppma_models.explain import explain, write_explanation_png
+
+    from apps.engine.distributed import resolve_device
+    from apps.segment.folder import read_image
+    from apps.segment.model import load_trained
+    from apps.segment.transforms import to_tensors
+
     model, spec = load_trained(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)

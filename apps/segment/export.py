@@ -14,13 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from ppma_models import IMAGENET_MEAN, IMAGENET_STD
-from ppma_models.export import export_onnx
-
 from apps.classify.export import add_onnx_options, report_export
 from apps.engine import options as shared
-from apps.segment.model import load_trained
 
 __all__ = ["add_export_parser", "run_export"]
 
@@ -38,9 +33,15 @@ def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-@torch.no_grad()
 def run_export(args: argparse.Namespace) -> Path:
     """Write the ONNX file; returns its path."""
+    # Imported when the command runs: the CLI builds this module's parser, and --help and
+    # option errors must answer without loading torch.
+    from ppma_models import IMAGENET_MEAN, IMAGENET_STD
+    from ppma_models.export import export_onnx
+
+    from apps.segment.model import load_trained
+
     model, spec = load_trained(args.checkpoint)
     model = model.float().cpu().eval()
     size = tuple(args.input_size or (spec.crop, spec.crop))
