@@ -48,7 +48,7 @@ BUILD_DEPS = [
     "cmake>=3.18",
     "ninja",
 ]
-TEST_DEPS = ["pytest", "hypothesis", "timm"]
+TEST_DEPS = ["pytest", "hypothesis", "timm", "onnx", "onnxscript", "onnxruntime"]
 
 # The stack is ~5.5 GB, so every session that needs it shares this one environment.
 SHARED_ENV = ROOT / ".nox" / "ppma-stack"

@@ -11,6 +11,8 @@ import argparse
 from collections.abc import Sequence
 
 from apps.classify.datasets import DataError
+from apps.classify.explain import EXPLAIN_EPILOG, add_explain_parser
+from apps.classify.export import EXPORT_EPILOG, add_export_parser
 from apps.data.fashion_mnist import FashionMNISTError
 from apps.engine import options as shared
 from apps.engine.command import run_command
@@ -62,7 +64,13 @@ examples:
 """
 
 #: The epilog of each command, for the test that runs their examples through the parser.
-EPILOGS = {"train": TRAIN_EPILOG, "eval": EVAL_EPILOG, "predict": PREDICT_EPILOG}
+EPILOGS = {
+    "train": TRAIN_EPILOG,
+    "eval": EVAL_EPILOG,
+    "predict": PREDICT_EPILOG,
+    "explain": EXPLAIN_EPILOG,
+    "export": EXPORT_EPILOG,
+}
 
 DEFAULTS = shared.TrainingDefaults(
     epochs_help="passes over the training images (default: 10, or as many as give >= 150 "
@@ -267,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
+    add_explain_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -18,7 +18,13 @@ from apps.engine.options import OptionError, out_problem
 __all__ = ["COMMAND_MODULES", "configure_process", "options_given", "run_command"]
 
 #: The module of an app package that implements each command (``run_<command>`` in it).
-COMMAND_MODULES = {"train": "train", "eval": "evaluate", "predict": "predict"}
+COMMAND_MODULES = {
+    "train": "train",
+    "eval": "evaluate",
+    "predict": "predict",
+    "explain": "explain",
+    "export": "export",
+}
 
 
 def options_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> frozenset[str]:

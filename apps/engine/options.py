@@ -20,7 +20,7 @@ app. Every help text states its default once, as "(default: ...)".
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,13 +82,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def app_parser(
-    prog: str, description: str
+    prog: str,
+    description: str,
+    commands: Sequence[str] = ("train", "eval", "predict", "explain", "export"),
 ) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    """An app's top-level parser and its ``train``/``eval``/``predict`` subcommands."""
+    """An app's top-level parser and the action its ``commands`` are added to."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=HelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict}")
+    metavar = "{" + ",".join(commands) + "}"
+    sub = parser.add_subparsers(dest="command", required=True, metavar=metavar)
     return parser, sub
 
 

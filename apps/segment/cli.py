@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from apps.engine import options as shared
 from apps.engine.command import run_command
 from apps.engine.options import OptionError
+from apps.segment.explain import add_explain_parser
+from apps.segment.export import add_export_parser
 from apps.segment.settings import (
     DEFAULT_CROP,
     DEFAULT_EPOCHS,
@@ -306,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask")
     _inference_options(p)
     shared.add_runtime_options(p, workers=False)
+    add_explain_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -347,7 +351,7 @@ def check(args: argparse.Namespace) -> None:
             f"--batch-size must be >= 2 per process, got {args.batch_size} (BatchNorm after the "
             "pyramid pooling's 1x1 branch needs more than one value per channel)"
         )
-    if args.command == "predict":
+    if args.command in ("predict", "explain", "export"):
         return
     if args.data is not None and args.data != "scenes" and args.data.startswith("-"):
         raise OptionError(f"--data expects `scenes` or a folder, got {args.data}")

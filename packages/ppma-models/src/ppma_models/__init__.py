@@ -24,6 +24,7 @@ from .checkpoint import (
     save_upstream,
 )
 from .config import PPMAConfig
+from .export import check_onnx, export_onnx
 from .model import PPMA
 from .pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from .registry import (
@@ -34,8 +35,14 @@ from .registry import (
     register_model,
 )
 from .segmentation import SegmentationModel, UPerHead, create_segmentation_model
+from .timm_hook import install as _install_timm_hook
+
+# ppma_models.explain stays the module (the function of that name would shadow it here).
+_install_timm_hook()  # timm.create_model("ppma_tiny") works once timm is imported
 
 __all__ = [
+    "check_onnx",
+    "export_onnx",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CheckpointError",
