@@ -139,3 +139,28 @@ def test_authors_checkpoint_through_pretrained_cfg_overlay(tmp_path):
 def test_pretrained_without_a_file_says_so():
     with pytest.raises(RuntimeError, match="pretrained"):
         timm.create_model("ppma_tiny", pretrained=True)
+
+
+@pytest.mark.parametrize("order", ["ppma_models first", "timm first"])
+def test_importing_ppma_models_registers_with_timm_in_either_order(order: str) -> None:
+    import subprocess
+    import sys
+
+    imports = (
+        "import ppma_models, timm" if order == "ppma_models first" else "import timm, ppma_models"
+    )
+    code = (
+        f"import sys; {imports}\n"
+        "m = timm.create_model('ppma_tiny', num_classes=3)\n"
+        "assert isinstance(m, ppma_models.PPMA) and m.num_classes == 3\n"
+        "assert timm.__spec__.loader.__class__.__name__ != '_RegisteringLoader'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_import_ppma_models_does_not_import_timm() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, ppma_models; assert 'timm' not in sys.modules, 'timm was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
