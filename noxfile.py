@@ -9,6 +9,7 @@
     nox -s bench_depthwise ppma_ops: native depthwise convolution vs F.conv2d (oneDNN)
     nox -s bench_models    ppma_models: T/S/B images/s and memory, native vs reference ops
     nox -s segment_bench   PPMA-T + UPerNet at 512x512, forward+backward, native vs reference
+    nox -s bench_onnx      ppma_models: an exported ONNX file in onnxruntime vs the native ops
     nox -s cuda_build      compile the CUDA kernels with nvcc and check that they register
 
 Every session but lint, experiments and cuda_build runs in one shared environment,
@@ -352,6 +353,13 @@ def segment_bench(session: nox.Session) -> None:
     """PPMA-T + UPerNet(512) on a 512x512 image, forward+backward: time and peak memory of the
     native vs the reference attention ops. Writes benchmarks/segment_512.{json,md}."""
     _benchmark(session, "benchmarks/segment_512.py")
+
+
+@nox.session(venv_backend="none")
+def bench_onnx(session: nox.Session) -> None:
+    """PPMA-T exported to ONNX, run in onnxruntime, against PyTorch with the native ops at
+    224/512/1024 px: time and peak memory. Writes benchmarks/onnx.{json,md}."""
+    _benchmark(session, "benchmarks/onnx_cost.py")
 
 
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")

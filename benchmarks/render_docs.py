@@ -77,6 +77,17 @@ SECTIONS = (
         ),
     ),
     Section(
+        title="ONNX export",
+        stem="onnx",
+        command="nox -s bench_onnx",
+        about=(
+            "The PPMA-T classifier exported by `ppma_models.export_onnx` (attention as standard "
+            "ONNX operators, the reference math: docs/design.md §7.1) and run in onnxruntime's "
+            "CPU provider, against the same model in PyTorch with the native ops; one image per "
+            "run, each runtime in its own process, interleaved."
+        ),
+    ),
+    Section(
         title="Scaling of L·x (ppma_mask)",
         stem="ppma_mask/scaling",
         command="nox -s experiments -- benchmarks/ppma_mask",
