@@ -63,7 +63,10 @@ SECTIONS = (
         about=(
             "PPMA-T/S/B images/s and peak memory for inference and training steps at 224², "
             "with the native ops and with the reference ops on the same model object, plus a "
-            "1024² forward of the PPMA-T backbone where the reference materialises N×N masks."
+            "1024² forward of the PPMA-T backbone where the reference materialises N×N masks. "
+            "Given the authors' files (`-- --authors-ppma PATH/PPMA.py --authors-rmt "
+            "PATH/RMT.py`, from github.com/zhongchenzhao/PPMA), their PPMA with our weights and "
+            "their RMT run in the same interleaved rounds."
         ),
     ),
     Section(
