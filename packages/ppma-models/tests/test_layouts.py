@@ -87,11 +87,8 @@ def test_add_branch_equals_residual_plus_drop_path(layer_scale, training):
     assert torch.equal(inplace, fused)
 
 
-def test_stem_and_downsample_weights_stay_channels_last_through_loading():
+def test_state_dict_tensors_are_contiguous_for_any_safetensors_writer():
+    # Parameters kept in another memory layout make safetensors writers (timm's save_for_hf,
+    # huggingface_hub) refuse the state dict.
     model = seeded_model("ppma_nano")
-    convs = [model.stem.conv1, model.stem.conv4, model.stages[1].downsample.conv]
-    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
-    state = {k: v.contiguous() for k, v in seeded_model("ppma_nano", seed=1).state_dict().items()}
-    model.load_state_dict(state)
-    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
-    assert torch.equal(model.stem.conv1.weight, state["stem.conv1.weight"])
+    assert all(t.is_contiguous() for t in model.state_dict().values())

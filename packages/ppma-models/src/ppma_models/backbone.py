@@ -13,16 +13,6 @@ from .block import PPMABlock
 from .rope import FlatRotaryEmbedding
 
 
-def _weights_channels_last(module: nn.Module) -> None:
-    """Store the module's conv weights channels last, the layout of the maps they run on.
-
-    oneDNN would otherwise reorder each weight in every forward and its gradient in every
-    backward (and autograd copy that gradient back to the parameter's layout). Values,
-    names and shapes are unchanged; ``load_state_dict`` keeps the layout.
-    """
-    module.to(memory_format=torch.channels_last)
-
-
 class Stem(nn.Module):
     """Output stride 4: four 3×3 convs (strides 2, 1, 2, 1) with BatchNorm, GELU between.
 
@@ -40,7 +30,6 @@ class Stem(nn.Module):
         self.norm3 = nn.BatchNorm2d(dim)
         self.conv4 = nn.Conv2d(dim, dim, 3, stride=1, padding=1)
         self.norm4 = nn.BatchNorm2d(dim)
-        _weights_channels_last(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last convolutions make the final permute to (B, H, W, C) free, so every
@@ -63,7 +52,6 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
         self.norm = nn.BatchNorm2d(out_dim)
-        _weights_channels_last(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
