@@ -560,7 +560,7 @@ struct BackwardData {
   const T* k;
   const T* v;
   const T* lse;
-  const T* delta;
+  const T* delta;  // null for whole heads, which form it head by head
   T* dq;
   T* dk;
   T* dv;
@@ -574,7 +574,8 @@ struct BackwardData {
                const at::Tensor& delta_, PolylineGrads& g)
       : go(grad_out.const_data_ptr<T>()), q(in.q.const_data_ptr<T>()),
         k(in.k.const_data_ptr<T>()), v(in.v.const_data_ptr<T>()), lse(lse_.const_data_ptr<T>()),
-        delta(delta_.const_data_ptr<T>()), dq(g.dq.mutable_data_ptr<T>()),
+        delta(delta_.defined() ? delta_.const_data_ptr<T>() : nullptr),
+        dq(g.dq.mutable_data_ptr<T>()),
         dk(g.dk.mutable_data_ptr<T>()), dv(g.dv.mutable_data_ptr<T>()),
         dca(g.dca.mutable_data_ptr<T>()), dcb(g.dcb.mutable_data_ptr<T>()), BH(in.q.size(0)),
         N(in.q.size(1)), d(in.q.size(2)), c(in.v.size(2)), H(in.tables.ca.size(1)),
@@ -709,7 +710,8 @@ void add_row_partials(const RowPartials<T>& rows, int64_t bh, T* dca, T* dcb) {
 
 template <typename T, bool kBlocked>
 void backward_impl(const at::Tensor& grad_out, const AttentionInputs& in, const at::Tensor& lse,
-                   const at::Tensor& delta, PolylineGrads& grads) {
+                   const at::Tensor& parts, PolylineGrads& grads) {
+  const at::Tensor delta = softmax_backward_row_sums(grad_out, parts);
   const BackwardData<T> b(grad_out, in, lse, delta, grads);
   const auto opts = in.tables.ca.options();
   const RowPartials<T> q_rows(b.qt, b.BH, b.W, opts), k_rows(b.kt, b.BH, b.W, opts);
@@ -749,6 +751,33 @@ void backward_impl(const at::Tensor& grad_out, const AttentionInputs& in, const 
 // whole vectors with scores of −inf (weight 0), dP of 0 and tables of 0.
 
 constexpr int64_t kWholeHeadMaxTokens = 256;
+
+// Runs f(item, scratch) for every item in [0, n) on the threads of one parallel region, each
+// with its own scratch from make_scratch(), handing the items out one at a time: on cores
+// shared with other jobs a thread that is held up takes fewer items instead of keeping the
+// others waiting at the end. Every item is computed by one thread in a fixed order, so the
+// results do not depend on which thread took it.
+template <typename MakeScratch, typename F>
+void parallel_items(int64_t n, MakeScratch&& make_scratch, F&& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t item = next++; item < n; item = next++) f(item, scratch);
+  });
+}
+
+// Σ a[e]·b[e] over n entries.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V acc(T(0));
+  int64_t e = 0;
+  for (; e + L <= n; e += L) acc = at::vec::fmadd(V::loadu(a + e), V::loadu(b + e), acc);
+  T sum = reduce_sum(acc);
+  for (; e < n; ++e) sum += a[e] * b[e];
+  return sum;
+}
 
 template <typename T>
 constexpr int64_t vector_padded(int64_t n) {
@@ -881,7 +910,7 @@ struct WholeHeadForwardScratch {
 template <typename T>
 void whole_head_scores(const T* q, const T* k, int64_t N, int64_t Np, int64_t d, T scale,
                        T* s) {
-  tile_gemm<T>(false, true, N, N, d, scale, q, d, k, d, T(0), s, Np);
+  small_gemm<T>(false, true, N, N, d, scale, q, d, k, d, T(0), s, Np);
   for (int64_t r = 0; r < N; ++r) {
     std::fill(s + r * Np + N, s + r * Np + Np, -std::numeric_limits<T>::infinity());
   }
@@ -913,7 +942,7 @@ void whole_head_forward(const ForwardData<T>& f, const DecayTables& tables, int6
     }
   }
   T* parts = f.parts + bh * 2 * N * c;
-  tile_gemm<T>(false, false, 2 * N, c, N, T(1), p, Np, f.v + bh * N * c, c, T(0), parts, c);
+  small_gemm<T>(false, false, 2 * N, c, N, T(1), p, Np, f.v + bh * N * c, c, T(0), parts, c);
   for (int64_t u = 0; u < N; ++u) {
     T* o1 = parts + u * c;
     T* o2 = parts + (N + u) * c;
@@ -927,10 +956,11 @@ void whole_head_forward(const ForwardData<T>& f, const DecayTables& tables, int6
 template <typename T, bool kBlocked>
 void whole_head_forward_impl(const AttentionInputs& in, PolylineForward& fwd) {
   const ForwardData<T> f(in, fwd);
-  at::parallel_for(0, f.BH, 1, [&](int64_t begin, int64_t end) {
-    WholeHeadForwardScratch<T, kBlocked> sc(f.H, f.W);
-    for (int64_t bh = begin; bh < end; ++bh) whole_head_forward<T, kBlocked>(f, in.tables, bh, sc);
-  });
+  parallel_items(
+      f.BH, [&] { return WholeHeadForwardScratch<T, kBlocked>(f.H, f.W); },
+      [&](int64_t bh, WholeHeadForwardScratch<T, kBlocked>& sc) {
+        whole_head_forward<T, kBlocked>(f, in.tables, bh, sc);
+      });
 }
 
 // The mask-gradient terms of a head as they are gathered along the flat key index, and where
@@ -996,14 +1026,16 @@ inline std::pair<T, T> flat_grad_row(const FlatQuery<T, kBlocked>& fq, const Que
 }
 
 // One thread's scratch for whole-head backwards: the head's tables, S then P̄ (N × Np), dP then
-// dS (N × Np) and the mask-gradient accumulators.
+// dS (N × Np), the softmax-backward row sums of both softmaxes and the mask-gradient
+// accumulators.
 template <typename T, bool kBlocked>
 struct WholeHeadBackwardScratch {
   FlatTables<T, kBlocked> tables;
-  std::vector<T> s, dp;
+  std::vector<T> s, dp, delta;
   FlatMaskGrads<T> grads;
   WholeHeadBackwardScratch(int64_t H, int64_t W)
-      : tables(H, W), s(tables.N * tables.Np), dp(tables.N * tables.Np), grads(W, tables.Np) {}
+      : tables(H, W), s(tables.N * tables.Np), dp(tables.N * tables.Np), delta(2 * tables.N),
+        grads(W, tables.Np) {}
 };
 
 // dca, dcb (one head, H×W) += the gathered row terms of grid row i (summed over key rows k),
@@ -1040,8 +1072,8 @@ void fold_key_and_column_terms(FlatMaskGrads<T>& g, int64_t H, int64_t W, T* dca
 // Backward of head bh: S and dP by two GEMMs, every score's gradients in one pass over the
 // rows, then dQ = scale·dS·K, dK = scale·dSᵀ·Q and dV = P̄ᵀ·dO by three GEMMs.
 template <typename T, bool kBlocked>
-void whole_head_backward(const BackwardData<T>& b, const DecayTables& tables, int64_t bh,
-                         WholeHeadBackwardScratch<T, kBlocked>& sc) {
+void whole_head_backward(const BackwardData<T>& b, const DecayTables& tables, const T* parts,
+                         int64_t bh, WholeHeadBackwardScratch<T, kBlocked>& sc) {
   FlatTables<T, kBlocked>& ft = sc.tables;
   FlatMaskGrads<T>& g = sc.grads;
   const int64_t N = b.N, Np = ft.Np, H = b.H, W = b.W, d = b.d, c = b.c;
@@ -1052,8 +1084,12 @@ void whole_head_backward(const BackwardData<T>& b, const DecayTables& tables, in
   T* dp = sc.dp.data();
   T* dca = b.dca + bh * N;
   T* dcb = b.dcb + bh * N;
+  const T* lse = b.lse + bh * 2 * N;
+  for (int64_t r = 0; r < 2 * N; ++r) {
+    sc.delta[r] = T(0.5) * dot(go + (r % N) * c, parts + r * c, c);  // ½·dO·O_p
+  }
   whole_head_scores(q, k, N, Np, d, b.scale, s);
-  tile_gemm<T>(false, true, N, N, c, T(0.5), go, c, b.v + bh * N * c, c, T(0), dp, Np);
+  small_gemm<T>(false, true, N, N, c, T(0.5), go, c, b.v + bh * N * c, c, T(0), dp, Np);
   for (int64_t r = 0; r < N; ++r) std::fill(dp + r * Np + N, dp + r * Np + Np, T(0));
   std::fill(g.key.begin(), g.key.end(), T(0));
   std::fill(g.cols.begin(), g.cols.end(), T(0));
@@ -1063,28 +1099,31 @@ void whole_head_backward(const BackwardData<T>& b, const DecayTables& tables, in
     ft.load_row(i);
     for (int64_t j = 0; j < W; ++j) {
       const int64_t u = i * W + j;
-      const auto own = flat_grad_row(FlatQuery<T, kBlocked>(ft, j), b.stats(bh, u), Np,
-                                     s + u * Np, dp + u * Np, g, j);
+      const QueryStats<T> st{lse[u], lse[N + u], sc.delta[u], sc.delta[N + u]};
+      const auto own =
+          flat_grad_row(FlatQuery<T, kBlocked>(ft, j), st, Np, s + u * Np, dp + u * Np, g, j);
       dca[u] += own.first;
       dcb[u] += own.second;
     }
     fold_row_terms(g, H, W, i, dca, dcb);
   }
   fold_key_and_column_terms(g, H, W, dca, dcb);
-  tile_gemm<T>(false, false, N, d, N, b.scale, dp, Np, k, d, T(0), b.dq + bh * N * d, d);
-  tile_gemm<T>(true, false, N, d, N, b.scale, dp, Np, q, d, T(0), b.dk + bh * N * d, d);
-  tile_gemm<T>(true, false, N, c, N, T(1), s, Np, go, c, T(0), b.dv + bh * N * c, c);
+  small_gemm<T>(false, false, N, d, N, b.scale, dp, Np, k, d, T(0), b.dq + bh * N * d, d);
+  small_gemm<T>(true, false, N, d, N, b.scale, dp, Np, q, d, T(0), b.dk + bh * N * d, d);
+  small_gemm<T>(true, false, N, c, N, T(1), s, Np, go, c, T(0), b.dv + bh * N * c, c);
 }
 
 template <typename T, bool kBlocked>
 void whole_head_backward_impl(const at::Tensor& grad_out, const AttentionInputs& in,
-                              const at::Tensor& lse, const at::Tensor& delta,
+                              const at::Tensor& lse, const at::Tensor& parts,
                               PolylineGrads& grads) {
-  const BackwardData<T> b(grad_out, in, lse, delta, grads);
-  at::parallel_for(0, b.BH, 1, [&](int64_t begin, int64_t end) {
-    WholeHeadBackwardScratch<T, kBlocked> sc(b.H, b.W);
-    for (int64_t bh = begin; bh < end; ++bh) whole_head_backward<T, kBlocked>(b, in.tables, bh, sc);
-  });
+  const BackwardData<T> b(grad_out, in, lse, at::Tensor(), grads);
+  const T* o = parts.const_data_ptr<T>();
+  parallel_items(
+      b.BH, [&] { return WholeHeadBackwardScratch<T, kBlocked>(b.H, b.W); },
+      [&](int64_t bh, WholeHeadBackwardScratch<T, kBlocked>& sc) {
+        whole_head_backward<T, kBlocked>(b, in.tables, o + bh * 2 * b.N * b.c, bh, sc);
+      });
 }
 
 // Calls f(T{}, std::bool_constant<kBlocked>{}) for the accumulation dtype of the inputs and for
@@ -1106,21 +1145,25 @@ void polyline_attention_fwd(const AttentionInputs& in, PolylineForward& fwd) {
   dispatch_dtype_blocked(in, [&](auto t, auto blocked) {
     using T = decltype(t);
     constexpr bool kBlocked = decltype(blocked)::value;
-    whole_heads ? whole_head_forward_impl<T, kBlocked>(in, fwd) : forward_impl<T, kBlocked>(in, fwd);
+    if (whole_heads) {
+      whole_head_forward_impl<T, kBlocked>(in, fwd);
+    } else {
+      forward_impl<T, kBlocked>(in, fwd);
+    }
   });
 }
 
 void polyline_attention_bwd(const at::Tensor& grad_out, const AttentionInputs& in,
-                            const at::Tensor& lse, const at::Tensor& delta,
+                            const at::Tensor& lse, const at::Tensor& parts,
                             PolylineGrads& grads) {
   const bool whole_heads = in.q.size(1) <= kWholeHeadMaxTokens;
   dispatch_dtype_blocked(in, [&](auto t, auto blocked) {
     using T = decltype(t);
     constexpr bool kBlocked = decltype(blocked)::value;
     if (whole_heads) {
-      whole_head_backward_impl<T, kBlocked>(grad_out, in, lse, delta, grads);
+      whole_head_backward_impl<T, kBlocked>(grad_out, in, lse, parts, grads);
     } else {
-      backward_impl<T, kBlocked>(grad_out, in, lse, delta, grads);
+      backward_impl<T, kBlocked>(grad_out, in, lse, parts, grads);
     }
   });
 }
