@@ -963,20 +963,20 @@ void whole_head_forward_impl(const AttentionInputs& in, PolylineForward& fwd) {
       });
 }
 
-// The mask-gradient terms of a head as they are gathered along the flat key index, and where
-// they end up (each Np wide, by v = k·W + l):
-//   row:  dCa[i, l], dCb[i, l] of the current query row i   (summed over k per row)
-//   key:  dCa[k, l], dCb[k, l]                               (the key's own entries)
-//   cols: dCa[k, j], dCb[k, j] per query column j            (summed over l per head)
-// and per query its own dCa[i, j], dCb[i, j], reduced in registers.
+// The mask-gradient terms of a head, gathered along the flat key index v = k·W + l (each Np
+// wide) with a1 = sign(da1)·g1, b1 = sign(db1)·g1, a2 = sign(da2)·g2, b2 = sign(db2)·g2
+// (sign(0) = 0, torch.abs's subgradient):
+//   row:  Σ_j a1 and Σ_j b1 over the queries (i, j) of the current grid row i; they give
+//         dCa[i, l] (+, summed over k), dCb[i, l] (−, summed over k) and dCb[k, l] (+);
+//   cols: Σ_i a2 and Σ_i b2 over the queries (i, j) of grid column j; they give dCa[k, j]
+//         (+, summed over l), dCb[k, j] (−, summed over l) and dCa[k, l] (−, summed over j);
+// and per query its own dCa[i, j] (−Σ a1) and dCb[i, j] (+Σ b2), reduced in registers.
 template <typename T>
 struct FlatMaskGrads {
-  std::vector<T> row, key, cols;  // 2 × Np, 2 × Np, 2 × W × Np
+  std::vector<T> row, cols;  // 2 × Np, 2 × W × Np
   int64_t W, Np;
-  FlatMaskGrads(int64_t W_, int64_t Np_)
-      : row(2 * Np_), key(2 * Np_), cols(2 * W_ * Np_), W(W_), Np(Np_) {}
+  FlatMaskGrads(int64_t W_, int64_t Np_) : row(2 * Np_), cols(2 * W_ * Np_), W(W_), Np(Np_) {}
   T* row_of(int t) { return row.data() + t * Np; }
-  T* key_of(int t) { return key.data() + t * Np; }
   T* col_of(int t, int64_t j) { return cols.data() + (t * W + j) * Np; }
 };
 
@@ -989,12 +989,10 @@ inline std::pair<T, T> flat_grad_row(const FlatQuery<T, kBlocked>& fq, const Que
                                      int64_t j) {
   using V = Vectorized<T>;
   const V lse1(st.lse1), lse2(st.lse2), delta1(st.delta1), delta2(st.delta2), half(T(0.5));
-  T* row_ca = g.row_of(0);
-  T* row_cb = g.row_of(1);
-  T* key_ca = g.key_of(0);
-  T* key_cb = g.key_of(1);
-  T* col_ca = g.col_of(0, j);
-  T* col_cb = g.col_of(1, j);
+  T* row_a = g.row_of(0);
+  T* row_b = g.row_of(1);
+  T* col_a = g.col_of(0, j);
+  T* col_b = g.col_of(1, j);
   V own_ca(T(0)), own_cb(T(0));
   for (int64_t v = 0; v < Np; v += V::size()) {
     V da1, db1, da2, db2;
@@ -1011,16 +1009,13 @@ inline std::pair<T, T> flat_grad_row(const FlatQuery<T, kBlocked>& fq, const Que
     const V g1 = p1 * (dp - delta1), g2 = p2 * (dp - delta2);
     (half * (p1 + p2)).store(s_pbar + v);
     (g1 + g2).store(dp_ds + v);
-    const V a1 = sign_times(da1, g1), b1 = sign_times(db1, g1);
-    const V a2 = sign_times(da2, g2), b2 = sign_times(db2, g2);
+    const V a1 = sign_times(da1, g1), b2 = sign_times(db2, g2);
     own_ca = own_ca - a1;
     own_cb = own_cb + b2;
-    (V::loadu(row_ca + v) + a1).store(row_ca + v);
-    (V::loadu(row_cb + v) - b1).store(row_cb + v);
-    (V::loadu(key_ca + v) - a2).store(key_ca + v);
-    (V::loadu(key_cb + v) + b1).store(key_cb + v);
-    (V::loadu(col_ca + v) + a2).store(col_ca + v);
-    (V::loadu(col_cb + v) - b2).store(col_cb + v);
+    (V::loadu(row_a + v) + a1).store(row_a + v);
+    (V::loadu(row_b + v) + sign_times(db1, g1)).store(row_b + v);
+    (V::loadu(col_a + v) + sign_times(da2, g2)).store(col_a + v);
+    (V::loadu(col_b + v) + b2).store(col_b + v);
   }
   return {reduce_sum(own_ca), reduce_sum(own_cb)};
 }
@@ -1038,34 +1033,37 @@ struct WholeHeadBackwardScratch {
         grads(W, tables.Np) {}
 };
 
-// dca, dcb (one head, H×W) += the gathered row terms of grid row i (summed over key rows k),
-// which are then cleared for the next row.
+// dca, dcb (one head, H×W) += the row terms of grid row i, which are then cleared.
 template <typename T>
 void fold_row_terms(FlatMaskGrads<T>& g, int64_t H, int64_t W, int64_t i, T* dca, T* dcb) {
-  T* dst[2] = {dca + i * W, dcb + i * W};
-  for (int t = 0; t < 2; ++t) {
-    T* acc = g.row_of(t);
-    for (int64_t k = 0; k < H; ++k)
-      for (int64_t l = 0; l < W; ++l) dst[t][l] += acc[k * W + l];
-    std::fill(acc, acc + g.Np, T(0));
+  T* a = g.row_of(0);
+  T* b = g.row_of(1);
+  for (int64_t k = 0; k < H; ++k) {
+    for (int64_t l = 0; l < W; ++l) {
+      dca[i * W + l] += a[k * W + l];
+      dcb[i * W + l] -= b[k * W + l];
+    }
   }
+  for (int64_t v = 0; v < H * W; ++v) dcb[v] += b[v];
+  std::fill(g.row.begin(), g.row.end(), T(0));
 }
 
-// dca, dcb += the key terms (by token) and the column terms (summed over l per key row k).
+// dca, dcb += the column terms of the head.
 template <typename T>
-void fold_key_and_column_terms(FlatMaskGrads<T>& g, int64_t H, int64_t W, T* dca, T* dcb) {
-  T* dst[2] = {dca, dcb};
-  for (int t = 0; t < 2; ++t) {
-    const T* key = g.key_of(t);
-    for (int64_t v = 0; v < H * W; ++v) dst[t][v] += key[v];
-    for (int64_t j = 0; j < W; ++j) {
-      const T* col = g.col_of(t, j);
-      for (int64_t k = 0; k < H; ++k) {
-        T sum = T(0);
-        for (int64_t l = 0; l < W; ++l) sum += col[k * W + l];
-        dst[t][k * W + j] += sum;
+void fold_column_terms(FlatMaskGrads<T>& g, int64_t H, int64_t W, T* dca, T* dcb) {
+  for (int64_t j = 0; j < W; ++j) {
+    const T* a = g.col_of(0, j);
+    const T* b = g.col_of(1, j);
+    for (int64_t k = 0; k < H; ++k) {
+      T sum_a = T(0), sum_b = T(0);
+      for (int64_t l = 0; l < W; ++l) {
+        sum_a += a[k * W + l];
+        sum_b += b[k * W + l];
       }
+      dca[k * W + j] += sum_a;
+      dcb[k * W + j] -= sum_b;
     }
+    for (int64_t v = 0; v < H * W; ++v) dca[v] -= a[v];
   }
 }
 
@@ -1091,7 +1089,6 @@ void whole_head_backward(const BackwardData<T>& b, const DecayTables& tables, co
   whole_head_scores(q, k, N, Np, d, b.scale, s);
   small_gemm<T>(false, true, N, N, c, T(0.5), go, c, b.v + bh * N * c, c, T(0), dp, Np);
   for (int64_t r = 0; r < N; ++r) std::fill(dp + r * Np + N, dp + r * Np + Np, T(0));
-  std::fill(g.key.begin(), g.key.end(), T(0));
   std::fill(g.cols.begin(), g.cols.end(), T(0));
   std::fill(g.row.begin(), g.row.end(), T(0));
   ft.load_head(head_tables<T>(tables, bh));
@@ -1107,7 +1104,7 @@ void whole_head_backward(const BackwardData<T>& b, const DecayTables& tables, co
     }
     fold_row_terms(g, H, W, i, dca, dcb);
   }
-  fold_key_and_column_terms(g, H, W, dca, dcb);
+  fold_column_terms(g, H, W, dca, dcb);
   small_gemm<T>(false, false, N, d, N, b.scale, dp, Np, k, d, T(0), b.dq + bh * N * d, d);
   small_gemm<T>(true, false, N, d, N, b.scale, dp, Np, q, d, T(0), b.dk + bh * N * d, d);
   small_gemm<T>(true, false, N, c, N, T(1), s, Np, go, c, T(0), b.dv + bh * N * c, c);
