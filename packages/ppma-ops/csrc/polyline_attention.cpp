@@ -32,9 +32,13 @@ void polyline_attention_fwd_kernel_cpu(const AttentionInputs& in, PolylineForwar
 }
 
 void polyline_attention_bwd_kernel_cpu(const at::Tensor& grad_out, const AttentionInputs& in,
-                                       const at::Tensor& lse, const at::Tensor& delta,
+                                       const at::Tensor& lse, const at::Tensor& parts,
                                        PolylineGrads& grads) {
-  PPMA_DISPATCH_CPU_ISA(polyline_attention_bwd, grad_out, in, lse, delta, grads)
+  PPMA_DISPATCH_CPU_ISA(polyline_attention_bwd, grad_out, in, lse, parts, grads)
+}
+
+at::Tensor softmax_backward_row_sums(const at::Tensor& grad_out, const at::Tensor& parts) {
+  return (grad_out.unsqueeze(1) * parts).sum(-1).mul_(0.5).contiguous();
 }
 
 namespace {
@@ -85,16 +89,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> polyline_
   const c10::OptionalDeviceGuard guard(q.device());
   const AttentionInputs in = kernel_inputs(q, k, v, log_alpha, log_beta, scale);
   const at::Tensor go = flat_tokens(grad_out, acc);
-  // Softmax-backward row sums: delta_p,u = ½·dO_u·O_p,u.
-  const at::Tensor delta =
-      (go.unsqueeze(1) * parts.contiguous().view({BH, 2, N, c})).sum(-1).mul_(0.5).contiguous();
   const auto opts = in.q.options();
   PolylineGrads grads{at::empty({BH, N, d}, opts), at::empty({BH, N, d}, opts),
                       at::empty({BH, N, c}, opts), at::zeros({BH, H, W}, opts),
                       at::zeros({BH, H, W}, opts)};
   if (BH * N > 0) {
     PPMA_DISPATCH_DEVICE(q.device(), polyline_attention_bwd_kernel, go, in,
-                         lse.contiguous().view({BH, 2, N}), delta, grads);
+                         lse.contiguous().view({BH, 2, N}),
+                         parts.contiguous().view({BH, 2, N, c}), grads);
   }
   // Ca[i,j] = Σ_{t≤j} log_alpha[i,t] → d log_alpha[i,t] = Σ_{j≥t} dCa[i,j] (likewise along H).
   at::Tensor dla = reverse_line_cumsum(grads.dca, /*along_rows=*/true).view({B, heads, H, W});

@@ -28,20 +28,25 @@ struct PolylineGrads {
 
 void polyline_attention_fwd_kernel_cpu(const AttentionInputs& in, PolylineForward& fwd);
 void polyline_attention_fwd_kernel_cuda(const AttentionInputs& in, PolylineForward& fwd);
-// grad_out (BH, N, c); lse from the forward; delta (BH, 2, N) = ½·dO·O_p, the softmax-backward
-// row sums.
+// grad_out (BH, N, c); lse and parts (BH, 2, N, c) from the forward. The kernels form the
+// softmax-backward row sums delta_p = ½·dO·O_p from parts: softmax_backward_row_sums below, or
+// head by head where a kernel can do it on the fly without a (BH, 2, N, c) temporary.
 void polyline_attention_bwd_kernel_cpu(const at::Tensor& grad_out, const AttentionInputs& in,
-                                       const at::Tensor& lse, const at::Tensor& delta,
+                                       const at::Tensor& lse, const at::Tensor& parts,
                                        PolylineGrads& grads);
 void polyline_attention_bwd_kernel_cuda(const at::Tensor& grad_out, const AttentionInputs& in,
-                                        const at::Tensor& lse, const at::Tensor& delta,
+                                        const at::Tensor& lse, const at::Tensor& parts,
                                         PolylineGrads& grads);
+
+// delta (BH, 2, N) = ½·dO·O_p, the softmax-backward row sums, from grad_out (BH, N, c) and
+// parts (BH, 2, N, c); host code (ATen ops) for any device.
+at::Tensor softmax_backward_row_sums(const at::Tensor& grad_out, const at::Tensor& parts);
 
 #define PPMA_DECLARE_POLYLINE_ATTENTION_KERNELS(ISA)                                       \
   namespace ISA {                                                                         \
   void polyline_attention_fwd(const AttentionInputs& in, PolylineForward& fwd);           \
   void polyline_attention_bwd(const at::Tensor& grad_out, const AttentionInputs& in,      \
-                              const at::Tensor& lse, const at::Tensor& delta,             \
+                              const at::Tensor& lse, const at::Tensor& parts,             \
                               PolylineGrads& grads);                                      \
   /* Threads that ran a chunk of an at::parallel_for compiled in the kernel's translation  \
      unit (1 when OpenMP was missing at compile time: parallel_for then runs serially). */ \

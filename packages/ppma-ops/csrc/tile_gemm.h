@@ -119,11 +119,13 @@ inline void gemm_column_block(int64_t m, int64_t k, T alpha, const T* a, int64_t
   rows(std::integral_constant<int, 1>{});
 }
 
-// dst (cols × rows, row-major) = src (rows × cols, leading dimension ld)ᵀ, in 8×8 blocks
-// (ATen's AVX2 shuffle transpose for float) with scalar edges.
+// dst (cols × rows, row-major) = src (rows × cols, leading dimension ld)ᵀ, in square blocks of
+// one vector's width (ATen's shuffle transposes: 8×8 for AVX2 floats, 16×16 for AVX-512
+// floats, where 8×8 blocks would each run the 16×16 kernel with masked loads and stores) with
+// scalar edges.
 template <typename T>
 inline void transpose_into(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dst) {
-  constexpr int64_t B = 8;
+  constexpr int64_t B = at::vec::Vectorized<T>::size() >= 16 ? 16 : 8;
   const int64_t rb = rows - rows % B, cb = cols - cols % B;
   for (int64_t r = 0; r < rb; r += B)
     for (int64_t c = 0; c < cb; c += B)

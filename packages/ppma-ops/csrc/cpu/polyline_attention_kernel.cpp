@@ -560,7 +560,7 @@ struct BackwardData {
   const T* k;
   const T* v;
   const T* lse;
-  const T* delta;
+  const T* delta;  // null for whole heads, which form it head by head
   T* dq;
   T* dk;
   T* dv;
@@ -574,7 +574,8 @@ struct BackwardData {
                const at::Tensor& delta_, PolylineGrads& g)
       : go(grad_out.const_data_ptr<T>()), q(in.q.const_data_ptr<T>()),
         k(in.k.const_data_ptr<T>()), v(in.v.const_data_ptr<T>()), lse(lse_.const_data_ptr<T>()),
-        delta(delta_.const_data_ptr<T>()), dq(g.dq.mutable_data_ptr<T>()),
+        delta(delta_.defined() ? delta_.const_data_ptr<T>() : nullptr),
+        dq(g.dq.mutable_data_ptr<T>()),
         dk(g.dk.mutable_data_ptr<T>()), dv(g.dv.mutable_data_ptr<T>()),
         dca(g.dca.mutable_data_ptr<T>()), dcb(g.dcb.mutable_data_ptr<T>()), BH(in.q.size(0)),
         N(in.q.size(1)), d(in.q.size(2)), c(in.v.size(2)), H(in.tables.ca.size(1)),
@@ -709,7 +710,8 @@ void add_row_partials(const RowPartials<T>& rows, int64_t bh, T* dca, T* dcb) {
 
 template <typename T, bool kBlocked>
 void backward_impl(const at::Tensor& grad_out, const AttentionInputs& in, const at::Tensor& lse,
-                   const at::Tensor& delta, PolylineGrads& grads) {
+                   const at::Tensor& parts, PolylineGrads& grads) {
+  const at::Tensor delta = softmax_backward_row_sums(grad_out, parts);
   const BackwardData<T> b(grad_out, in, lse, delta, grads);
   const auto opts = in.tables.ca.options();
   const RowPartials<T> q_rows(b.qt, b.BH, b.W, opts), k_rows(b.kt, b.BH, b.W, opts);
@@ -736,6 +738,391 @@ void backward_impl(const at::Tensor& grad_out, const AttentionInputs& in, const 
   });
 }
 
+// ----------------------------------------------------------- whole heads (N ≤ 256 tokens)
+//
+// The 7×7 and 14×14 stages of the models have rows shorter than a vector, so the segment loops
+// above ran every score of them through their scalar tails, and the tiles were too small to
+// keep a thread busy. A head of at most kWholeHeadMaxTokens tokens is instead one task: its
+// N×N tiles of S and dP fit in L2, each GEMM covers the whole head, and every score is computed
+// once per pass (the backward needs no separate query and key passes: one thread owns all of
+// the head's gradients). The mask operands are read along the flat key index v = k·W + l from
+// copies of the tables laid out per query row (Ca[i, l], Cb[i, l]) and per query column
+// (Ca[k, j], Cb[k, j]), so every load is a contiguous vector whatever W is. Rows are padded to
+// whole vectors with scores of −inf (weight 0), dP of 0 and tables of 0.
+
+constexpr int64_t kWholeHeadMaxTokens = 256;
+
+// Runs f(item, scratch) for every item in [0, n) on the threads of one parallel region, each
+// with its own scratch from make_scratch(), handing the items out one at a time: on cores
+// shared with other jobs a thread that is held up takes fewer items instead of keeping the
+// others waiting at the end. Every item is computed by one thread in a fixed order, so the
+// results do not depend on which thread took it.
+template <typename MakeScratch, typename F>
+void parallel_items(int64_t n, MakeScratch&& make_scratch, F&& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t item = next++; item < n; item = next++) f(item, scratch);
+  });
+}
+
+// Σ a[e]·b[e] over n entries.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V acc(T(0));
+  int64_t e = 0;
+  for (; e + L <= n; e += L) acc = at::vec::fmadd(V::loadu(a + e), V::loadu(b + e), acc);
+  T sum = reduce_sum(acc);
+  for (; e < n; ++e) sum += a[e] * b[e];
+  return sum;
+}
+
+template <typename T>
+constexpr int64_t vector_padded(int64_t n) {
+  constexpr int64_t L = Vectorized<T>::size();
+  return (n + L - 1) / L * L;
+}
+
+// One head's tables along the flat key index, each padded to Np: Ca[v], Cb[v] (flat), per query
+// column j Ca[k, j], Cb[k, j] (cols), and per query row i, after load_row(i), Ca[i, l],
+// Cb[i, l] (row). kBlocked adds the count tables Na, Nb in the same layouts.
+template <typename T, bool kBlocked>
+struct FlatTables {
+  static constexpr int kTables = kBlocked ? 4 : 2;  // ca, cb[, na, nb]
+  int64_t H, W, N, Np;
+  std::vector<T> flat, cols, row;  // kTables × Np, kTables × W × Np, kTables × Np
+  const T* src[4] = {};
+
+  FlatTables(int64_t h, int64_t w)
+      : H(h), W(w), N(h * w), Np(vector_padded<T>(h * w)), flat(kTables * Np, T(0)),
+        cols(kTables * w * Np, T(0)), row(kTables * Np, T(0)) {}
+
+  const T* flat_of(int t) const { return flat.data() + t * Np; }
+  const T* col_of(int t, int64_t j) const { return cols.data() + (t * W + j) * Np; }
+  const T* row_of(int t) const { return row.data() + t * Np; }
+
+  void load_head(const HeadTables<T>& tb) {
+    const T* tables[4] = {tb.ca, tb.cb, tb.na, tb.nb};
+    for (int t = 0; t < kTables; ++t) {
+      src[t] = tables[t];
+      std::copy(src[t], src[t] + N, flat.data() + t * Np);
+      for (int64_t j = 0; j < W; ++j) {
+        T* col = cols.data() + (t * W + j) * Np;
+        for (int64_t k = 0; k < H; ++k) std::fill(col + k * W, col + k * W + W, src[t][k * W + j]);
+      }
+    }
+  }
+  void load_row(int64_t i) {
+    for (int t = 0; t < kTables; ++t) {
+      for (int64_t k = 0; k < H; ++k) {
+        std::copy(src[t] + i * W, src[t] + i * W + W, row.data() + t * Np + k * W);
+      }
+    }
+  }
+};
+
+// The mask operands of query u = (i, j) against the keys v … v + L − 1:
+//   M  = −|da1| − |db1|, da1 = Ca[i,j] − Ca[i,l], db1 = Cb[i,l] − Cb[k,l]
+//   Mᵀ = −|da2| − |db2|, da2 = Ca[k,l] − Ca[k,j], db2 = Cb[k,j] − Cb[i,j]
+// (polyline::log_mask in the scalar code) and, with kBlocked, the lanes whose paths cross a
+// −inf log decay (polyline::path_open).
+template <typename T, bool kBlocked>
+struct FlatQuery {
+  using V = Vectorized<T>;
+  const T* ca;
+  const T* cb;
+  const T* ca_row;
+  const T* cb_row;
+  const T* ca_col;
+  const T* cb_col;
+  V ca_ij, cb_ij;
+
+  FlatQuery(const FlatTables<T, kBlocked>& ft, int64_t j)
+      : ca(ft.flat_of(0)), cb(ft.flat_of(1)), ca_row(ft.row_of(0)), cb_row(ft.row_of(1)),
+        ca_col(ft.col_of(0, j)), cb_col(ft.col_of(1, j)), ca_ij(ca_row[j]), cb_ij(cb_row[j]),
+        ft_(&ft), j_(j) {}
+
+  void operands(int64_t v, V* da1, V* db1, V* da2, V* db2) const {
+    *da1 = ca_ij - V::loadu(ca_row + v);
+    *db1 = V::loadu(cb_row + v) - V::loadu(cb + v);
+    *da2 = V::loadu(ca + v) - V::loadu(ca_col + v);
+    *db2 = V::loadu(cb_col + v) - cb_ij;
+  }
+  // All bits set in the lanes of blocked paths, for M (b1) and Mᵀ (b2).
+  void blocked(int64_t v, V* b1, V* b2) const {
+    const T* na_row = ft_->row_of(2);
+    const T* nb_row = ft_->row_of(3);
+    const T* na_col = ft_->col_of(2, j_);
+    const T* nb_col = ft_->col_of(3, j_);
+    *b1 = (V(na_row[j_]) != V::loadu(na_row + v)) |
+          (V::loadu(nb_row + v) != V::loadu(ft_->flat_of(3) + v));
+    *b2 = (V::loadu(na_col + v) != V::loadu(ft_->flat_of(2) + v)) |
+          (V::loadu(nb_col + v) != V(nb_row[j_]));
+  }
+
+ private:
+  const FlatTables<T, kBlocked>* ft_;
+  int64_t j_;
+};
+
+// Masked scores of one query row over the padded key range: x1 = s + M (in place of s) and
+// x2 = s + Mᵀ, and their maxima.
+template <typename T, bool kBlocked>
+inline void flat_masked_scores_row(const FlatQuery<T, kBlocked>& fq, int64_t Np, T* s_x1,
+                                   T* x2, T* max1, T* max2) {
+  using V = Vectorized<T>;
+  const V neg_inf(-std::numeric_limits<T>::infinity());
+  V m1 = neg_inf, m2 = neg_inf;
+  for (int64_t v = 0; v < Np; v += V::size()) {
+    V da1, db1, da2, db2;
+    fq.operands(v, &da1, &db1, &da2, &db2);
+    const V s = V::loadu(s_x1 + v);
+    V y1 = s - da1.abs() - db1.abs();
+    V y2 = s - da2.abs() - db2.abs();
+    if constexpr (kBlocked) {
+      V b1, b2;
+      fq.blocked(v, &b1, &b2);
+      y1 = V::blendv(y1, neg_inf, b1);
+      y2 = V::blendv(y2, neg_inf, b2);
+    }
+    y1.store(s_x1 + v);
+    y2.store(x2 + v);
+    m1 = at::vec::maximum(m1, y1);
+    m2 = at::vec::maximum(m2, y2);
+  }
+  *max1 = reduce_max(m1);
+  *max2 = reduce_max(m2);
+}
+
+// One thread's scratch for whole-head forwards: the head's tables, the stacked P₁, P₂
+// (2N × Np; S is computed into P₁) and the reciprocal softmax sums.
+template <typename T, bool kBlocked>
+struct WholeHeadForwardScratch {
+  FlatTables<T, kBlocked> tables;
+  std::vector<T> p, inv_sum;
+  WholeHeadForwardScratch(int64_t H, int64_t W)
+      : tables(H, W), p(2 * tables.N * tables.Np), inv_sum(2 * tables.N) {}
+};
+
+// S = scale·Q·Kᵀ of head bh into rows of stride Np, padded with −inf.
+template <typename T>
+void whole_head_scores(const T* q, const T* k, int64_t N, int64_t Np, int64_t d, T scale,
+                       T* s) {
+  small_gemm<T>(false, true, N, N, d, scale, q, d, k, d, T(0), s, Np);
+  for (int64_t r = 0; r < N; ++r) {
+    std::fill(s + r * Np + N, s + r * Np + Np, -std::numeric_limits<T>::infinity());
+  }
+}
+
+// Forward of head bh: P₁, P₂ row by row (masked scores, exponentials, sums), one GEMM
+// [O₁; O₂] = [P₁; P₂]·V straight into parts, then the normalisation and the average.
+template <typename T, bool kBlocked>
+void whole_head_forward(const ForwardData<T>& f, const DecayTables& tables, int64_t bh,
+                        WholeHeadForwardScratch<T, kBlocked>& sc) {
+  FlatTables<T, kBlocked>& ft = sc.tables;
+  const int64_t N = f.N, Np = ft.Np, W = f.W, c = f.c;
+  T* p = sc.p.data();
+  whole_head_scores(f.q + bh * N * f.d, f.k + bh * N * f.d, N, Np, f.d, f.scale, p);
+  ft.load_head(head_tables<T>(tables, bh));
+  for (int64_t i = 0; i < f.H; ++i) {
+    ft.load_row(i);
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t u = i * W + j;
+      T m[2];
+      flat_masked_scores_row(FlatQuery<T, kBlocked>(ft, j), Np, p + u * Np, p + (N + u) * Np,
+                             &m[0], &m[1]);
+      for (int side = 0; side < 2; ++side) {
+        const int64_t r = side * N + u;
+        const T sum = exp_shift_sum(p + r * Np, Np, m[side]);
+        sc.inv_sum[r] = T(1) / sum;
+        f.lse[bh * 2 * N + r] = m[side] + std::log(sum);
+      }
+    }
+  }
+  T* parts = f.parts + bh * 2 * N * c;
+  small_gemm<T>(false, false, 2 * N, c, N, T(1), p, Np, f.v + bh * N * c, c, T(0), parts, c);
+  for (int64_t u = 0; u < N; ++u) {
+    T* o1 = parts + u * c;
+    T* o2 = parts + (N + u) * c;
+    T* o = f.out + (bh * N + u) * c;
+    scale_row(o1, c, sc.inv_sum[u]);
+    scale_row(o2, c, sc.inv_sum[N + u]);
+    for (int64_t e = 0; e < c; ++e) o[e] = T(0.5) * (o1[e] + o2[e]);
+  }
+}
+
+template <typename T, bool kBlocked>
+void whole_head_forward_impl(const AttentionInputs& in, PolylineForward& fwd) {
+  const ForwardData<T> f(in, fwd);
+  parallel_items(
+      f.BH, [&] { return WholeHeadForwardScratch<T, kBlocked>(f.H, f.W); },
+      [&](int64_t bh, WholeHeadForwardScratch<T, kBlocked>& sc) {
+        whole_head_forward<T, kBlocked>(f, in.tables, bh, sc);
+      });
+}
+
+// The mask-gradient terms of a head, gathered along the flat key index v = k·W + l (each Np
+// wide) with a1 = sign(da1)·g1, b1 = sign(db1)·g1, a2 = sign(da2)·g2, b2 = sign(db2)·g2
+// (sign(0) = 0, torch.abs's subgradient):
+//   row:  Σ_j a1 and Σ_j b1 over the queries (i, j) of the current grid row i; they give
+//         dCa[i, l] (+, summed over k), dCb[i, l] (−, summed over k) and dCb[k, l] (+);
+//   cols: Σ_i a2 and Σ_i b2 over the queries (i, j) of grid column j; they give dCa[k, j]
+//         (+, summed over l), dCb[k, j] (−, summed over l) and dCa[k, l] (−, summed over j);
+// and per query its own dCa[i, j] (−Σ a1) and dCb[i, j] (+Σ b2), reduced in registers.
+template <typename T>
+struct FlatMaskGrads {
+  std::vector<T> row, cols;  // 2 × Np, 2 × W × Np
+  int64_t W, Np;
+  FlatMaskGrads(int64_t W_, int64_t Np_) : row(2 * Np_), cols(2 * W_ * Np_), W(W_), Np(Np_) {}
+  T* row_of(int t) { return row.data() + t * Np; }
+  T* col_of(int t, int64_t j) { return cols.data() + (t * W + j) * Np; }
+};
+
+// Backward, one query row (i, j) over the padded key range: recomputes P₁, P₂ from the
+// log-sum-exps, overwrites S with P̄ = ½(P₁ + P₂) and dP with dS = dS₁ + dS₂, and adds the mask
+// terms to g (see FlatMaskGrads); returns the query's own (dCa[i,j], dCb[i,j]) terms.
+template <typename T, bool kBlocked>
+inline std::pair<T, T> flat_grad_row(const FlatQuery<T, kBlocked>& fq, const QueryStats<T>& st,
+                                     int64_t Np, T* s_pbar, T* dp_ds, FlatMaskGrads<T>& g,
+                                     int64_t j) {
+  using V = Vectorized<T>;
+  const V lse1(st.lse1), lse2(st.lse2), delta1(st.delta1), delta2(st.delta2), half(T(0.5));
+  T* row_a = g.row_of(0);
+  T* row_b = g.row_of(1);
+  T* col_a = g.col_of(0, j);
+  T* col_b = g.col_of(1, j);
+  V own_ca(T(0)), own_cb(T(0));
+  for (int64_t v = 0; v < Np; v += V::size()) {
+    V da1, db1, da2, db2;
+    fq.operands(v, &da1, &db1, &da2, &db2);
+    const V s = V::loadu(s_pbar + v), dp = V::loadu(dp_ds + v);
+    V p1 = (s - da1.abs() - db1.abs() - lse1).exp_u20();
+    V p2 = (s - da2.abs() - db2.abs() - lse2).exp_u20();
+    if constexpr (kBlocked) {
+      V b1, b2;
+      fq.blocked(v, &b1, &b2);
+      p1 = V::blendv(p1, V(T(0)), b1);
+      p2 = V::blendv(p2, V(T(0)), b2);
+    }
+    const V g1 = p1 * (dp - delta1), g2 = p2 * (dp - delta2);
+    (half * (p1 + p2)).store(s_pbar + v);
+    (g1 + g2).store(dp_ds + v);
+    const V a1 = sign_times(da1, g1), b2 = sign_times(db2, g2);
+    own_ca = own_ca - a1;
+    own_cb = own_cb + b2;
+    (V::loadu(row_a + v) + a1).store(row_a + v);
+    (V::loadu(row_b + v) + sign_times(db1, g1)).store(row_b + v);
+    (V::loadu(col_a + v) + sign_times(da2, g2)).store(col_a + v);
+    (V::loadu(col_b + v) + b2).store(col_b + v);
+  }
+  return {reduce_sum(own_ca), reduce_sum(own_cb)};
+}
+
+// One thread's scratch for whole-head backwards: the head's tables, S then P̄ (N × Np), dP then
+// dS (N × Np), the softmax-backward row sums of both softmaxes and the mask-gradient
+// accumulators.
+template <typename T, bool kBlocked>
+struct WholeHeadBackwardScratch {
+  FlatTables<T, kBlocked> tables;
+  std::vector<T> s, dp, delta;
+  FlatMaskGrads<T> grads;
+  WholeHeadBackwardScratch(int64_t H, int64_t W)
+      : tables(H, W), s(tables.N * tables.Np), dp(tables.N * tables.Np), delta(2 * tables.N),
+        grads(W, tables.Np) {}
+};
+
+// dca, dcb (one head, H×W) += the row terms of grid row i, which are then cleared.
+template <typename T>
+void fold_row_terms(FlatMaskGrads<T>& g, int64_t H, int64_t W, int64_t i, T* dca, T* dcb) {
+  T* a = g.row_of(0);
+  T* b = g.row_of(1);
+  for (int64_t k = 0; k < H; ++k) {
+    for (int64_t l = 0; l < W; ++l) {
+      dca[i * W + l] += a[k * W + l];
+      dcb[i * W + l] -= b[k * W + l];
+    }
+  }
+  for (int64_t v = 0; v < H * W; ++v) dcb[v] += b[v];
+  std::fill(g.row.begin(), g.row.end(), T(0));
+}
+
+// dca, dcb += the column terms of the head.
+template <typename T>
+void fold_column_terms(FlatMaskGrads<T>& g, int64_t H, int64_t W, T* dca, T* dcb) {
+  for (int64_t j = 0; j < W; ++j) {
+    const T* a = g.col_of(0, j);
+    const T* b = g.col_of(1, j);
+    for (int64_t k = 0; k < H; ++k) {
+      T sum_a = T(0), sum_b = T(0);
+      for (int64_t l = 0; l < W; ++l) {
+        sum_a += a[k * W + l];
+        sum_b += b[k * W + l];
+      }
+      dca[k * W + j] += sum_a;
+      dcb[k * W + j] -= sum_b;
+    }
+    for (int64_t v = 0; v < H * W; ++v) dca[v] -= a[v];
+  }
+}
+
+// Backward of head bh: S and dP by two GEMMs, every score's gradients in one pass over the
+// rows, then dQ = scale·dS·K, dK = scale·dSᵀ·Q and dV = P̄ᵀ·dO by three GEMMs.
+template <typename T, bool kBlocked>
+void whole_head_backward(const BackwardData<T>& b, const DecayTables& tables, const T* parts,
+                         int64_t bh, WholeHeadBackwardScratch<T, kBlocked>& sc) {
+  FlatTables<T, kBlocked>& ft = sc.tables;
+  FlatMaskGrads<T>& g = sc.grads;
+  const int64_t N = b.N, Np = ft.Np, H = b.H, W = b.W, d = b.d, c = b.c;
+  const T* q = b.q + bh * N * d;
+  const T* k = b.k + bh * N * d;
+  const T* go = b.go + bh * N * c;
+  T* s = sc.s.data();
+  T* dp = sc.dp.data();
+  T* dca = b.dca + bh * N;
+  T* dcb = b.dcb + bh * N;
+  const T* lse = b.lse + bh * 2 * N;
+  for (int64_t r = 0; r < 2 * N; ++r) {
+    sc.delta[r] = T(0.5) * dot(go + (r % N) * c, parts + r * c, c);  // ½·dO·O_p
+  }
+  whole_head_scores(q, k, N, Np, d, b.scale, s);
+  small_gemm<T>(false, true, N, N, c, T(0.5), go, c, b.v + bh * N * c, c, T(0), dp, Np);
+  for (int64_t r = 0; r < N; ++r) std::fill(dp + r * Np + N, dp + r * Np + Np, T(0));
+  std::fill(g.cols.begin(), g.cols.end(), T(0));
+  std::fill(g.row.begin(), g.row.end(), T(0));
+  ft.load_head(head_tables<T>(tables, bh));
+  for (int64_t i = 0; i < H; ++i) {
+    ft.load_row(i);
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t u = i * W + j;
+      const QueryStats<T> st{lse[u], lse[N + u], sc.delta[u], sc.delta[N + u]};
+      const auto own =
+          flat_grad_row(FlatQuery<T, kBlocked>(ft, j), st, Np, s + u * Np, dp + u * Np, g, j);
+      dca[u] += own.first;
+      dcb[u] += own.second;
+    }
+    fold_row_terms(g, H, W, i, dca, dcb);
+  }
+  fold_column_terms(g, H, W, dca, dcb);
+  small_gemm<T>(false, false, N, d, N, b.scale, dp, Np, k, d, T(0), b.dq + bh * N * d, d);
+  small_gemm<T>(true, false, N, d, N, b.scale, dp, Np, q, d, T(0), b.dk + bh * N * d, d);
+  small_gemm<T>(true, false, N, c, N, T(1), s, Np, go, c, T(0), b.dv + bh * N * c, c);
+}
+
+template <typename T, bool kBlocked>
+void whole_head_backward_impl(const at::Tensor& grad_out, const AttentionInputs& in,
+                              const at::Tensor& lse, const at::Tensor& parts,
+                              PolylineGrads& grads) {
+  const BackwardData<T> b(grad_out, in, lse, at::Tensor(), grads);
+  const T* o = parts.const_data_ptr<T>();
+  parallel_items(
+      b.BH, [&] { return WholeHeadBackwardScratch<T, kBlocked>(b.H, b.W); },
+      [&](int64_t bh, WholeHeadBackwardScratch<T, kBlocked>& sc) {
+        whole_head_backward<T, kBlocked>(b, in.tables, o + bh * 2 * b.N * b.c, bh, sc);
+      });
+}
+
 // Calls f(T{}, std::bool_constant<kBlocked>{}) for the accumulation dtype of the inputs and for
 // whether count tables (blocked paths, §2.7) were given.
 template <typename F>
@@ -751,16 +1138,30 @@ void dispatch_dtype_blocked(const AttentionInputs& in, F&& f) {
 }  // namespace
 
 void polyline_attention_fwd(const AttentionInputs& in, PolylineForward& fwd) {
+  const bool whole_heads = in.q.size(1) <= kWholeHeadMaxTokens;
   dispatch_dtype_blocked(in, [&](auto t, auto blocked) {
-    forward_impl<decltype(t), decltype(blocked)::value>(in, fwd);
+    using T = decltype(t);
+    constexpr bool kBlocked = decltype(blocked)::value;
+    if (whole_heads) {
+      whole_head_forward_impl<T, kBlocked>(in, fwd);
+    } else {
+      forward_impl<T, kBlocked>(in, fwd);
+    }
   });
 }
 
 void polyline_attention_bwd(const at::Tensor& grad_out, const AttentionInputs& in,
-                            const at::Tensor& lse, const at::Tensor& delta,
+                            const at::Tensor& lse, const at::Tensor& parts,
                             PolylineGrads& grads) {
+  const bool whole_heads = in.q.size(1) <= kWholeHeadMaxTokens;
   dispatch_dtype_blocked(in, [&](auto t, auto blocked) {
-    backward_impl<decltype(t), decltype(blocked)::value>(grad_out, in, lse, delta, grads);
+    using T = decltype(t);
+    constexpr bool kBlocked = decltype(blocked)::value;
+    if (whole_heads) {
+      whole_head_backward_impl<T, kBlocked>(grad_out, in, lse, parts, grads);
+    } else {
+      backward_impl<T, kBlocked>(grad_out, in, lse, parts, grads);
+    }
   });
 }
 

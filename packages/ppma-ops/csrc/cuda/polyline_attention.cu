@@ -621,9 +621,10 @@ void polyline_attention_fwd_kernel_cuda(const AttentionInputs& in, PolylineForwa
 }
 
 void polyline_attention_bwd_kernel_cuda(const at::Tensor& grad_out, const AttentionInputs& in,
-                                        const at::Tensor& lse, const at::Tensor& delta,
+                                        const at::Tensor& lse, const at::Tensor& parts,
                                         PolylineGrads& grads) {
   using namespace cuda;
+  const at::Tensor delta = softmax_backward_row_sums(grad_out, parts);
   const int64_t BH = in.q.size(0), N = in.q.size(1), d = in.q.size(2), c = in.v.size(2);
   const int64_t H = in.tables.ca.size(1), W = in.tables.ca.size(2);
   const at::Tensor head_blocked = head_blocked_flags(in.tables);
