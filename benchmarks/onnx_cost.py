@@ -151,12 +151,19 @@ def _row(size: int, native: dict, onnx: dict) -> dict:
     }
 
 
+def _load(report: dict) -> str:
+    """The 1-minute load averages at the start and the end of the run ("?" if not recorded)."""
+    load = report.get("load_average")
+    return f"{load['start'][0]:.1f} → {load['end'][0]:.1f}" if load else "?"
+
+
 def _markdown(report: dict) -> str:
     cfg, export = report["config"], report["export"]
     lines = [
         f"# {MODEL} classifier, one image: native ops in PyTorch vs the ONNX file in onnxruntime",
         "",
-        f"{report['machine']}; torch {report['torch']}, onnxruntime {report['onnxruntime']}; "
+        f"{report['machine']} (load average {_load(report)}); torch {report['torch']}, "
+        f"onnxruntime {report['onnxruntime']}; "
         f"{cfg['threads']} thread(s); {cfg['rounds']} interleaved rounds × {cfg['steps']} "
         "timed runs after one warm-up, medians. Memory: peak added above the loaded process.",
         "",
@@ -197,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
+    load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{MODEL}.onnx"
         print(f"exporting {MODEL} ...", file=sys.stderr)
@@ -218,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "config": {k: v for k, v in vars(args).items() if k not in ("child", "size", "onnx")},
         "machine": _machine(),
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "export": export,
