@@ -15,9 +15,11 @@ from ppma_models.detection import (
     UnroundedAnchorGenerator,
     count_parameters,
     create_detection_model,
+    separable_roi_align,
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import roi_align
 
 # A detector small enough for a CPU test: 3-stage nano backbone, narrow heads, 64 px images.
 SMALL = dict(
@@ -121,6 +123,26 @@ def test_roi_align_samples_pixel_centres_when_aligned(aligned):
     shift = 0.5 if aligned else 0.0
     centres = torch.tensor([x1 + (j + 0.5) * (x2 - x1) / 2 - shift for j in range(2)])
     torch.testing.assert_close(out[0, 0], centres.expand(2, 2))
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_separable_roi_align_equals_torchvisions_kernel(aligned, sampling_ratio):
+    """Values and feature gradients, for boxes inside, across and beyond the map's border,
+    tiny and large (adaptive sample counts from 1 to 6)."""
+    g = torch.Generator().manual_seed(0)
+    feature = torch.randn(3, 5, 12, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    corners = torch.rand(40, 2, dtype=torch.float64, generator=g) * 60 - 8
+    sides = torch.rand(40, 2, dtype=torch.float64, generator=g) * 45 + 0.1
+    image = torch.arange(40, dtype=torch.float64).div(14).floor()[:, None]  # sorted: 0, 1, 2
+    rois = torch.cat([image, corners, corners + sides], dim=1)
+    args = (7, 0.25, sampling_ratio, aligned)
+    ours, theirs = separable_roi_align(feature, rois, *args), roi_align(feature, rois, *args)
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.randn_like(ours)
+    (ours_grad,) = torch.autograd.grad(ours, feature, grad)
+    (their_grad,) = torch.autograd.grad(theirs, feature, grad)
+    torch.testing.assert_close(ours_grad, their_grad)
 
 
 def test_roi_align_assigns_large_boxes_to_coarse_levels():
