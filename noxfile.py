@@ -51,7 +51,7 @@ BUILD_DEPS = [
     "cmake>=3.18",
     "ninja",
 ]
-TEST_DEPS = ["pytest", "hypothesis", "timm"]
+TEST_DEPS = ["pytest", "hypothesis", "timm", "onnx", "onnxscript", "onnxruntime"]
 
 # The stack is ~5.5 GB, so every session that needs it shares this one environment.
 SHARED_ENV = ROOT / ".nox" / "ppma-stack"
@@ -410,9 +410,7 @@ from ppma_ops import _native
 assert _native.native_load_error() is None, _native.native_load_error()
 info = ppma_ops._native._C.build_info()
 assert info["cuda"], f"ppma_ops was built without CUDA kernels: {info}"
-ops = ["polyline_attention_fwd", "polyline_attention_backward", "criss_cross_attention_fwd",
-       "criss_cross_attention_backward", "criss_cross_attention_inference", "polyline_scan",
-       "polyline_scan_backward"]
+ops = _native.CUDA_KERNEL_OPS
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ppma::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for: {missing}"

@@ -22,7 +22,8 @@ from apps.classify.settings import (
     resolve_input_size,
     resolve_warmup,
 )
-from apps.classify.train import build_classifier, model_overrides
+from apps.classify.train import build_classifier
+from apps.engine.model_args import model_overrides
 
 
 def _save(path, height, width):
@@ -144,7 +145,6 @@ def test_model_arg_examples_build_models():
     assert {"head_hidden=256", "dims=32,64,128", "depths=1,2,1"} <= set(help_items)
     combos.append(build_parser().parse_args(["train", "--model-arg", *help_items]))
     for args in combos:
-        args.attention = "reference"
         overrides = model_overrides(args.model, args.model_arg)
         model = build_classifier(args, num_classes=10, in_chans=1, overrides=overrides)
         assert model.config.num_stages == len(overrides["dims"])

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apps.classify.datasets import DataError, collate_skipping_failed
-from apps.classify.train import parse_model_args
+from apps.classify.datasets import collate_skipping_failed
 from apps.classify.transforms import Preprocess
+from apps.engine.model_args import parse_model_args
+from apps.engine.options import OptionError
 
 
 def test_eval_preprocess_is_plain_normalisation():
@@ -96,5 +97,5 @@ def test_parse_model_args():
         "attention_kinds": ("X", "V"),
         "layer_scale": (False, True),
     }
-    with pytest.raises(DataError, match="KEY=VALUE"):
+    with pytest.raises(OptionError, match="KEY=VALUE"):
         parse_model_args(["dims"])

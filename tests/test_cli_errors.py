@@ -13,9 +13,10 @@ from ppma_models.checkpoint import save_safetensors
 from ppma_models.registry import create_model, get_config
 
 from apps.classify.cli import main as classify_main
-from apps.classify.train import build_classifier, model_overrides
+from apps.classify.train import build_classifier
 from apps.classify.weights import load_classifier
 from apps.engine.checkpoint import CheckpointError, save_training_state, save_weights
+from apps.engine.model_args import model_overrides
 from apps.segment.cli import main as segment_main
 from apps.segment.model import ModelSpec, build_model, load_trained
 
@@ -74,7 +75,7 @@ def test_model_overrides_keep_working_configs():
 def _rgb_pretrained(path: Path) -> torch.nn.Module:
     torch.manual_seed(0)
     overrides = model_overrides("ppma_nano", TINY_ARGS)
-    model = create_model("ppma_nano", num_classes=10, attention="reference", **overrides)
+    model = create_model("ppma_nano", num_classes=10, **overrides)
     save_safetensors(model, path)
     return model.eval()
 
@@ -82,7 +83,7 @@ def _rgb_pretrained(path: Path) -> torch.nn.Module:
 def test_pretrained_rgb_stem_is_folded_for_grey_data(tmp_path):
     rgb = _rgb_pretrained(tmp_path / "rgb.safetensors")
     args = argparse.Namespace(
-        model="ppma_nano", attention="reference", drop_path=None,
+        model="ppma_nano", drop_path=None,
         pretrained=str(tmp_path / "rgb.safetensors"),
     )  # fmt: skip
     grey = build_classifier(args, 10, 1, model_overrides("ppma_nano", TINY_ARGS)).eval()
@@ -98,13 +99,13 @@ def test_pretrained_rgb_into_digits_trains_a_grey_model(tmp_path, capsys):
     argv = ["train", "--data", "digits", "--out", str(out), "--epochs", "1", "--subset", "64"]
     argv += ["--batch-size", "32", "--pretrained", str(tmp_path / "rgb.safetensors")]
     assert classify_main([*argv, *TINY, *FAST]) == 0
-    loaded = load_classifier(out / "best.safetensors", attention="reference")
+    loaded = load_classifier(out / "best.safetensors")
     assert loaded.in_chans == 1 and len(loaded.mean) == 1
 
 
 def test_pretrained_stem_with_other_channels_is_refused(tmp_path, capsys):
     overrides = model_overrides("ppma_nano", [*TINY_ARGS, "in_chans=2"])
-    model = create_model("ppma_nano", num_classes=10, attention="reference", **overrides)
+    model = create_model("ppma_nano", num_classes=10, **overrides)
     save_safetensors(model, tmp_path / "two.safetensors")
     argv = ["train", "--data", "digits", "--out", str(tmp_path / "run"), "--epochs", "1"]
     argv += ["--pretrained", str(tmp_path / "two.safetensors")]
@@ -171,7 +172,7 @@ def _tiny_meta() -> dict:
 def _training_state(path: Path, meta: dict, weights: dict | None = None) -> Path:
     if weights is None:
         config = dict(_tiny_meta()["model_config"])
-        model = create_model("ppma_nano", num_classes=10, attention="reference", **config)
+        model = create_model("ppma_nano", num_classes=10, **config)
         weights = model.state_dict()
     save_training_state({"format": "ppma-training-state/1", "model": weights, "meta": meta}, path)
     return path
@@ -206,7 +207,7 @@ def test_damaged_training_state_meta(tmp_path, change, needle):
 
 def _tiny_weights() -> dict:
     config = dict(_tiny_meta()["model_config"])
-    return create_model("ppma_nano", num_classes=10, attention="reference", **config).state_dict()
+    return create_model("ppma_nano", num_classes=10, **config).state_dict()
 
 
 def test_huge_recorded_model_is_refused_before_allocation(tmp_path):
@@ -229,7 +230,7 @@ def test_integer_weights_are_refused(tmp_path):
 
 
 def test_damaged_classifier_meta_in_safetensors(tmp_path, capsys):
-    model = create_model("ppma_nano", num_classes=10, attention="reference", **_tiny_config())
+    model = create_model("ppma_nano", num_classes=10, **_tiny_config())
     bad = tmp_path / "bad.safetensors"
     save_safetensors(model, bad, metadata={"classify": '{"class_names": ['})  # cut short
     with pytest.raises(CheckpointError, match="not valid JSON") as exc:
@@ -265,7 +266,7 @@ def _seg_spec(**change) -> dict:
 
 def _seg_weights(path: Path, spec: dict, weights: dict | None = None) -> Path:
     if weights is None:
-        weights = build_model(ModelSpec.from_dict(_seg_spec()), attention="reference").state_dict()
+        weights = build_model(ModelSpec.from_dict(_seg_spec())).state_dict()
     save_weights(weights, path, {"model": spec})
     return path
 
@@ -291,17 +292,17 @@ def test_intact_segment_weights_load(tmp_path):
 def test_damaged_segment_spec(tmp_path, change, needle):
     path = _seg_weights(tmp_path / "best.safetensors", _seg_spec(**change))
     with pytest.raises(CheckpointError, match=needle) as exc:
-        load_trained(path, attention="reference")
+        load_trained(path)
     assert str(path) in str(exc.value)
 
 
 def test_segment_integer_weights_are_refused(tmp_path, capsys):
-    weights = build_model(ModelSpec.from_dict(_seg_spec()), attention="reference").state_dict()
+    weights = build_model(ModelSpec.from_dict(_seg_spec())).state_dict()
     key = next(k for k, v in weights.items() if v.is_floating_point())
     weights[key] = weights[key].to(torch.int64)
     path = _seg_weights(tmp_path / "best.safetensors", _seg_spec(), weights)
     with pytest.raises(CheckpointError, match="another kind"):
-        load_trained(path, attention="reference")
+        load_trained(path)
     data = _segment_folder(tmp_path / "data", [1])
     argv = ["predict", str(path), str(data / "images")]
     assert _segment([*argv, "--out", str(tmp_path / "pred"), "--attention", "reference"]) == 2
@@ -316,7 +317,7 @@ def test_resume_with_damaged_recipe(tmp_path, capsys):
 
 
 def test_segment_eval_with_damaged_data_description(tmp_path, capsys):
-    weights = build_model(ModelSpec.from_dict(_seg_spec()), attention="reference").state_dict()
+    weights = build_model(ModelSpec.from_dict(_seg_spec())).state_dict()
     path = tmp_path / "best.safetensors"
     damaged = {"kind": "folder", "train": "t", "val": 3}  # val should describe a folder
     save_weights(weights, path, {"model": _seg_spec(), "data": damaged})

@@ -25,6 +25,12 @@ from apps.engine.batching import batch_length, planned_batch_size, unreadable_in
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _pythonpath() -> str:
+    """The checkout first, then the path this test runs with: a subprocess imports the apps
+    from here and the same ppma_models and ppma_ops as the test."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def _image_folder(root: Path) -> list[tuple[str, int]]:
     """Two classes of eight 8x8 grey PNGs each."""
     rng = np.random.default_rng(0)
@@ -170,7 +176,7 @@ def test_under_torchrun_one_ranks_damaged_batch_skips_the_step_everywhere(tmp_pa
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         str(script), str(tmp_path / "data"), str(tmp_path / "run"),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(proc.stdout.split("\n")[:-1]) == ["rank 0 steps 2", "rank 1 steps 2"]

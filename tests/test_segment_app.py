@@ -21,6 +21,13 @@ from apps.segment.transforms import to_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def _pythonpath() -> str:
+    """The checkout first, then the path this test runs with: a subprocess imports the apps
+    from here and the same ppma_models and ppma_ops as the test."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 # A tiny model on tiny scenes: each run is a few optimizer steps.
 TINY = [
     "--channels", "16", "--aux-channels", "8", "--batch-size", "4", "--warmup-steps", "0",
@@ -251,7 +258,7 @@ def test_bad_arguments_and_files_give_clear_errors(tmp_path, capsys):
 @pytest.mark.fashion_mnist
 def test_torchrun_two_processes_match_a_single_process_evaluation(tmp_path):
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
     # `python -m torch.distributed.run` is torchrun, with this interpreter and its packages.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", "-m", "apps.segment", "train", *SCENES, *TINY, "--out", str(run),

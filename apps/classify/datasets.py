@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ppma_models import IMAGENET_MEAN, IMAGENET_STD
 from torch.utils.data import Dataset, default_collate
 
 from apps.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
@@ -39,8 +40,6 @@ __all__ = [
 BUILTIN_DATASETS = ("fashion-mnist", "digits")
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_TEST_FRACTION = 0.2  # digits has no official test split; ours is fixed (seed 0)
 
 

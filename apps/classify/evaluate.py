@@ -86,8 +86,6 @@ def evaluate_classifier(
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.split is None:
         args.split = default_eval_split(args.data)
     ctx = init_distributed(args.device)
@@ -97,7 +95,6 @@ def run_eval(args: argparse.Namespace) -> int:
             weights="model" if args.no_ema else "ema",
             model_name=args.model,
             class_names=_read_names(args.class_names),
-            attention=args.attention,
         )
         dataset, spec = load_split(
             args.data,

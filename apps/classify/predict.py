@@ -38,16 +38,11 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 @torch.no_grad()
 def run_predict(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.top_k < 1:
-        raise DataError("--top-k must be >= 1")
     loaded = load_classifier(
         args.checkpoint,
         weights="model" if args.no_ema else "ema",
         model_name=args.model,
         class_names=_read_names(args.class_names),
-        attention=args.attention,
     )
     device = resolve_device(args.device)
     model = loaded.model.to(device).eval()

@@ -1,7 +1,8 @@
-"""``train`` options left at their default, resolved from the data; the settings block.
+"""The classifier's rules for ``train`` options left at their default, resolved from the data.
 
 Every rule below applies only to an option the user did not give (its argparse default is
-``None``); a given value is used as is, except that a warm-up is capped (see below).
+``None``); a given value is used as is, except for the warm-up (see below). Each rule returns
+an :class:`apps.engine.settings.Choice`, the value and where it came from.
 
 - input size: built-in sets keep their stored size (Fashion-MNIST 28, digits 8). For a
   folder, the median height and width of up to :data:`SIZE_SAMPLE` training images (read
@@ -14,8 +15,9 @@ Every rule below applies only to an option the user did not give (its argparse d
 - epochs: :data:`DEFAULT_EPOCHS`, more when that would be fewer than :data:`MIN_TOTAL_STEPS`
   optimizer steps (small data: many short epochs), at most :data:`MAX_EPOCHS`.
 - warm-up: :data:`DEFAULT_WARMUP_EPOCHS` epoch, at most :data:`DEFAULT_WARMUP_SHARE` of the
-  run; a given ``--warmup-epochs`` is capped at :data:`MAX_WARMUP_SHARE` of the run, so the
-  cosine decay always takes place.
+  run; a given ``--warmup-epochs`` is capped at half the run and a given ``--warmup-steps``
+  must be shorter than the run (:func:`apps.engine.settings.explicit_warmup`), so the decay
+  always takes place.
 """
 
 from __future__ import annotations
@@ -23,18 +25,18 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from apps.classify.transforms import SMALL_INPUT_LIMIT
-from apps.engine import EpochPlan, default_batch_size, warmup_steps
+from apps.engine.batching import EpochPlan, default_batch_size
+from apps.engine.schedule import warmup_steps
+from apps.engine.settings import Choice, explicit_warmup, fitted_epochs
 
 __all__ = [
     "DEFAULT_EPOCHS",
     "DEFAULT_INPUT_SIZE",
-    "RunSettings",
-    "format_settings",
     "measure_image_size",
     "model_stride",
+    "plan_text",
     "resolve_batch_size",
     "resolve_epochs",
     "resolve_input_size",
@@ -51,7 +53,6 @@ MIN_TOTAL_STEPS = 150
 MAX_EPOCHS = 100
 DEFAULT_WARMUP_EPOCHS = 1.0
 DEFAULT_WARMUP_SHARE = 0.1
-MAX_WARMUP_SHARE = 0.5
 
 
 def measure_image_size(paths: Sequence[str], sample: int = SIZE_SAMPLE) -> tuple[int, int] | None:
@@ -88,108 +89,64 @@ def resolve_input_size(
     measured: tuple[int, int] | None,
     stride: int,
     pretrained: bool = False,
-) -> tuple[int, str]:
-    """``(size, where it came from)``; see the module docstring for the rules."""
+) -> Choice:
+    """Square input size; see the module docstring for the rules."""
     if given is not None:
-        return given, "--input-size"
+        return Choice(given, "--input-size")
     if builtin_size is not None:
-        return builtin_size, f"native {builtin_size}x{builtin_size}"
+        return Choice(builtin_size, f"native {builtin_size}x{builtin_size}")
     if pretrained:
-        return DEFAULT_INPUT_SIZE, "default for --pretrained weights"
+        return Choice(DEFAULT_INPUT_SIZE, "default for --pretrained weights")
     if measured is None:
-        return DEFAULT_INPUT_SIZE, "default (no readable image to measure)"
+        return Choice(DEFAULT_INPUT_SIZE, "default (no readable image to measure)")
     h, w = measured
     if max(h, w) > NATIVE_SIZE_LIMIT:
-        return DEFAULT_INPUT_SIZE, f"default: images ~{h}x{w}, over {NATIVE_SIZE_LIMIT} px"
+        return Choice(DEFAULT_INPUT_SIZE, f"default: images ~{h}x{w}, over {NATIVE_SIZE_LIMIT} px")
     size = stride * math.ceil(max(h, w) / stride)
-    return size, f"native {h}x{w} -> {size}, a multiple of the model's stride {stride}"
+    return Choice(size, f"native {h}x{w} -> {size}, a multiple of the model's stride {stride}")
 
 
-def resolve_batch_size(given: int | None, images_per_process: int) -> tuple[int, str]:
-    """``(batch size, where it came from)``: several steps per epoch unless given."""
+def resolve_batch_size(given: int | None, images_per_process: int) -> Choice:
+    """Batch size per process: several steps per epoch unless given."""
     if given is not None:
-        return given, "--batch-size"
+        return Choice(given, "--batch-size")
     size = default_batch_size(images_per_process, MAX_BATCH_SIZE, MIN_STEPS_PER_EPOCH)
-    return size, f"default: >= {MIN_STEPS_PER_EPOCH} steps/epoch, at most {MAX_BATCH_SIZE}"
+    return Choice(size, f"default: >= {MIN_STEPS_PER_EPOCH} steps/epoch, at most {MAX_BATCH_SIZE}")
 
 
-def resolve_epochs(given: int | None, steps_per_epoch: int) -> tuple[int, str]:
-    """``(epochs, where it came from)``: enough epochs for :data:`MIN_TOTAL_STEPS` steps."""
-    if given is not None:
-        return given, "--epochs"
-    needed = math.ceil(MIN_TOTAL_STEPS / steps_per_epoch)
-    if needed <= DEFAULT_EPOCHS:
-        return DEFAULT_EPOCHS, "default"
-    epochs = min(MAX_EPOCHS, needed)
-    return epochs, f"default for small data: >= {MIN_TOTAL_STEPS} steps, at most {MAX_EPOCHS}"
+def resolve_epochs(given: int | None, steps_per_epoch: int) -> Choice:
+    """Epochs: enough for :data:`MIN_TOTAL_STEPS` steps unless given."""
+    texts = ("default", "default for small data: >= {min_steps} steps, at most {max_epochs}")
+    return fitted_epochs(
+        given, steps_per_epoch, default=DEFAULT_EPOCHS, min_steps=MIN_TOTAL_STEPS,
+        max_epochs=MAX_EPOCHS, texts=texts,
+    )  # fmt: skip
 
 
-def resolve_warmup(given: float | None, steps_per_epoch: int, total_steps: int) -> tuple[int, str]:
-    """``(warm-up steps, where it came from)``; never longer than its share of the run."""
-    epochs = DEFAULT_WARMUP_EPOCHS if given is None else given
-    share = DEFAULT_WARMUP_SHARE if given is None else MAX_WARMUP_SHARE
-    steps = warmup_steps(epochs, steps_per_epoch, total_steps, share)
+def resolve_warmup(
+    given: float | None, steps_per_epoch: int, total_steps: int, steps: int | None = None
+) -> Choice:
+    """Warm-up steps: ``--warmup-steps`` (``steps``) or ``--warmup-epochs`` (``given``) as the
+    engine's rule takes them, else :data:`DEFAULT_WARMUP_EPOCHS` capped at its share."""
+    return explicit_warmup(steps, given, steps_per_epoch, total_steps) or _default_warmup(
+        steps_per_epoch, total_steps
+    )
+
+
+def _default_warmup(steps_per_epoch: int, total_steps: int) -> Choice:
+    epochs = DEFAULT_WARMUP_EPOCHS
+    chosen = warmup_steps(epochs, steps_per_epoch, total_steps, DEFAULT_WARMUP_SHARE)
     source = f"{epochs:g} epoch{'' if epochs == 1 else 's'}"
-    if given is not None:
-        source = f"--warmup-epochs {given:g}"
-    if steps < round(epochs * steps_per_epoch):
-        source += f", capped at {share:.0%} of the run"
-    return steps, source
+    if chosen < round(epochs * steps_per_epoch):
+        source += f", capped at {DEFAULT_WARMUP_SHARE:.0%} of the run"
+    return Choice(chosen, source)
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """What a training run resolved to, for the block printed before the first epoch."""
-
-    data: str
-    split_counts: str  # e.g. "144 train / 16 val (10% of the training images)"
-    classes: int
-    model: str  # e.g. "ppma_nano, 1.75 M params, attention native"
-    input_size: int
-    in_chans: int
-    input_source: str
-    plan: EpochPlan
-    batch_source: str
-    epochs: int
-    epochs_source: str
-    lr: float
-    min_lr: float
-    weight_decay: float
-    label_smoothing: float
-    warmup: int
-    warmup_source: str
-    device: str
-    processes: int
-    threads: int
-    out: str
-
-
-def _steps(n: int) -> str:
-    return f"{n} step" if n == 1 else f"{n} steps"
-
-
-def format_settings(s: RunSettings) -> str:
-    """One compact block, one line per topic, in the order a reader checks a run."""
-    per_epoch = f"{s.plan.steps} steps/epoch"
-    if s.plan.dropped == 1:
-        per_epoch += ", 1 image per epoch and process left out (a batch of one breaks BatchNorm)"
-    elif s.plan.dropped:  # runs resumed from before every image was used
-        per_epoch += f", {s.plan.dropped} images per epoch and process left out"
-    else:
-        per_epoch += ", every image every epoch"
-    total = s.epochs * s.plan.steps
-    rows = [
-        ("data", f"{s.data}: {s.split_counts}, {s.classes} classes"),
-        ("model", s.model),
-        ("input", f"{s.input_size}x{s.input_size}x{s.in_chans} ({s.input_source})"),
-        ("batch", f"{s.plan.batch_size} per process ({s.batch_source}); {per_epoch}"),
-        ("epochs", f"{s.epochs} ({s.epochs_source}) = {total} steps"),
-        ("optimizer", f"AdamW peak lr {s.lr:g}, weight decay {s.weight_decay:g}, "
-                      f"label smoothing {s.label_smoothing:g}"),
-        ("schedule", f"linear warm-up {_steps(s.warmup)} ({s.warmup_source}), then cosine "
-                     f"to {s.min_lr:.2g} at step {total}"),
-        ("runtime", f"device {s.device}, {s.processes} process(es) x {s.threads} thread(s)"),
-        ("output", s.out),
-    ]  # fmt: skip
-    width = max(len(name) for name, _ in rows)
-    return "settings:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)
+def plan_text(plan: EpochPlan) -> str:
+    """The steps of an epoch and which images it leaves out, for the settings table."""
+    text = f"{plan.steps} steps/epoch"
+    if plan.dropped == 1:
+        return text + ", 1 image per epoch and process left out (a batch of one breaks BatchNorm)"
+    if plan.dropped:  # runs resumed from before every image was used
+        return text + f", {plan.dropped} images per epoch and process left out"
+    return text + ", every image every epoch"

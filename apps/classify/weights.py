@@ -1,63 +1,59 @@
-"""Loading a classifier for ``eval``/``predict`` from any supported file, and exporting ours.
+"""Loading a classifier for ``eval``/``predict`` from any supported file.
 
 Accepted files (sniffed from their content, not their names):
 
 - our ``*.safetensors`` (``best.safetensors``/``last.safetensors`` of a run, or a run
   directory, which means its ``best.safetensors``): ppma_models' safetensors layout, so
-  ``ppma_models.load_model`` reads them too; the classifier's own description (class names,
-  input size, normalisation, data set) is the JSON string under the ``classify`` metadata key.
+  ``ppma_models.load_model`` reads them too; the run spec (:mod:`apps.engine.runspec`), whose
+  model description holds the class names, input size and normalisation, is the JSON string
+  under the ``classify`` metadata key.
 - our training states (``last.pt``/``best.pt``): EMA weights when the run kept them, unless
   ``weights="model"``.
 - the authors' ImageNet ``.pth`` files (``model``/``model_ema``/``args``): EMA weights by
-  default; 224x224 RGB input with ImageNet normalisation; class names ``class_0..class_999``
-  unless a class-names file is given.
+  default; the input size and normalisation of the model's pretrained settings
+  (``ppma_models.get_pretrained_cfg``); class names ``class_0..class_999`` unless a
+  class-names file is given.
+
+Runs written before run specs stored the model description as the whole metadata (with
+``task: "classification"``); :func:`read_run_spec` converts that layout.
 
 Files are untrusted input: whatever is wrong with one (a damaged header, metadata of the
 wrong type or size, tensors that do not fit, integer data for float weights) is one
-:class:`CheckpointError` naming the file. Our metadata is checked with ppma_models' own
-checks of a model file's config (types and ``CONFIG_LIMITS``), and a training state's model
-is built on the ``meta`` device and compared with the file before any memory is allocated.
+``ppma_models.CheckpointError`` naming the file. The recorded config is checked with
+ppma_models' own checks of a model file's config (types and ``CONFIG_LIMITS``), and a
+training state's model is built on the ``meta`` device and compared with the file before any
+memory is allocated.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ppma_models
-import torch
-from ppma_models import checkpoint
-from ppma_models.checkpoint import (
-    CONFIG_LIMITS,
-    LoadResult,
-    check_dtypes,
-    load_checkpoint,
-    read_checkpoint,
-    save_safetensors,
-)
-from ppma_models.checkpoint import CheckpointError as ModelCheckpointError
+from ppma_models import CheckpointError, PretrainedCfg
+from ppma_models.checkpoint import CONFIG_LIMITS, load_checkpoint, read_checkpoint
 from ppma_models.convert import convert_from_upstream, is_upstream_state_dict
 
-from apps.engine.checkpoint import CheckpointError, atomic_path, load_training_state
+from apps.engine.checkpoint import load_training_state
+from apps.engine.model_args import config_problem
+from apps.engine.runspec import RUN_FORMAT, RunSpec, is_run_spec
+from apps.engine.values import is_int, is_real, short
+from apps.engine.weights import app_metadata, is_safetensors, load_state_checked, state_weights
 
-__all__ = [
-    "LoadedClassifier",
-    "build_model",
-    "config_problem",
-    "export_classifier",
-    "load_classifier",
-    "load_state_checked",
-]
+__all__ = ["APP", "LoadedClassifier", "build_model", "load_classifier", "read_run_spec"]
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-META_KEY = "classify"
+APP = "classify"
 MAX_INPUT_SIZE = 1 << 14  # pixels per side; far above any input these models are trained on
+#: The model description of a classifier run (also the keys of the first metadata layout).
+MODEL_KEYS = (
+    "model", "model_config", "num_classes", "class_names", "in_chans", "input_size", "mean", "std",
+)  # fmt: skip
+#: The settings a run resolves from the data (the sources recorded with it).
+RESOLVED = ("input_size", "batch_size", "epochs", "warmup")
 
 
 @dataclass
@@ -76,173 +72,117 @@ class LoadedClassifier:
         return self.model.in_chans
 
 
-def config_problem(data: object) -> str | None:
-    """What makes a PPMAConfig dict unusable, or None.
-
-    The library's checks of a model file's config (JSON types, :data:`CONFIG_LIMITS`) come
-    first, so arithmetic never meets a string and no huge model is built; then PPMAConfig's
-    own consistency checks. Widths below 1 are named on their own: the library reports them
-    only as outside its limits.
-    """
-    if isinstance(data, dict):
-        for name in ("dims", "head_hidden"):
-            value = data.get(name)
-            values = value if isinstance(value, list) else [value]
-            if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values):
-                return f"{name} must be >= 1, got {value}"
-    problem = checkpoint.config_problem(data)
-    if problem is not None:
-        return problem
-    try:
-        ppma_models.PPMAConfig.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        return str(exc)
-    return None
-
-
-def build_model(meta: Mapping[str, Any], attention: str = "native") -> ppma_models.PPMA:
-    """The architecture described by a checkpoint's meta (``model``, ``model_config``);
-    ``meta`` must have passed :func:`_check_training_meta`."""
-    config = ppma_models.PPMAConfig.from_dict(dict(meta["model_config"]))
-    return ppma_models.PPMA(
-        config, num_classes=int(meta["num_classes"]), attention=attention, name=meta["model"]
-    )
+def _first_layout(meta: Mapping[str, Any], path: Path) -> RunSpec:
+    """The run spec of a checkpoint written before run specs (its meta flat)."""
+    recipe, sources = meta.get("recipe"), meta.get("resolved_from")
+    if isinstance(recipe, dict):
+        recipe = dict(recipe)
+        recipe["legacy_drop_last"] = bool(meta.get("legacy_drop_last", False))
+        if sources is None:  # a run from before defaults were resolved from the data
+            size = meta.get("input_size")
+            if not (isinstance(size, list) and size and is_int(size[0])):
+                raise CheckpointError(f"{path}: the recorded input_size is damaged")
+            recipe["input_size"] = size[0]
+            recipe["legacy_drop_last"] = True  # it dropped every short last batch; keep its steps
+            sources = dict.fromkeys(RESOLVED, "as in the resumed run")
+    converted = {
+        "format": RUN_FORMAT,
+        "app": APP,
+        "recipe": recipe if isinstance(recipe, dict) else None,
+        "resolved_from": {} if sources is None else sources,
+        "model": {k: meta[k] for k in MODEL_KEYS if k in meta},
+        "data": {"dataset": meta.get("dataset")},
+    }
+    return RunSpec.from_meta(converted, str(path))
 
 
-def export_classifier(module: torch.nn.Module, path: Path, meta: Mapping[str, Any]) -> None:
-    """Trainer export hook: ppma_models safetensors + our meta, written atomically."""
-    with atomic_path(path) as tmp:
-        save_safetensors(
-            module,
-            tmp,
-            class_names=list(meta["class_names"]),
-            metadata={META_KEY: json.dumps(dict(meta), sort_keys=True)},
-        )
+def read_run_spec(meta: object, path: Path) -> RunSpec:
+    """The run spec of a classifier checkpoint's meta, in either layout."""
+    if is_run_spec(meta):
+        spec = RunSpec.from_meta(meta, str(path))
+    elif isinstance(meta, dict) and meta.get("task") == "classification":
+        spec = _first_layout(meta, path)
+    else:
+        raise CheckpointError(f"{path} is not a classification checkpoint")
+    if spec.app != APP:
+        raise CheckpointError(f"{path} is not a classification checkpoint")
+    return spec
 
 
-def _is_safetensors(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _description_problems(meta: Mapping[str, Any], classes: int, chans: int) -> list[str]:
-    """What is wrong with the class names, input size and normalisation of ``meta``."""
-    names, size = meta.get("class_names"), meta.get("input_size")
-    mean, std = meta.get("mean"), meta.get("std")
+def _description_problems(model: Mapping[str, Any], classes: int, chans: int) -> list[str]:
+    """What is wrong with the class names, input size and normalisation of a description."""
+    names, size = model.get("class_names"), model.get("input_size")
+    mean, std = model.get("mean"), model.get("std")
     checks = {
         "class_names": isinstance(names, list)
         and len(names) == classes
         and all(isinstance(n, str) for n in names),
         "input_size": isinstance(size, list)
         and len(size) == 2
-        and all(_is_int(v) and 1 <= v <= MAX_INPUT_SIZE for v in size),
-        "mean": isinstance(mean, list) and len(mean) == chans and all(map(_is_real, mean)),
+        and all(is_int(v) and 1 <= v <= MAX_INPUT_SIZE for v in size),
+        "mean": isinstance(mean, list) and len(mean) == chans and all(map(is_real, mean)),
         "std": isinstance(std, list)
         and len(std) == chans
-        and all(_is_real(v) and v > 0 for v in std),
+        and all(is_real(v) and v > 0 for v in std),
     }
     shown = {"class_names": names, "input_size": size, "mean": mean, "std": std}
-    return [f"{k}={_short(shown[k])}" for k, ok in checks.items() if not ok]
+    return [f"{k}={short(shown[k])}" for k, ok in checks.items() if not ok]
 
 
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _from_meta(model, meta: object, source: str, path: Path) -> LoadedClassifier:
-    """The loaded classifier, once ``meta`` is known to describe ``model``'s inputs/outputs."""
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: the classifier metadata is not a JSON object")
-    bad = _description_problems(meta, model.num_classes, model.in_chans)
+def _loaded(model, spec: RunSpec, source: str, path: Path) -> LoadedClassifier:
+    """The loaded classifier, once the description is known to fit ``model``."""
+    bad = _description_problems(spec.model, model.num_classes, model.in_chans)
     if bad:
         raise CheckpointError(
             f"{path}: invalid classifier metadata (for {model.num_classes} classes, "
             f"{model.in_chans} input channels): {', '.join(bad)}"
         )
+    desc = spec.model
     return LoadedClassifier(
-        model.eval(),
-        list(meta["class_names"]),
-        tuple(meta["input_size"]),
-        list(meta["mean"]),
-        list(meta["std"]),
-        source,
-    )
+        model.eval(), list(desc["class_names"]), tuple(desc["input_size"]),
+        list(desc["mean"]), list(desc["std"]), source,
+    )  # fmt: skip
 
 
-def _check_training_meta(meta: object, path: Path) -> None:
-    """Raise unless a training state's ``meta`` describes a buildable classifier."""
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: the training state has no metadata dict")
-    if meta.get("task") != "classification":
-        raise CheckpointError(f"{path} is not a classification checkpoint")
-    problem = config_problem(meta.get("model_config"))
+def _check_buildable(model: Mapping[str, Any], path: Path) -> None:
+    """Raise unless a model description names a classifier that can be built."""
+    problem = config_problem(model.get("model_config"))
     if problem is not None:
         raise CheckpointError(f"{path}: the recorded model_config is not usable: {problem}")
-    classes, name = meta.get("num_classes"), meta.get("model")
-    if not (_is_int(classes) and 1 <= classes <= CONFIG_LIMITS["classes"]):
-        raise CheckpointError(f"{path}: invalid num_classes {_short(classes)}")
+    classes, name = model.get("num_classes"), model.get("model")
+    if not (is_int(classes) and 1 <= classes <= CONFIG_LIMITS["classes"]):
+        raise CheckpointError(f"{path}: invalid num_classes {short(classes)}")
     if not isinstance(name, str | None):
-        raise CheckpointError(f"{path}: invalid model name {_short(name)}")
+        raise CheckpointError(f"{path}: invalid model name {short(name)}")
 
 
-def _state_tensors(state: Mapping[str, Any], use_ema: bool, path: Path) -> dict:
-    """The weights of a training state: a dict of tensors, or a CheckpointError."""
-    entry = state.get("ema") if use_ema else state
-    weights = entry.get("module" if use_ema else "model") if isinstance(entry, dict) else None
-    if not isinstance(weights, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
-    ):
-        what = "EMA weights" if use_ema else "model weights"
-        raise CheckpointError(f"{path}: the training state's {what} are not a state dict")
-    return weights
+def build_model(model: Mapping[str, Any]) -> ppma_models.PPMA:
+    """The classifier a run's model description names (``model``, ``model_config``,
+    ``num_classes``), once it passed the checks of :func:`_check_buildable`."""
+    config = ppma_models.PPMAConfig.from_dict(dict(model["model_config"]))
+    return ppma_models.PPMA(config, num_classes=int(model["num_classes"]), name=model["model"])
 
 
-def load_state_checked(
-    build: Callable[[str], torch.nn.Module],
-    weights: Mapping[str, torch.Tensor],
-    path: Path,
-    attention: str,
-) -> torch.nn.Module:
-    """``build(attention)`` loaded with ``weights``, all shapes and dtypes checked first.
+def _from_training_state(state: Mapping[str, Any], path: Path, weights: str) -> LoadedClassifier:
+    spec = read_run_spec(state.get("meta"), path)
+    _check_buildable(spec.model, path)
+    use_ema = weights == "ema" and state.get("ema") is not None
+    tensors = state_weights(state, use_ema, path)
+    model = load_state_checked(lambda: build_model(spec.model), tensors, path)
+    kind = "EMA" if use_ema else "raw"
+    return _loaded(model, spec, f"ours (training state, {kind} weights)", path)
 
-    The model is first built on the ``meta`` device, which allocates nothing, so a recorded
-    architecture far larger than the file is refused before any memory is spent on it.
-    ``load_state_dict`` would cast integer data into float weights without a word; the
-    library's dtype check refuses that (and reports float precision changes).
-    """
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build("reference").state_dict().items()}
-    wrong = [
-        f"{k}: file {tuple(weights[k].shape)} vs model {shape}"
-        for k, shape in expected.items()
-        if k in weights and tuple(weights[k].shape) != shape
-    ]
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if wrong or missing or unexpected:
-        raise CheckpointError(
-            f"{path}: the weights do not fit the recorded model: {len(wrong)} shape(s) differ "
-            f"{wrong[:4]}, {len(missing)} missing {missing[:4]}, "
-            f"{len(unexpected)} unexpected {unexpected[:4]}"
-        )
-    model = build(attention)
-    own = model.state_dict()
+
+def _pretrained_cfg(model: ppma_models.PPMA) -> PretrainedCfg:
+    """How the weights of a file without our description expect their input: the registered
+    model's pretrained settings when it has the file's channels, else the library's default."""
     try:
-        check_dtypes(weights, own, LoadResult(str(path), "training state"))
-    except ModelCheckpointError as exc:
-        raise CheckpointError(str(exc)) from None
-    model.load_state_dict(weights)
-    return model
+        cfg = ppma_models.get_pretrained_cfg(model.name or "")
+    except ValueError:  # a name the registry does not know
+        cfg = None
+    if cfg is None or cfg.input_size[0] != model.in_chans:
+        cfg = PretrainedCfg.for_channels(model.in_chans)
+    return cfg
 
 
 def _generic(model, class_names: Sequence[str] | None, source: str) -> LoadedClassifier:
@@ -251,30 +191,37 @@ def _generic(model, class_names: Sequence[str] | None, source: str) -> LoadedCla
         raise CheckpointError(
             f"--class-names lists {len(names)} names but the model has {model.num_classes} classes"
         )
-    if model.in_chans == 3:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    else:
-        mean, std = [0.5] * model.in_chans, [0.25] * model.in_chans
-    return LoadedClassifier(model.eval(), names, (224, 224), mean, std, source)
+    cfg = _pretrained_cfg(model)
+    size = tuple(cfg.input_size[1:])
+    return LoadedClassifier(model.eval(), names, size, list(cfg.mean), list(cfg.std), source)
 
 
-def _json(text: str, path: Path) -> object:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: metadata {META_KEY!r} is not valid JSON ({exc})") from None
+def _from_safetensors(path: Path, class_names: Sequence[str] | None) -> LoadedClassifier:
+    model = ppma_models.load_model(path)
+    if not isinstance(model, ppma_models.PPMA) or model.features_only:
+        raise CheckpointError(f"{path} holds no classifier (a backbone or another kind of model)")
+    meta = app_metadata(path, APP)
+    if meta is not None:
+        return _loaded(model, read_run_spec(meta, path), "ours (safetensors)", path)
+    stored = getattr(model, "class_names", None)
+    return _generic(model, class_names or stored, "ppma_models safetensors")
 
 
-def _from_training_state(
-    state: Mapping[str, Any], path: Path, weights: str, attention: str
+def _from_authors(
+    path: Path, entry: str, model_name: str | None, class_names: Sequence[str] | None
 ) -> LoadedClassifier:
-    meta = state.get("meta")
-    _check_training_meta(meta, path)
-    use_ema = weights == "ema" and state.get("ema") is not None
-    tensors = _state_tensors(state, use_ema, path)
-    model = load_state_checked(lambda att: build_model(meta, att), tensors, path, attention)
-    kind = "EMA" if use_ema else "raw"
-    return _from_meta(model, meta, f"ours (training state, {kind} weights)", path)
+    if model_name is not None:
+        raw, _ = read_checkpoint(path, weights=entry)
+        if is_upstream_state_dict(raw):
+            raw = convert_from_upstream(raw)
+        fc = raw.get("head.fc.weight")
+        if fc is None:
+            raise CheckpointError(f"{path}: no classifier head in the file")
+        model = ppma_models.create_model(model_name, num_classes=fc.shape[0])
+    else:
+        model = ppma_models.load_model(path)
+    load_checkpoint(model, path, weights=entry)
+    return _generic(model, class_names, f"authors ({entry})")
 
 
 def load_classifier(
@@ -283,7 +230,6 @@ def load_classifier(
     weights: str = "ema",
     model_name: str | None = None,
     class_names: Sequence[str] | None = None,
-    attention: str = "native",
 ) -> LoadedClassifier:
     """Build and load the classifier stored in ``path`` (see the module docstring).
 
@@ -298,38 +244,13 @@ def load_classifier(
         path = path / "best.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if is_safetensors(path):
+        return _from_safetensors(path, class_names)
     try:
-        if _is_safetensors(path):
-            model = ppma_models.checkpoint.load_model(path, attention=attention)
-            if model.features_only:
-                raise CheckpointError(f"{path} holds a backbone without a classifier head")
-            _, info = read_checkpoint(path)
-            meta = info.metadata.get(META_KEY)
-            if meta is not None:
-                return _from_meta(model, _json(meta, path), "ours (safetensors)", path)
-            stored = getattr(model, "class_names", None)
-            return _generic(model, class_names or stored, "ppma_models safetensors")
-        try:
-            state = load_training_state(path)
-        except CheckpointError:
-            state = None
-        if state is not None:
-            return _from_training_state(state, path, weights, attention)
-        # The authors' files.
-        entry = "model_ema" if weights == "ema" else "model"
-        if model_name is not None:
-            raw, _ = read_checkpoint(path, weights=entry)
-            if is_upstream_state_dict(raw):
-                raw = convert_from_upstream(raw)
-            fc = raw.get("head.fc.weight")
-            if fc is None:
-                raise CheckpointError(f"{path}: no classifier head in the file")
-            model = ppma_models.create_model(
-                model_name, num_classes=fc.shape[0], attention=attention
-            )
-        else:
-            model = ppma_models.checkpoint.load_model(path, attention=attention)
-        load_checkpoint(model, path, weights=entry)
-        return _generic(model, class_names, f"authors ({entry})")
-    except ModelCheckpointError as exc:
-        raise CheckpointError(str(exc)) from exc
+        state = load_training_state(path)
+    except CheckpointError:
+        state = None
+    if state is not None:
+        return _from_training_state(state, path, weights)
+    entry = "model_ema" if weights == "ema" else "model"
+    return _from_authors(path, entry, model_name, class_names)

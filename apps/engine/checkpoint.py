@@ -10,8 +10,12 @@ Two formats, chosen for what each file is for:
   ``rng``, ``meta`` (the app's plain-dict description of the model and data), and since the
   run directory is kept consistent across kills ``best_epoch`` and ``record`` (the metrics.jsonl
   record of the epoch the state ends; older files lack both).
-- **Weights** (``best.safetensors``, ``last.safetensors``): the state dict used for inference
-  (EMA weights when EMA is on) with a JSON ``meta`` string in the safetensors metadata.
+- **Weights** (:func:`save_weights`): a state dict with a JSON ``meta`` string in the
+  safetensors metadata -- the Trainer's default export, and the layout of the segment app's
+  weights files before they moved to ppma_models' layout (:mod:`apps.engine.weights`).
+
+A missing, unreadable or foreign file is a :class:`ppma_models.CheckpointError` (the one error
+type of checkpoints, from the library to the apps) naming the file.
 
 Every write goes to a temporary file in the destination directory, is flushed and fsync-ed,
 then ``os.replace``-d over the destination (atomic on POSIX) and the directory is fsync-ed. A
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from ppma_models import CheckpointError
 
 __all__ = [
     "TRAINING_STATE_FORMAT",
@@ -45,10 +50,6 @@ __all__ = [
 
 TRAINING_STATE_FORMAT = "ppma-training-state/1"
 TEMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not in the expected format."""
 
 
 def _fsync_directory(directory: Path) -> None:

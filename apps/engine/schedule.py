@@ -7,9 +7,10 @@ plain dict and resumes exactly.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # the schedule only reads and sets param_groups; keep torch out of --help
+    import torch
 
 __all__ = ["WarmupSchedule", "lr_factor", "warmup_steps"]
 

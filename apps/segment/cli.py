@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
-from apps.options import out_problem
+from apps.engine import options as shared
+from apps.engine.command import run_command
+from apps.engine.options import OptionError
+from apps.segment.explain import add_explain_parser
+from apps.segment.export import add_export_parser
 from apps.segment.settings import (
     DEFAULT_CROP,
     DEFAULT_EPOCHS,
@@ -17,7 +19,7 @@ from apps.segment.settings import (
     WARMUP_FRACTION,
 )
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DEFAULTS", "SCENE_DEFAULTS", "build_parser", "check", "given_options", "main"]
 
 DESCRIPTION = """\
 Semantic segmentation with a PPMA backbone and a UPerNet head.
@@ -59,22 +61,49 @@ SCENE_DEFAULTS = {
 FOLDER_DEFAULTS = {"ignore_index": 255}
 FOLDER_ONLY = ("val_data", "val_fraction", "num_classes", "ignore_index")
 
+DEFAULTS = shared.TrainingDefaults(
+    epochs_help=f"passes over the training images (default: {DEFAULT_EPOCHS}, more on small "
+    f"data so the run takes at least {MIN_AUTO_STEPS} optimizer steps)",
+    batch_help="images per process and step (default: a quarter of the training images per "
+    "process, 2..16)",
+    warmup_help=f"default: {DEFAULT_WARMUP}, at most {WARMUP_FRACTION * 100:.0f}%% of the run",
+    out=None,
+    weight_decay=0.01,
+    min_lr_ratio=0.0,
+    schedule="poly",
+    grad_clip=1.0,
+)
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default once: appended unless the help text already states it.
-
-    Options whose default is None or off say in their help what leaving them out means.
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if "default" in text or not action.option_strings:
-            return text
-        if default is None or default is False or default is argparse.SUPPRESS:
-            return text
-        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
-        return f"{text} (default: {shown})"
+#: The segment options' ranges, beside the shared ones.
+RULES = {
+    **dict.fromkeys(
+        (
+            "window",
+            "stride",
+            "canvas",
+            "val_scenes",
+            "train_scenes",
+            "crop",
+            "channels",
+            "eval_every",
+            "min_items",
+            "max_items",
+            "min_size",
+            "max_size",
+        ),
+        shared.AT_LEAST_ONE,
+    ),  # fmt: skip
+    "aux_channels": shared.NOT_NEGATIVE,
+    "aux_weight": shared.NOT_NEGATIVE,
+    "backbone_lr_scale": shared.POSITIVE,
+    "head_dropout": shared.RATE,
+    "drop_path": shared.RATE,
+    "val_fraction": shared.RATE,
+    "scales": shared.POSITIVE,
+    "eval_scales": shared.POSITIVE,
+    "scale_range": shared.POSITIVE,
+    "alpha": shared.Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+}
 
 
 def _scene_options(p: argparse.ArgumentParser, *, for_eval: bool) -> None:
@@ -172,38 +201,10 @@ def _inference_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
     g.add_argument("--stride", type=int, default=None, help="window stride (default: 2/3 window)")
 
 
-def _runtime_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("runtime")
-    g.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, or auto: cuda when available"
-    )
-    g.add_argument(
-        "--attention",
-        choices=("native", "reference"),
-        default="native",
-        help="masked-attention ops: fused native kernels or the PyTorch reference",
-    )
-    g.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads per process (default: torch's choice; 1 is fastest when other "
-        "jobs share the cores)",
-    )
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def _model_options(t: argparse.ArgumentParser) -> None:
     m = t.add_argument_group("model")
     m.add_argument("--backbone", default="ppma_nano", help="ppma_nano, ppma_tiny, ppma_small, ...")
-    m.add_argument(
-        "--model-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a backbone PPMAConfig field, e.g. depths=1,2,2 (repeatable); the "
-        "number of dims sets the number of stages the UPerNet head fuses (default: none)",
-    )
+    shared.add_model_arg_option(m)
     m.add_argument(
         "--pretrained",
         default=None,
@@ -230,61 +231,7 @@ def _model_options(t: argparse.ArgumentParser) -> None:
     )
 
 
-def _optimisation_options(t: argparse.ArgumentParser) -> None:
-    o = t.add_argument_group("optimisation")
-    o.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"default: {DEFAULT_EPOCHS}, more on small data so the run takes at least "
-        f"{MIN_AUTO_STEPS} optimizer steps",
-    )
-    o.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="per process; default: a quarter of the training images per process, 2..16",
-    )
-    o.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
-    o.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    o.add_argument(
-        "--backbone-lr-scale",
-        type=float,
-        default=1.0,
-        help="backbone lr / head lr (e.g. 0.1 to fine-tune a --pretrained backbone gently)",
-    )
-    o.add_argument(
-        "--schedule", choices=("poly", "cosine"), default="poly", help="decay after the warmup"
-    )
-    o.add_argument("--poly-power", type=float, default=1.0, help="exponent of the poly decay")
-    o.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr")
-    o.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=None,
-        help=f"linear warmup; default: {DEFAULT_WARMUP}, at most {WARMUP_FRACTION * 100:.0f}%% "
-        "of the run's steps (an explicit value must be shorter than the run)",
-    )
-    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    o.add_argument(
-        "--ema-decay", type=float, default=None, help="keep EMA weights, e.g. 0.999 (default: off)"
-    )
-    o.add_argument("--amp", action="store_true", help="bf16 autocast (CPU and CUDA)")
-    o.add_argument(
-        "--seed", type=int, default=0, help="initial weights, augmentation, held-out split"
-    )
-
-
-def _train_parser(sub) -> None:
-    t = sub.add_parser("train", help="train a model", formatter_class=HelpFormatter)
-    t.add_argument(
-        "--data",
-        required=True,
-        help="`scenes`, or a folder with images/ and masks/ (or with train/ and val/ holding them)",
-    )
-    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, curves)")
-    _model_options(t)
-    _optimisation_options(t)
+def _augmentation_options(t: argparse.ArgumentParser) -> None:
     a = t.add_argument_group("augmentation")
     a.add_argument(
         "--crop",
@@ -302,36 +249,37 @@ def _train_parser(sub) -> None:
         help="random rescale factors before cropping",
     )
     a.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a model", formatter_class=shared.HelpFormatter)
+    t.add_argument(
+        "--data",
+        default=None,
+        help="`scenes`, or a folder with images/ and masks/ (or with train/ and val/ holding "
+        "them); required unless --resume names a run",
+    )
+    shared.add_run_options(t, DEFAULTS)
+    _model_options(t)
+    o = shared.add_optimisation_options(t, DEFAULTS)
+    o.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=1.0,
+        help="backbone lr / head lr (e.g. 0.1 to fine-tune a --pretrained backbone gently)",
+    )
+    _augmentation_options(t)
     ev = t.add_argument_group("validation during training (picks the `best` checkpoint)")
     ev.add_argument("--eval-every", type=int, default=1, help="epochs between validations")
     _inference_options(t, prefix="eval-")
-    t.add_argument(
-        "--stop-after-epochs",
-        type=int,
-        default=None,
-        metavar="N",
-        help="train N more epochs of the schedule, then stop (continue later with --resume; "
-        "default: run to the end)",
-    )
-    t.add_argument(
-        "--resume",
-        default=None,
-        metavar="PATH|auto",
-        help="continue from a last.pt (auto: OUT/last.pt; default: start afresh)",
-    )
     _scene_options(t, for_eval=False)
     _folder_options(t, for_eval=False)
-    _runtime_options(t)
+    shared.add_runtime_options(t)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m apps.segment",
-        description=DESCRIPTION,
-        formatter_class=HelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict}")
-    fmt = HelpFormatter
+    parser, sub = shared.app_parser("python -m apps.segment", DESCRIPTION)
+    fmt = shared.HelpFormatter
     _train_parser(sub)
 
     e = sub.add_parser("eval", help="mIoU, per-class IoU, pixel accuracy", formatter_class=fmt)
@@ -351,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_options(e)
     _scene_options(e, for_eval=True)
     _folder_options(e, for_eval=True)
-    _runtime_options(e)
+    shared.add_runtime_options(e)
 
     p = sub.add_parser("predict", help="colour-coded masks and overlays", formatter_class=fmt)
     p.add_argument("checkpoint", help="run directory (its best.safetensors), .safetensors or .pt")
@@ -359,13 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output directory")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask")
     _inference_options(p)
-    _runtime_options(p)
+    shared.add_runtime_options(p, workers=False)
+    add_explain_parser(sub)
+    add_export_parser(sub)
     return parser
-
-
-def _refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    """Stop with one line naming the option (parser.error would print the usage first)."""
-    parser.exit(2, f"error: {message}\n")
 
 
 def given_options(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
@@ -378,13 +323,13 @@ def given_options(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     return given
 
 
-def _check_data_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_data_options(args: argparse.Namespace) -> None:
     """Refuse options of the other kind of data; fill in the defaults of this kind."""
     scene_options = [*SCENE_DEFAULTS, "fmnist_dir"]
     if args.data == "scenes":
         wrong = given_options(args, [*FOLDER_ONLY, "skip_bad"])
         if wrong:
-            _refuse(parser, f"{wrong[0]} applies to folder data, not --data scenes")
+            raise OptionError(f"{wrong[0]} applies to folder data, not --data scenes")
         if args.command == "train":
             for name, value in SCENE_DEFAULTS.items():
                 if getattr(args, name) is None:
@@ -392,85 +337,40 @@ def _check_data_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     elif args.data is not None:
         wrong = given_options(args, scene_options)
         if wrong:
-            _refuse(parser, f"{wrong[0]} applies to --data scenes, not a folder ({args.data})")
+            raise OptionError(f"{wrong[0]} applies to --data scenes, not a folder ({args.data})")
         for name, value in FOLDER_DEFAULTS.items():
             if getattr(args, name, None) is None:
                 setattr(args, name, value)
 
 
-def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    problem = out_problem(getattr(args, "out", None))
-    if problem is not None:
-        _refuse(parser, problem)
-    positive = ["batch_size", "window", "stride", "canvas", "val_scenes", "train_scenes"]
-    positive += ["epochs", "crop", "channels", "eval_every"]
-    for name in positive:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            _refuse(parser, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+def check(args: argparse.Namespace) -> None:
+    """The ranges of the shared and the segment options, and the data options' kind."""
+    shared.check_options(args, {**shared.TRAINING_RULES, **shared.RUNTIME_RULES, **RULES})
     if args.command == "train" and args.batch_size is not None and args.batch_size < 2:
-        _refuse(
-            parser,
+        raise OptionError(
             f"--batch-size must be >= 2 per process, got {args.batch_size} (BatchNorm after the "
-            "pyramid pooling's 1x1 branch needs more than one value per channel)",
+            "pyramid pooling's 1x1 branch needs more than one value per channel)"
         )
-    if (getattr(args, "warmup_steps", None) or 0) < 0:
-        _refuse(parser, f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-    if not 0.0 <= (getattr(args, "val_fraction", None) or 0.0) < 1.0:
-        _refuse(parser, f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if getattr(args, "lr", 1.0) <= 0:
-        _refuse(parser, f"--lr must be > 0, got {args.lr}")
-    if getattr(args, "backbone_lr_scale", 1.0) <= 0:
-        _refuse(parser, f"--backbone-lr-scale must be > 0, got {args.backbone_lr_scale}")
-    if not 0.0 <= getattr(args, "head_dropout", 0.0) < 1.0:
-        _refuse(parser, f"--head-dropout must be in [0, 1), got {args.head_dropout}")
-    if getattr(args, "aux_channels", 0) < 0:
-        _refuse(parser, f"--aux-channels must be >= 0, got {args.aux_channels}")
-    if getattr(args, "grad_clip", None) == 0:
-        args.grad_clip = None
-    if args.command == "predict":
+    if args.command in ("predict", "explain", "export"):
         return
     if args.data is not None and args.data != "scenes" and args.data.startswith("-"):
-        _refuse(parser, f"--data expects `scenes` or a folder, got {args.data}")
-    _check_data_options(parser, args)
+        raise OptionError(f"--data expects `scenes` or a folder, got {args.data}")
+    if args.command == "train" and args.data is None and args.resume is None:
+        raise OptionError("train needs --data: `scenes` or a folder (or --resume a run)")
+    _check_data_options(args)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """:func:`check`, stopping with one ``error:`` line and exit status 2 on a bad option."""
+    try:
+        check(args)
+    except OptionError as exc:
+        parser.exit(2, f"error: {exc}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m apps.segment``: the exit status (see :mod:`apps.engine.command`)."""
+    from apps.segment.folder import FolderDatasetError  # after parsing: it loads PIL and numpy
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _check(parser, args)
-    if args.threads is not None:
-        if args.threads < 1:
-            _refuse(parser, f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    # Imported here so `--help` answers without loading torch.
-    from apps.engine import CheckpointError
-    from apps.segment.folder import FolderDatasetError
-
-    try:
-        if args.command == "train":
-            from apps.segment.train import run_train
-
-            run_train(args)
-        elif args.command == "eval":
-            from apps.segment.evaluate import run_eval
-
-            run_eval(args)
-        else:
-            from apps.segment.predict import run_predict
-
-            run_predict(args)
-    except SystemExit as exc:  # the commands stop with SystemExit("error: ...") on bad input
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-            return 2
-        raise
-    except (FolderDatasetError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # bad option values caught by the library's checks
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(parser, argv, check=check, package=__package__, errors=(FolderDatasetError,))

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from apps.data.fashion_mnist import load_fashion_mnist
+from apps.engine.options import OptionError
 from apps.engine.seeding import seed_for
 from apps.segment.folder import FolderDatasetError, SegmentationFolder, folder_layout, scan_folder
 from apps.segment.scenes import SCENE_CLASSES, SceneConfig, SceneGenerator
@@ -204,8 +205,8 @@ def _folder_sources(args) -> SourcePair:
         notes.append(f"--val-data {args.val_data} is used instead of {layout.val}")
     if val_root is not None:
         if args.val_fraction is not None:
-            raise SystemExit(
-                f"error: --val-fraction {args.val_fraction} applies only without a validation "
+            raise OptionError(
+                f"--val-fraction {args.val_fraction} applies only without a validation "
                 f"folder, but {val_root} is one"
             )
         val_folder = _scan(val_root, args, layout.classes_file, folder.num_classes)

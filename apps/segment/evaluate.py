@@ -17,12 +17,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from ppma_models import CheckpointError
 from torch.utils.data import DataLoader, Dataset
 
-from apps.engine import console, init_distributed, plot_confusion_matrix, progress_enabled
-from apps.engine.checkpoint import CheckpointError
-from apps.engine.distributed import DistributedContext, ShardSampler
-from apps.engine.progress import progress_bar
+from apps.engine.distributed import DistributedContext, ShardSampler, init_distributed
+from apps.engine.options import OptionError
+from apps.engine.plots import plot_confusion_matrix
+from apps.engine.progress import console, progress_bar, progress_enabled
 from apps.segment.cli import SCENE_DEFAULTS, given_options
 from apps.segment.data import (
     FolderSource,
@@ -33,7 +34,7 @@ from apps.segment.data import (
 from apps.segment.folder import folder_layout, scan_folder
 from apps.segment.inference import sliding_window_logits
 from apps.segment.metrics import ConfusionMatrix, SegmentationScores
-from apps.segment.model import ModelSpec, load_meta, load_trained
+from apps.segment.model import ModelSpec, load_run
 from apps.segment.scenes import SCENE_CLASSES, SceneConfig
 
 __all__ = [
@@ -174,8 +175,8 @@ def evaluate_segmentation(
 def _scene_dataset(args, spec: ModelSpec, meta_data: dict):
     """Validation scenes: the run's layout unless the command line overrides it."""
     if spec.num_classes != len(SCENE_CLASSES):
-        raise SystemExit(
-            f"error: --data scenes: the model predicts {spec.num_classes} classes, the scenes "
+        raise OptionError(
+            f"--data scenes: the model predicts {spec.num_classes} classes, the scenes "
             f"have {len(SCENE_CLASSES)}; pass --data with images of the model's classes"
         )
     recorded = meta_data if meta_data.get("kind") == "scenes" else {}
@@ -195,8 +196,8 @@ def _folder_to_score(data: str, spec: ModelSpec, skip_bad: bool):
     """A folder named by --data: its val/ when it has train/ + val/, else the folder itself."""
     layout = folder_layout(data)
     if layout.train != layout.root and layout.val is None:
-        raise SystemExit(
-            f"error: --data {data} has train/ but no val/; name the folder to score "
+        raise OptionError(
+            f"--data {data} has train/ but no val/; name the folder to score "
             f"(e.g. --data {layout.train})"
         )
     folder = scan_folder(
@@ -221,7 +222,7 @@ def _eval_dataset(args, spec: ModelSpec, meta_data: dict):
         return _scene_dataset(args, spec, meta_data)
     wrong = given_options(args, [*SCENE_DEFAULTS, "fmnist_dir"])
     if wrong:
-        raise SystemExit(f"error: {wrong[0]} applies to --data scenes, not folder data")
+        raise OptionError(f"{wrong[0]} applies to --data scenes, not folder data")
     if args.data is None:
         source = recorded_val_source(meta_data, spec.num_classes, spec.ignore_index)
     else:
@@ -242,13 +243,10 @@ def format_scores(result: EvalResult, class_names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def _recorded_eval_dataset(args, spec: ModelSpec):
+def _recorded_eval_dataset(args, spec: ModelSpec, meta_data: dict):
     """:func:`_eval_dataset` with the checkpoint's data description; a damaged description
     is a CheckpointError naming the file, not a KeyError or TypeError from deep inside."""
-    meta_data = load_meta(args.checkpoint).get("data", {})
     try:
-        if not isinstance(meta_data, dict):
-            raise TypeError(f"expected a JSON object, got {type(meta_data).__name__}")
         return _eval_dataset(args, spec, meta_data)
     except (KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(
@@ -261,8 +259,9 @@ def run_eval(args) -> EvalResult:
     """``python -m apps.segment eval``: print per-class IoU, mIoU, pixel accuracy."""
     ctx = init_distributed(args.device)
     try:
-        model, spec = load_trained(args.checkpoint, attention=args.attention)
-        dataset, same_size, data_desc = _recorded_eval_dataset(args, spec)
+        model, run = load_run(args.checkpoint)
+        spec = ModelSpec.from_dict(run.model)
+        dataset, same_size, data_desc = _recorded_eval_dataset(args, spec, run.data)
         window = args.window or spec.crop
         stride = args.stride or max(1, (2 * window) // 3)
         result = evaluate_segmentation(
@@ -276,7 +275,7 @@ def run_eval(args) -> EvalResult:
             stride=stride,
             batch_size=args.batch_size if same_size else 1,
             workers=args.workers,
-            progress=progress_enabled(False if args.no_progress else None, ctx.is_main),
+            progress=progress_enabled(args.progress, ctx.is_main),
             flip=args.flip,
             scales=args.scales,
         )

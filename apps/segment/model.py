@@ -1,10 +1,14 @@
 """The segmentation model of a run: its description, construction and loading.
 
-A run stores a plain-dict :class:`ModelSpec` in its checkpoints' metadata, so ``eval`` and
-``predict`` rebuild exactly the trained architecture from the weights file alone. That
-metadata is untrusted input: its types and sizes are checked (the backbone's config with
-ppma_models' checks of a model file), the model is compared with the file's tensors on the
-``meta`` device before it is allocated, and any problem is a CheckpointError naming the file.
+A run stores a plain-dict :class:`ModelSpec` as the model description of its run spec
+(:mod:`apps.engine.runspec`), so ``eval`` and ``predict`` know the class names, the ignore
+index and the training crop. The weights files are ppma_models' safetensors layout, which
+``ppma_models.load_model`` rebuilds from the file alone; files written before (a state dict
+with the run's meta as JSON, :func:`apps.engine.checkpoint.save_weights`) are rebuilt from the
+ModelSpec. That metadata is untrusted input: its types and sizes are checked (the backbone's
+config with ppma_models' checks of a model file), the model is compared with the file's
+tensors on the ``meta`` device before it is allocated, and any problem is a
+``ppma_models.CheckpointError`` naming the file.
 """
 
 from __future__ import annotations
@@ -14,23 +18,30 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import ppma_models
 import torch
-from ppma_models.checkpoint import CONFIG_LIMITS, LoadResult, check_dtypes, config_problem
-from ppma_models.checkpoint import CheckpointError as ModelCheckpointError
-from ppma_models.config import PPMAConfig
+from ppma_models import CheckpointError, SegmentationModel, create_segmentation_model
+from ppma_models.checkpoint import CONFIG_LIMITS
 from ppma_models.registry import get_config
-from ppma_models.segmentation import SegmentationModel, create_segmentation_model
 
-from apps.engine.checkpoint import CheckpointError, load_training_state, load_weights
+from apps.engine.checkpoint import load_training_state, load_weights
+from apps.engine.model_args import overrides_problem
+from apps.engine.runspec import RUN_FORMAT, RunSpec, is_run_spec
+from apps.engine.values import is_int, is_rate, short
+from apps.engine.weights import app_metadata, is_safetensors, load_state_checked, state_weights
 
 __all__ = [
+    "APP",
     "ModelSpec",
-    "backbone_config_problem",
     "build_model",
     "count_parameters",
     "load_meta",
+    "load_run",
     "load_trained",
+    "read_run_spec",
 ]
+
+APP = "segment"
 
 
 @dataclass(frozen=True)
@@ -65,13 +76,13 @@ class ModelSpec:
         """The spec a checkpoint records; CheckpointError (without the file name, which the
         caller adds) for missing fields or values of the wrong type or size."""
         if not isinstance(d, dict):
-            raise CheckpointError(f"the model metadata is not a JSON object: {_short(d)}")
+            raise CheckpointError(f"the model metadata is not a JSON object: {short(d)}")
         known = {f.name for f in fields(cls)}
         missing = {"backbone", "num_classes", "class_names"} - set(d)
         if missing:
             raise CheckpointError(f"checkpoint metadata lacks {sorted(missing)}")
         kwargs = {k: v for k, v in d.items() if k in known}
-        bad = [f"{k}={_short(v)}" for k, v in kwargs.items() if not _SPEC_CHECKS[k](v)]
+        bad = [f"{k}={short(v)}" for k, v in kwargs.items() if not _SPEC_CHECKS[k](v)]
         if bad:
             raise CheckpointError(f"invalid model metadata value(s): {', '.join(bad)}")
         if len(kwargs["class_names"]) != kwargs["num_classes"]:
@@ -80,7 +91,7 @@ class ModelSpec:
                 f"{kwargs['num_classes']} classes"
             )
         args = kwargs.get("backbone_args") or {}
-        problem = backbone_config_problem(kwargs["backbone"], args)
+        problem = overrides_problem(kwargs["backbone"], args)
         if problem is not None:
             raise CheckpointError(f"the recorded backbone is not usable: {problem}")
         kwargs["class_names"] = tuple(kwargs["class_names"])
@@ -90,76 +101,28 @@ class ModelSpec:
         return cls(**kwargs)
 
 
-def _is_int(value: object, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _is_rate(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 # Each ModelSpec field's check: JSON gives no types, and the sizes bound what gets allocated.
 _WIDTH = CONFIG_LIMITS["width"]
 _SPEC_CHECKS: dict[str, Callable[[object], bool]] = {
     "backbone": lambda v: isinstance(v, str),
-    "num_classes": lambda v: _is_int(v, 1, CONFIG_LIMITS["classes"]),
+    "num_classes": lambda v: is_int(v, 1, CONFIG_LIMITS["classes"]),
     "class_names": lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
-    "channels": lambda v: _is_int(v, 1, _WIDTH),
-    "aux_channels": lambda v: _is_int(v, 0, _WIDTH),
-    "ignore_index": lambda v: _is_int(v, 0, 65535),
-    "crop": lambda v: _is_int(v, 1, 1 << 14),
-    "drop_path": _is_rate,
-    "dropout": _is_rate,
-    "fuse_kernel": lambda v: _is_int(v, 1, 31) and v % 2 == 1,
+    "channels": lambda v: is_int(v, 1, _WIDTH),
+    "aux_channels": lambda v: is_int(v, 0, _WIDTH),
+    "ignore_index": lambda v: is_int(v, 0, 65535),
+    "crop": lambda v: is_int(v, 1, 1 << 14),
+    "drop_path": is_rate,
+    "dropout": is_rate,
+    "fuse_kernel": lambda v: is_int(v, 1, 31) and v % 2 == 1,
     "backbone_args": lambda v: v is None or isinstance(v, dict),
 }
 
 
-def backbone_config_problem(backbone: str, overrides: dict[str, Any]) -> str | None:
-    """What makes ``backbone`` with ``overrides`` (``--model-arg``) unusable, or None.
-
-    The overrides are checked as a model file's config is (JSON types, the library's
-    :data:`CONFIG_LIMITS`) before PPMAConfig does arithmetic with them.
-    """
-    try:
-        base = get_config(backbone)
-    except ValueError as exc:
-        return str(exc)
-    unknown = sorted(set(overrides) - {f.name for f in fields(base)})
-    if unknown:
-        return f"unknown PPMAConfig field(s) {unknown}"
-    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
-    data = {**base.to_dict(), **plain}
-    small = [k for k in ("dims", "head_hidden") if _any_below_one(data.get(k))]
-    if small:
-        return f"{small[0]} must be >= 1, got {data[small[0]]}"
-    problem = config_problem(data)
-    if problem is None:
-        try:
-            PPMAConfig.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            problem = str(exc)
-    return problem
-
-
-def _any_below_one(value: object) -> bool:
-    values = value if isinstance(value, list) else [value]
-    return any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values)
-
-
-def build_model(
-    spec: ModelSpec, *, attention: str = "native", pretrained: str | None = None
-) -> SegmentationModel:
+def build_model(spec: ModelSpec, *, pretrained: str | None = None) -> SegmentationModel:
     """UPerNet on ``spec.backbone`` over all its stages (the auxiliary FCN head on the
     penultimate one, as MMSeg's on stage 3 of 4); ``pretrained`` loads backbone weights."""
     stages = spec.num_stages
     kwargs: dict[str, Any] = {
-        "attention": attention,
         "drop_path_rate": spec.drop_path,
         "out_indices": tuple(range(stages)),
         **spec.backbone_args,
@@ -178,80 +141,81 @@ def build_model(
     )
 
 
-def _state_weights(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    """The EMA weights of a training state when present, else its model weights."""
-    ema = state.get("ema")
-    weights = ema.get("module") if isinstance(ema, dict) and ema else state.get("model")
-    if not isinstance(weights, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
-    ):
-        raise CheckpointError(f"{path}: the training state holds no state dict of weights")
-    return weights
+def read_run_spec(meta: object, path: Path) -> RunSpec:
+    """The run spec of a segment checkpoint's meta; runs from before run specs stored
+    ``{"app": "segment", "model": ..., "data": ...}`` without a recipe."""
+    if isinstance(meta, dict) and not is_run_spec(meta) and "model" in meta:
+        data = meta.get("data", {})  # runs that predate folders recorded no data: scenes
+        meta = {"format": RUN_FORMAT, "app": APP, "recipe": None, "resolved_from": {},
+                "model": meta["model"], "data": data}  # fmt: skip
+    if not is_run_spec(meta) or meta.get("app") != APP:
+        raise CheckpointError(f"{path} was not written by the segment app (no model metadata)")
+    return RunSpec.from_meta(meta, str(path))
 
 
-def _weights_and_meta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
+def _model_spec(run: RunSpec, path: Path) -> ModelSpec:
+    try:
+        return ModelSpec.from_dict(run.model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _from_training_state(path: Path) -> tuple[SegmentationModel, RunSpec]:
+    """A ``.pt`` training state: its EMA weights when present, else its model weights."""
+    state = load_training_state(path)
+    run = read_run_spec(state.get("meta"), path)
+    spec = _model_spec(run, path)
+    weights = state_weights(state, isinstance(state.get("ema"), dict), path)
+    return load_state_checked(lambda: build_model(spec), weights, path), run
+
+
+def _from_safetensors(path: Path) -> tuple[SegmentationModel, RunSpec]:
+    """Our weights file: ppma_models' layout with the run spec under ``segment``, or the
+    layout of runs written before (the state dict with the run's meta as JSON)."""
+    meta = app_metadata(path, APP)
+    if meta is None:  # the earlier layout
+        weights, meta = load_weights(path)
+        run = read_run_spec(meta, path)
+        spec = _model_spec(run, path)
+        return load_state_checked(lambda: build_model(spec), weights, path), run
+    run = read_run_spec(meta, path)
+    spec = _model_spec(run, path)
+    model = ppma_models.load_model(path)
+    if not isinstance(model, SegmentationModel) or model.num_classes != spec.num_classes:
+        raise CheckpointError(
+            f"{path}: the stored model is not the recorded {spec.num_classes}-class segmentation "
+            "model"
+        )
+    return model, run
+
+
+def _resolve(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / "best.safetensors"
-    if path.suffix == ".pt":
-        state = load_training_state(path)
-        weights, meta = _state_weights(state, path), state.get("meta") or {}
-    else:
-        weights, meta = load_weights(path)
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: the run metadata is not a JSON object")
-    return weights, meta, path
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_run(path: str | Path) -> tuple[SegmentationModel, RunSpec]:
+    """The model (in eval mode) and the run spec of a run directory (its best.safetensors),
+    a ``.safetensors`` weights file or a ``.pt`` training state (EMA weights when present)."""
+    path = _resolve(path)
+    model, run = _from_safetensors(path) if is_safetensors(path) else _from_training_state(path)
+    return model.eval(), run
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
-    """The run metadata stored with a checkpoint (model spec, data description, ...)."""
-    return _weights_and_meta(path)[1]
+    """The run spec stored with a checkpoint, as the dict it is stored as."""
+    return load_run(path)[1].to_meta()
 
 
-def _check_weights(
-    spec: ModelSpec, weights: dict[str, torch.Tensor], path: Path
-) -> dict[str, torch.Tensor]:
-    """The model's state dict on the ``meta`` device (no memory), once every tensor of the
-    file fits it in name and shape: a recorded model larger than the file is refused before
-    it is allocated."""
-    with torch.device("meta"):
-        own = build_model(spec, attention="reference").state_dict()
-    wrong = [
-        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in weights and weights[k].shape != v.shape
-    ]
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    if wrong or missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit the recorded model: {len(wrong)} shape(s) differ "
-            f"{wrong[:4]}, {len(missing)} missing {missing[:4]}, "
-            f"{len(unexpected)} unexpected {unexpected[:4]}"
-        )
-    return own
-
-
-def load_trained(
-    path: str | Path, *, attention: str = "native"
-) -> tuple[SegmentationModel, ModelSpec]:
+def load_trained(path: str | Path) -> tuple[SegmentationModel, ModelSpec]:
     """Model in eval mode + spec from a run directory (its best.safetensors), a ``.safetensors``
     weights file or a ``.pt`` training state (EMA weights when present)."""
-    weights, meta, path = _weights_and_meta(path)
-    if "model" not in meta:
-        raise CheckpointError(f"{path} was not written by the segment app (no model metadata)")
-    try:
-        spec = ModelSpec.from_dict(meta["model"])
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    own = _check_weights(spec, weights, path)
-    try:
-        # load_state_dict would cast integer data into float weights without a word.
-        check_dtypes(weights, own, LoadResult(str(path), "segment weights"))
-    except ModelCheckpointError as exc:
-        raise CheckpointError(str(exc)) from None
-    model = build_model(spec, attention=attention)
-    model.load_state_dict(weights)
-    return model.eval(), spec
+    model, run = load_run(path)
+    return model, ModelSpec.from_dict(run.model)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from apps.engine import console
 from apps.engine.distributed import resolve_device
+from apps.engine.options import OptionError
+from apps.engine.progress import console
 from apps.segment.evaluate import predict_logits
 from apps.segment.folder import IMAGE_SUFFIXES, read_image
 from apps.segment.model import load_trained
@@ -36,9 +37,9 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         elif p.is_file():
             paths.append(p)
         else:
-            raise SystemExit(f"error: input {item} does not exist")
+            raise OptionError(f"input {item} does not exist")
     if not paths:
-        raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) found in {inputs}")
+        raise OptionError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {inputs}")
     return paths
 
 
@@ -46,7 +47,7 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 def run_predict(args) -> list[Path]:
     """Predict every input image; returns the written mask paths."""
     device = resolve_device(args.device)
-    model, spec = load_trained(args.checkpoint, attention=args.attention)
+    model, spec = load_trained(args.checkpoint)
     model.to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,6 @@ def run_predict(args) -> list[Path]:
     legend = [{"id": i, "name": n, "rgb": colours[i]} for i, n in enumerate(spec.class_names)]
     (out / "legend.json").write_text(json.dumps(legend, indent=2) + "\n")
     if not written:
-        raise SystemExit("error: no input image could be read:\n  " + "\n  ".join(failed))
+        raise OptionError("no input image could be read:\n  " + "\n  ".join(failed))
     console(f"wrote {len(written)} mask(s) and overlay(s) to {out}")
     return written

@@ -1,9 +1,10 @@
-"""Training settings the command line left open, chosen from the data, and their report.
+"""The segment app's rules for training settings the command line left open.
 
 Options whose default depends on the data are ``None`` on the command line; the functions here
-turn each into a :class:`Choice` -- the value and where it came from -- so the start of a run
-can say what it chose and why. An explicit option is always used as given (or refused with a
-one-line error naming it when the run cannot use it).
+turn each into an :class:`apps.engine.settings.Choice` -- the value and where it came from --
+so the start of a run can say what it chose and why. An explicit option is always used as
+given (or refused with an :class:`~apps.engine.options.OptionError` naming it when the run
+cannot use it).
 
 The rules, for a training set of N images per process:
 
@@ -14,14 +15,16 @@ The rules, for a training set of N images per process:
   data allows (16 is the published per-GPU batch; BatchNorm in the head needs at least 2).
 - epochs: 12, or more on small data so the run takes at least 300 optimizer steps: a dozen
   passes over a dozen images are a few dozen steps, too few to fit even easy masks.
-- warmup: 200 steps, at most 10% of the run, so the learning rate always decays afterwards.
+- warmup: 200 steps, at most 10% of the run, so the learning rate always decays afterwards; a
+  given warm-up follows :func:`apps.engine.settings.explicit_warmup`.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
-from dataclasses import dataclass
+
+from apps.engine.options import OptionError
+from apps.engine.settings import Choice, explicit_warmup, fitted_epochs
 
 __all__ = [
     "DEFAULT_CROP",
@@ -30,12 +33,10 @@ __all__ = [
     "DEFAULT_WARMUP",
     "MIN_AUTO_STEPS",
     "WARMUP_FRACTION",
-    "Choice",
     "choose_batch_size",
     "choose_crop",
     "choose_epochs",
     "choose_warmup",
-    "format_settings",
 ]
 
 DEFAULT_CROP = 512
@@ -46,17 +47,6 @@ DEFAULT_EPOCHS = 12
 MIN_AUTO_STEPS = 300
 DEFAULT_WARMUP = 200
 WARMUP_FRACTION = 0.1
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A resolved setting: ``value`` and ``source`` ("--crop" or "auto: <why>")."""
-
-    value: int
-    source: str
-
-    def __str__(self) -> str:
-        return f"{self.value} ({self.source})"
 
 
 def choose_crop(
@@ -82,17 +72,17 @@ def choose_crop(
 
 
 def choose_batch_size(explicit: int | None, images_per_process: int) -> Choice:
-    """Per-process batch; raises SystemExit when the data cannot fill one batch."""
+    """Per-process batch; OptionError when the data cannot fill one batch."""
     if explicit is not None:
         if explicit > images_per_process:
-            raise SystemExit(
-                f"error: --batch-size {explicit} is larger than this process's share of the "
+            raise OptionError(
+                f"--batch-size {explicit} is larger than this process's share of the "
                 f"{images_per_process} training images; lower it or leave it out"
             )
         return Choice(explicit, "--batch-size")
     if images_per_process < 2:
-        raise SystemExit(
-            f"error: --data: {images_per_process} training image(s) per process; training needs "
+        raise OptionError(
+            f"--data: {images_per_process} training image(s) per process; training needs "
             "at least 2 (BatchNorm in the head needs two values per channel)"
         )
     batch = max(2, min(MAX_AUTO_BATCH, images_per_process // MIN_STEPS_PER_EPOCH))
@@ -104,39 +94,27 @@ def choose_batch_size(explicit: int | None, images_per_process: int) -> Choice:
 
 
 def choose_epochs(explicit: int | None, steps_per_epoch: int) -> Choice:
-    if explicit is not None:
-        return Choice(explicit, "--epochs")
-    needed = math.ceil(MIN_AUTO_STEPS / steps_per_epoch)
-    if needed <= DEFAULT_EPOCHS:
-        return Choice(DEFAULT_EPOCHS, "auto: default")
-    return Choice(
-        needed,
-        f"auto: {DEFAULT_EPOCHS} epochs would be only {DEFAULT_EPOCHS * steps_per_epoch} steps; "
-        f"small data gets at least {MIN_AUTO_STEPS}",
-    )
+    small = "auto: {default} epochs would be only {default_steps} steps; small data gets at "
+    return fitted_epochs(
+        explicit, steps_per_epoch, default=DEFAULT_EPOCHS, min_steps=MIN_AUTO_STEPS,
+        texts=("auto: default", small + "least {min_steps}"),
+    )  # fmt: skip
 
 
-def choose_warmup(explicit: int | None, total_steps: int) -> Choice:
-    """Linear-warmup steps, always fewer than ``total_steps`` so the schedule decays."""
-    if explicit is not None:
-        if explicit >= total_steps > 0:
-            raise SystemExit(
-                f"error: --warmup-steps {explicit} is not shorter than the run's {total_steps} "
-                "optimizer steps, so the learning rate would never decay; lower it or leave it "
-                f"out (default: {DEFAULT_WARMUP}, at most {WARMUP_FRACTION:.0%} of the steps)"
-            )
-        return Choice(explicit, "--warmup-steps")
+def choose_warmup(
+    explicit: int | None,
+    total_steps: int,
+    *,
+    epochs: float | None = None,
+    steps_per_epoch: int = 0,
+) -> Choice:
+    """Linear-warmup steps, always fewer than ``total_steps`` so the schedule decays.
+
+    ``explicit``: ``--warmup-steps``; ``epochs``: ``--warmup-epochs``.
+    """
+    given = explicit_warmup(explicit, epochs, steps_per_epoch, total_steps)
     cap = int(WARMUP_FRACTION * total_steps)  # runs under 10 steps warm up not at all
-    if DEFAULT_WARMUP <= cap:
-        return Choice(DEFAULT_WARMUP, "auto: default")
-    return Choice(
-        cap,
-        f"auto: the default {DEFAULT_WARMUP} capped at {WARMUP_FRACTION:.0%} of "
-        f"{total_steps} steps",
-    )
-
-
-def format_settings(rows: list[tuple[str, object]]) -> str:
-    """Aligned ``name  value`` lines under a heading."""
-    width = max(len(name) for name, _ in rows)
-    return "settings:\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+    if given is not None or DEFAULT_WARMUP <= cap:
+        return given or Choice(DEFAULT_WARMUP, "auto: default")
+    why = f"the default {DEFAULT_WARMUP} capped at {WARMUP_FRACTION:.0%} of {total_steps} steps"
+    return Choice(cap, f"auto: {why}")

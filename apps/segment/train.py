@@ -1,9 +1,11 @@
-"""``python -m apps.segment train``: UPerNet on a PPMA backbone, on the shared epoch loop.
+"""``python -m apps.segment train``: the segment app's part of the shared training driver.
 
-The task-specific parts live here -- data, augmentation, loss (cross-entropy with an ignore
-index plus the auxiliary head's loss), validation mIoU -- and :class:`apps.engine.Trainer`
-does the rest: bf16 autocast, gradient clipping, EMA, DDP under ``torchrun``, atomic
-``last``/``best`` checkpoints with exact resume, metrics.jsonl and curves.png.
+:class:`SegmentTask` supplies what is task-specific -- data, augmentation, the UPerNet model,
+the loss (cross-entropy with an ignore index plus the auxiliary head's loss), validation mIoU,
+the settings rows and ``summary.json`` -- and :func:`apps.engine.driver.run_training` does the
+rest: run directory and ``--resume`` with the recorded recipe, AdamW and the lr schedule, bf16
+autocast, gradient clipping, EMA, DDP under ``torchrun``, atomic ``last``/``best`` checkpoints
+with exact resume, metrics.jsonl and curves.png.
 """
 
 from __future__ import annotations
@@ -11,42 +13,40 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
+from typing import Any
 
+import ppma_ops
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from apps.engine import (
-    Trainer,
-    TrainerConfig,
-    WarmupSchedule,
-    build_adamw,
-    console,
-    init_distributed,
-    progress_enabled,
-)
-from apps.engine.model_args import parse_model_args
-from apps.segment.data import (
-    EpochShuffleSampler,
-    SegmentationSamples,
-    SourcePair,
-    build_sources,
-)
+from apps.engine.distributed import DistributedContext
+from apps.engine.driver import run_training
+from apps.engine.model_args import model_overrides
+from apps.engine.options import OptionError
+from apps.engine.progress import console, progress_enabled
+from apps.engine.settings import Choice, runtime_rows
+from apps.engine.task import TrainingRun
+from apps.engine.trainer import Trainer
+from apps.segment.data import EpochShuffleSampler, SegmentationSamples, SourcePair, build_sources
 from apps.segment.evaluate import evaluate_segmentation
 from apps.segment.metrics import correct_pixels
-from apps.segment.model import ModelSpec, backbone_config_problem, build_model, count_parameters
-from apps.segment.settings import (
-    choose_batch_size,
-    choose_crop,
-    choose_epochs,
-    choose_warmup,
-    format_settings,
-)
+from apps.segment.model import APP, ModelSpec, build_model, count_parameters, read_run_spec
+from apps.segment.settings import choose_batch_size, choose_crop, choose_epochs, choose_warmup
 from apps.segment.transforms import TrainAugment
 
-__all__ = ["make_train_step", "run_train"]
+__all__ = ["RECIPE_KEYS", "SegmentTask", "make_train_step", "run_train"]
+
+#: The segment options that define a run (beside the shared ones), restored by --resume.
+RECIPE_KEYS = (
+    "data", "canvas", "min_items", "max_items", "min_size", "max_size", "scene_seed",
+    "train_scenes", "val_scenes", "fmnist_dir", "val_data", "val_fraction", "num_classes",
+    "ignore_index", "skip_bad", "backbone", "pretrained", "channels", "aux_channels",
+    "aux_weight", "drop_path", "fuse_kernel", "head_dropout", "backbone_lr_scale", "crop",
+    "scale_range", "no_flip", "eval_every", "eval_flip", "eval_scales", "eval_mode", "window",
+    "stride",
+)  # fmt: skip
 
 
 def make_train_step(aux_weight: float, ignore_index: int):
@@ -76,44 +76,26 @@ def make_train_step(aux_weight: float, ignore_index: int):
     return train_step
 
 
-def _check_autocast(model: torch.nn.Module, device: torch.device, attention: str) -> None:
+def _check_autocast(model: torch.nn.Module, device: torch.device) -> None:
     """Fail before training, with a clear message, if the model cannot run under bf16."""
     model.eval()
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
             model.to(device)(torch.zeros(2, 3, 32, 32, device=device))
     except (TypeError, RuntimeError) as exc:
-        raise SystemExit(
-            f"error: --amp: the model does not run under bf16 autocast with --attention "
-            f"{attention} ({exc}); try --attention reference or leave out --amp"
+        raise OptionError(
+            f"--amp: the model does not run under bf16 autocast with --attention "
+            f"{ppma_ops.get_backend()} ({exc}); try --attention reference or leave out --amp"
         ) from exc
     finally:
         model.train()
 
 
-def _backbone_args(args: argparse.Namespace) -> dict:
-    """``--model-arg`` overrides, checked against the backbone's config before any work."""
-    try:
-        overrides = parse_model_args(getattr(args, "model_arg", None))
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    problem = backbone_config_problem(args.backbone, overrides)
-    if problem is not None:
-        raise SystemExit(f"error: --model-arg: {problem}")
-    return overrides
-
-
-def run_train(args: argparse.Namespace) -> list[dict]:
-    """Train as the parsed command line says; returns the epoch records."""
-    ctx = init_distributed(args.device)
-    try:
-        return _train(args, ctx)
-    finally:
-        ctx.shutdown()
-
-
-def _resolve_settings(args: argparse.Namespace, sources: SourcePair, world_size: int) -> dict:
-    """Fill in crop, batch size, epochs and warmup left open; returns their Choices."""
+def _resolve_settings(
+    args: argparse.Namespace, sources: SourcePair, world_size: int
+) -> tuple[dict[str, Choice], int]:
+    """Fill in crop, batch size, epochs and warmup left open (on ``args``); returns the
+    choices and the optimizer steps per epoch."""
     canvas = args.canvas if args.data == "scenes" else None
     crop = choose_crop(args.crop, sources.train_sizes, canvas)
     # DistributedSampler gives every process ceil(n / world) images; partial batches are
@@ -122,13 +104,15 @@ def _resolve_settings(args: argparse.Namespace, sources: SourcePair, world_size:
     batch = choose_batch_size(args.batch_size, per_process)
     steps = per_process // batch.value
     epochs = choose_epochs(args.epochs, steps)
-    warmup = choose_warmup(args.warmup_steps, epochs.value * steps)
-    args.crop, args.batch_size = crop.value, batch.value
-    args.epochs, args.warmup_steps = epochs.value, warmup.value
-    return {"crop": crop, "batch": batch, "epochs": epochs, "warmup": warmup, "steps": steps}
+    warmup = choose_warmup(
+        args.warmup_steps, epochs.value * steps, epochs=args.warmup_epochs, steps_per_epoch=steps
+    )
+    args.crop, args.batch_size, args.epochs = crop.value, batch.value, epochs.value
+    args.warmup_steps, args.warmup_epochs = warmup.value, None
+    return {"crop": crop, "batch_size": batch, "epochs": epochs, "warmup": warmup}, steps
 
 
-def _data_summary(args: argparse.Namespace, sources: SourcePair) -> str:
+def _data_summary(sources: SourcePair) -> str:
     desc = sources.description
     if desc["kind"] == "scenes":
         c = desc["scene_config"]
@@ -146,35 +130,7 @@ def _data_summary(args: argparse.Namespace, sources: SourcePair) -> str:
     return f"folder {desc['train']}; {where}"
 
 
-def _settings_rows(args, sources: SourcePair, chosen: dict, ctx, params: int) -> list:
-    names = sources.class_names
-    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
-    val_count = len(sources.val) if sources.val is not None else 0
-    steps = chosen["steps"]
-    decay = f"poly (power {args.poly_power:g})" if args.schedule == "poly" else args.schedule
-    return [
-        ("data", _data_summary(args, sources)),
-        ("images", f"{len(sources.train)} train / {val_count} val"),
-        ("classes", f"{len(names)}: {shown}"),
-        ("model", f"{args.backbone} + UPerNet({args.channels}), {params / 1e6:.2f}M params"),
-        ("crop", chosen["crop"]),
-        ("batch size", f"{chosen['batch'].value} per process ({chosen['batch'].source})"),
-        ("steps", f"{steps} per epoch, {steps * args.epochs} in all"),
-        ("epochs", chosen["epochs"]),
-        (
-            "lr",
-            f"{args.lr:g} AdamW, weight decay {args.weight_decay:g}, "
-            f"backbone x{args.backbone_lr_scale:g}",
-        ),  # fmt: skip
-        ("warmup steps", chosen["warmup"]),
-        ("schedule", f"linear warmup, then {decay} decay to {args.min_lr_ratio:g} x lr"),
-        ("device", f"{ctx.device}, {ctx.world_size} process(es)"),
-        ("threads", f"{torch.get_num_threads()} per process"),
-        ("out", args.out),
-    ] + [("note", note) for note in sources.notes]
-
-
-def _model_spec(args: argparse.Namespace, sources: SourcePair) -> ModelSpec:
+def _model_spec(args: argparse.Namespace, sources: SourcePair, overrides: dict) -> ModelSpec:
     return ModelSpec(
         backbone=args.backbone,
         num_classes=len(sources.class_names),
@@ -186,7 +142,7 @@ def _model_spec(args: argparse.Namespace, sources: SourcePair) -> ModelSpec:
         drop_path=args.drop_path,
         dropout=args.head_dropout,
         fuse_kernel=args.fuse_kernel,
-        backbone_args=_backbone_args(args),
+        backbone_args=overrides,
     )
 
 
@@ -219,85 +175,93 @@ def _make_evaluate(args: argparse.Namespace, spec: ModelSpec, sources: SourcePai
 
     def evaluate(module, ctx):
         result = evaluate_segmentation(
-            module,
-            val_set,
-            num_classes=spec.num_classes,
-            ignore_index=spec.ignore_index,
-            ctx=ctx,
-            mode=args.eval_mode,
-            flip=args.eval_flip,
-            scales=args.eval_scales,
-            window=window,
-            stride=stride,
-            batch_size=batch,
-            workers=args.workers,
-            progress=progress_enabled(None if not args.no_progress else False, ctx.is_main),
-        )
+            module, val_set, num_classes=spec.num_classes, ignore_index=spec.ignore_index,
+            ctx=ctx, mode=args.eval_mode, flip=args.eval_flip, scales=args.eval_scales,
+            window=window, stride=stride, batch_size=batch, workers=args.workers,
+            progress=progress_enabled(args.progress, ctx.is_main),
+        )  # fmt: skip
         return result.metrics()
 
     return evaluate
 
 
-def _trainer_config(args: argparse.Namespace, validates: bool) -> TrainerConfig:
-    return TrainerConfig(
-        out_dir=Path(args.out),
-        epochs=args.epochs,
-        seed=args.seed,
-        grad_clip=args.grad_clip,
-        amp=args.amp,
-        ema_decay=args.ema_decay,
-        progress=False if args.no_progress else None,
-        # Without validation images the most recent weights are the best.
-        best_metric="val_miou" if validates else "train_loss",
-        best_mode="max" if validates else "min",
-        eval_every=args.eval_every,
-        curve_panels={
-            "loss": ["train_loss", "val_loss"],
-            "mIoU": ["val_miou"],
-            "pixel accuracy": ["train_pixel_acc", "val_pixel_acc"],
-        },
-    )
+CURVE_PANELS = {
+    "loss": ["train_loss", "val_loss"],
+    "mIoU": ["val_miou"],
+    "pixel accuracy": ["train_pixel_acc", "val_pixel_acc"],
+}
 
 
-def _build_trainer(args, spec: ModelSpec, model, sources: SourcePair, loader, ctx) -> Trainer:
-    optimizer = build_adamw(
-        model,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        lr_scales={"backbone.": args.backbone_lr_scale},
-    )
-    schedule = WarmupSchedule(
-        optimizer,
-        total_steps=args.epochs * len(loader),
-        warmup_steps=args.warmup_steps,
-        decay=args.schedule,
-        power=args.poly_power,
-        min_ratio=args.min_lr_ratio,
-    )
-    evaluate = _make_evaluate(args, spec, sources)
-    meta = {
-        "app": "segment",
-        "model": spec.to_dict(),
-        "data": sources.description,
-        "augment": {"crop": args.crop, "scale_range": list(args.scale_range)},
-    }
-    return Trainer(
-        model,
-        optimizer,
-        schedule,
-        loader,
-        _trainer_config(args, evaluate is not None),
-        train_step=make_train_step(args.aux_weight, spec.ignore_index),
-        evaluate=evaluate,
-        ctx=ctx,
-        meta=meta,
-    )
+class SegmentTask:
+    """The segment app's part of ``train`` (see :class:`apps.engine.task.Task`)."""
+
+    name = APP
+    recipe_keys = RECIPE_KEYS
+    default_out = None
+    save_every_s = 0.0
+    read_run_spec = staticmethod(read_run_spec)
+
+    def prepare(self, args: argparse.Namespace, ctx: DistributedContext) -> TrainingRun:
+        if args.data is None:  # resumed from a run that did not record its recipe
+            raise OptionError("train needs --data: the resumed run did not record its data")
+        overrides = model_overrides(args.backbone, args.model_arg, model_option="--backbone")
+        sources = build_sources(args)
+        choices, steps = _resolve_settings(args, sources, ctx.world_size)
+        spec = _model_spec(args, sources, overrides)
+        model = build_model(spec, pretrained=args.pretrained)
+        if args.amp:
+            _check_autocast(model, ctx.device)
+        loader = _train_loader(args, sources, ctx)
+        assert len(loader) == steps  # the settings report counted the same steps
+        evaluate = _make_evaluate(args, spec, sources)
+        return TrainingRun(
+            model=model, train_loader=loader,
+            train_step=make_train_step(args.aux_weight, spec.ignore_index), evaluate=evaluate,
+            model_spec=spec.to_dict(), data_spec=sources.description, choices=choices,
+            # Without validation images the most recent weights are the best.
+            best_metric="val_miou" if evaluate is not None else "train_loss",
+            best_mode="max" if evaluate is not None else "min", curve_panels=CURVE_PANELS,
+            lr_scales={"backbone.": args.backbone_lr_scale}, eval_every=args.eval_every,
+            class_names=list(spec.class_names), info={"sources": sources, "steps": steps},
+        )  # fmt: skip
+
+    def settings_rows(
+        self, args: argparse.Namespace, run: TrainingRun, ctx: DistributedContext
+    ) -> list[tuple[str, object]]:
+        sources, steps = run.info["sources"], run.info["steps"]
+        names = sources.class_names
+        shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+        val_count = len(sources.val) if sources.val is not None else 0
+        decay = f"poly (power {args.poly_power:g})" if args.schedule == "poly" else args.schedule
+        batch, params = run.choices["batch_size"], count_parameters(run.model)
+        return [
+            ("data", _data_summary(sources)),
+            ("images", f"{len(sources.train)} train / {val_count} val"),
+            ("classes", f"{len(names)}: {shown}"),
+            ("model", f"{args.backbone} + UPerNet({args.channels}), {params / 1e6:.2f}M params, "
+                      f"attention {ppma_ops.get_backend()}"),
+            ("crop", run.choices["crop"]),
+            ("batch size", f"{batch.value} per process ({batch.source})"),
+            ("steps", f"{steps} per epoch, {steps * args.epochs} in all"),
+            ("epochs", run.choices["epochs"]),
+            ("lr", f"{args.lr:g} AdamW, weight decay {args.weight_decay:g}, "
+                   f"backbone x{args.backbone_lr_scale:g}"),
+            ("warmup steps", run.choices["warmup"]),
+            ("schedule", f"linear warmup, then {decay} decay to {args.min_lr_ratio:g} x lr"),
+            *runtime_rows(ctx.device, ctx.world_size, torch.get_num_threads(), args.out),
+            *(("note", note) for note in sources.notes),
+        ]  # fmt: skip
+
+    def finish(
+        self, args: argparse.Namespace, trainer: Trainer, records: list[dict], seconds: float
+    ) -> None:
+        _write_summary(Path(args.out), trainer, records, seconds)
 
 
 def _write_summary(out_dir: Path, trainer: Trainer, records: list[dict], elapsed: float) -> None:
     final = records[-1]
     validated = final.get("val_miou") is not None
-    summary = {
+    summary: dict[str, Any] = {
         "epochs": trainer.epoch,
         "wall_seconds": elapsed,
         "val_miou": final.get("val_miou"),
@@ -312,23 +276,6 @@ def _write_summary(out_dir: Path, trainer: Trainer, records: list[dict], elapsed
         )
 
 
-def _train(args: argparse.Namespace, ctx) -> list[dict]:
-    start = time.perf_counter()
-    sources = build_sources(args)
-    chosen = _resolve_settings(args, sources, ctx.world_size)
-    spec = _model_spec(args, sources)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = build_model(spec, attention=args.attention, pretrained=args.pretrained)
-    if args.amp:
-        _check_autocast(model, ctx.device, args.attention)
-    loader = _train_loader(args, sources, ctx)
-    assert len(loader) == chosen["steps"]  # the settings report counted the same steps
-    trainer = _build_trainer(args, spec, model, sources, loader, ctx)
-    rows = _settings_rows(args, sources, chosen, ctx, count_parameters(model))
-    console(format_settings(rows), is_main=ctx.is_main)
-    if args.resume:
-        trainer.resume(Path(args.out) / "last.pt" if args.resume == "auto" else args.resume)
-    records = trainer.fit(stop_after_epochs=args.stop_after_epochs)
-    if ctx.is_main and records:
-        _write_summary(Path(args.out), trainer, records, time.perf_counter() - start)
-    return records
+def run_train(args: argparse.Namespace) -> int:
+    """The ``train`` command."""
+    return run_training(SegmentTask(), args)

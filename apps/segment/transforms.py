@@ -17,11 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ppma_models import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TrainAugment", "denormalize", "to_tensors"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["TrainAugment", "denormalize", "to_tensors"]
 
 
 def to_tensors(image: np.ndarray, mask: np.ndarray | None = None):

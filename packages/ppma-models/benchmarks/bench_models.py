@@ -5,8 +5,8 @@
 
 Measures, on this machine:
 * images/s for inference (eval, no_grad) and for a training step (forward, cross-entropy,
-  backward, SGD step) at batch 16, 224², native and reference attention interleaved in one
-  run on the same model object (``set_attention``), medians over repeats;
+  backward, SGD step) at batch 16, 224², native and reference ops interleaved in one run on
+  the same model object (``ppma_ops.use_backend``), medians over repeats;
 * peak resident memory of one such step, each configuration in its own subprocess (so
   peaks do not mix);
 * one dense-size forward: a 1024×1024 image through the PPMA-T backbone (features_only),
@@ -58,11 +58,7 @@ def _build(spec: dict):
     from ppma_models import create_model
 
     torch.manual_seed(0)
-    if spec["mode"] == "dense":
-        model = create_model(spec["model"], features_only=True, attention=spec["impl"])
-    else:
-        model = create_model(spec["model"], attention=spec["impl"])
-    return model
+    return create_model(spec["model"], features_only=spec["mode"] == "dense")
 
 
 def _step_fn(model, spec: dict):
@@ -94,7 +90,10 @@ def child(spec: dict) -> dict:
     """Run in a fresh process: build, one warm-up step, ``timed`` timed steps, peak memory."""
     import warnings
 
+    import ppma_ops
+
     warnings.simplefilter("ignore")
+    ppma_ops.set_backend(spec["impl"])  # this process runs one implementation only
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     if spec.get("mem_limit_gb"):
         limit = int(spec["mem_limit_gb"] * 2**30)
@@ -139,24 +138,25 @@ def run_child(spec: dict, mem_limit_gb: float, timeout_s: float) -> dict:
 
 
 def time_interleaved(model_name: str, mode: str, batch: int, size: int, repeats: int) -> dict:
-    """Median step time per implementation, alternating implementations on one model."""
+    """Step times per implementation, alternating implementations on one model."""
+    import ppma_ops
     from ppma_models import create_model
 
     torch.manual_seed(0)
-    model = create_model(model_name, attention="native")
+    model = create_model(model_name)
     spec = {"mode": mode, "batch": batch, "size": size}
     step = _step_fn(model, spec)
     times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for impl in IMPLS:  # warm-up both
-        model.set_attention(impl)
-        step()
+        with ppma_ops.use_backend(impl):
+            step()
     for r in range(repeats):
         order = IMPLS if r % 2 == 0 else IMPLS[::-1]
         for impl in order:
-            model.set_attention(impl)
-            t0 = time.perf_counter()
-            step()
-            times[impl].append(time.perf_counter() - t0)
+            with ppma_ops.use_backend(impl):
+                t0 = time.perf_counter()
+                step()
+                times[impl].append(time.perf_counter() - t0)
     return times
 
 
@@ -237,7 +237,7 @@ def _mb(mem: dict | None) -> str:
 
 
 # ----------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> None:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks", help="output folder")
     parser.add_argument("--models", nargs="+", default=["ppma_tiny", "ppma_small", "ppma_base"])
@@ -259,13 +259,68 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
         args.models, args.batch, args.size, args.repeats = ["ppma_tiny"], 2, 64, 1
         args.train_batch = 2
         args.dense_size, args.dense_rounds = 128, 1
+    return args
 
+
+def measure_throughput(report: dict, args: argparse.Namespace, name: str, mode: str) -> None:
+    """One throughput row (both implementations, with their peak memory) into the report."""
+    batch = args.batch if mode == "inference" else args.train_batch
+    times = time_interleaved(name, mode, batch, args.size, args.repeats)
+    row = {"model": name, "mode": mode, "batch": batch}
+    for impl in IMPLS:
+        med = statistics.median(times[impl])
+        spec = {"model": name, "impl": impl, "mode": mode, "batch": batch, "size": args.size}
+        row[impl] = {
+            "times_s": times[impl],
+            "median_s": med,
+            "images_per_s": batch / med,
+            "memory": run_child(spec, args.mem_limit_gb, timeout_s=3600),
+        }
+    row["speedup"] = row["native"]["images_per_s"] / row["reference"]["images_per_s"]
+    report["throughput"].append(row)
+    native, ref = row["native"]["images_per_s"], row["reference"]["images_per_s"]
+    print(
+        f"{name} {mode}: native {native:.2f} img/s, reference {ref:.2f} img/s "
+        f"({row['speedup']:.2f}×)",
+        flush=True,
+    )
+
+
+def measure_dense(report: dict, args: argparse.Namespace, sizes: list[int]) -> None:
+    """Dense-size rows: subprocesses, interleaved rounds; smaller sizes if the reference does
+    not fit."""
+    for size in sizes:
+        results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+        for _ in range(args.dense_rounds):
+            for impl in IMPLS:
+                spec = {"model": "ppma_tiny", "impl": impl, "mode": "dense", "batch": 1,
+                        "size": size, "timed": 1}  # fmt: skip
+                results[impl].append(run_child(spec, args.mem_limit_gb, timeout_s=3600))
+        for impl in IMPLS:
+            ok = [r for r in results[impl] if r["status"] == "ok"]
+            row = {
+                "size": size,
+                "impl": impl,
+                "status": "ok" if ok else results[impl][-1]["status"],
+            }
+            if ok:
+                row["time_s"] = statistics.median(t for r in ok for t in r["times_s"])
+                row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+                row["peak_over_baseline_mb"] = max(r["peak_over_baseline_mb"] for r in ok)
+            report["dense"].append(row)
+            print(f"dense {size}² {impl}: {row}", flush=True)
+        if all(r["status"] == "ok" for r in report["dense"][-2:]):
+            break
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -283,64 +338,20 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps(report["machine"]), flush=True)
 
-    def throughput(name: str, mode: str) -> None:
-        batch = args.batch if mode == "inference" else args.train_batch
-        times = time_interleaved(name, mode, batch, args.size, args.repeats)
-        row = {"model": name, "mode": mode, "batch": batch}
-        for impl in IMPLS:
-            med = statistics.median(times[impl])
-            spec = {"model": name, "impl": impl, "mode": mode, "batch": batch, "size": args.size}
-            row[impl] = {
-                "times_s": times[impl],
-                "median_s": med,
-                "images_per_s": batch / med,
-                "memory": run_child(spec, args.mem_limit_gb, timeout_s=3600),
-            }
-        row["speedup"] = row["native"]["images_per_s"] / row["reference"]["images_per_s"]
-        report["throughput"].append(row)
-        native, ref = row["native"]["images_per_s"], row["reference"]["images_per_s"]
-        print(
-            f"{name} {mode}: native {native:.2f} img/s, reference {ref:.2f} img/s "
-            f"({row['speedup']:.2f}×)",
-            flush=True,
-        )
-
-    def dense_forward() -> None:
-        # Subprocesses, interleaved rounds; smaller sizes if the reference does not fit.
-        for size in sizes:
-            results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
-            for _ in range(args.dense_rounds):
-                for impl in IMPLS:
-                    spec = {"model": "ppma_tiny", "impl": impl, "mode": "dense", "batch": 1,
-                            "size": size, "timed": 1}  # fmt: skip
-                    results[impl].append(run_child(spec, args.mem_limit_gb, timeout_s=3600))
-            for impl in IMPLS:
-                ok = [r for r in results[impl] if r["status"] == "ok"]
-                row = {
-                    "size": size,
-                    "impl": impl,
-                    "status": "ok" if ok else results[impl][-1]["status"],
-                }
-                if ok:
-                    row["time_s"] = statistics.median(t for r in ok for t in r["times_s"])
-                    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
-                    row["peak_over_baseline_mb"] = max(r["peak_over_baseline_mb"] for r in ok)
-                report["dense"].append(row)
-                print(f"dense {size}² {impl}: {row}", flush=True)
-            if all(r["status"] == "ok" for r in report["dense"][-2:]):
-                break
-
     sizes = [args.dense_size] + [s for s in (768, 512) if s < args.dense_size]
     # The two targets first (PPMA-T inference, dense forward), then the rest; the
     # report is rewritten after each item so an interrupted run still leaves its results.
     first, rest = args.models[0], args.models[1:]
-    tasks = [lambda: throughput(first, "inference"), dense_forward]
+    tasks = [(first, "inference"), ("dense", None)]
     if first in args.train_models:
-        tasks.append(lambda: throughput(first, "train"))
-    tasks += [lambda n=n: throughput(n, "inference") for n in rest]
-    tasks += [lambda n=n: throughput(n, "train") for n in rest if n in args.train_models]
-    for task in tasks:
-        task()
+        tasks.append((first, "train"))
+    tasks += [(n, "inference") for n in rest]
+    tasks += [(n, "train") for n in rest if n in args.train_models]
+    for name, mode in tasks:
+        if mode is None:
+            measure_dense(report, args, sizes)
+        else:
+            measure_throughput(report, args, name, mode)
         write_report(report, out, sizes)
     print(to_markdown(report))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ppma_models import testing
 
 
 @pytest.fixture(autouse=True)
@@ -45,11 +46,7 @@ def small_fixture(reference_dir: Path) -> dict:
     }
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a − b| / max |b|."""
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
 @pytest.fixture(scope="session")
 def relative_error():
-    return rel_err
+    """max |a − b| / max |b| (:func:`ppma_models.testing.relative_error`)."""
+    return testing.relative_error

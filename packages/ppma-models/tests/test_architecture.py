@@ -1,5 +1,5 @@
 """Architecture facts (docs/design.md §2.5), the modules' math against independent formulas, and the
-model API (shapes at odd sizes, features, intermediates, attention switch, checkpointing)."""
+model API (shapes at odd sizes, features, intermediates, ppma_ops backends, checkpointing)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ppma_models import PPMA, create_model, get_config, list_models
-from ppma_models.attention import MaskedAttention
 from ppma_models.decay import DecayField
 from ppma_models.residual_conv import residual_depthwise_conv
 from ppma_models.rope import FlatRotaryEmbedding, apply_rotary, rotary_frequencies
+from ppma_models.testing import seeded_model
 from torch.utils.flop_counter import FlopCounterMode
 
 # (name, parameters at 1000 classes, GFLOPs at 224² with a multiply-add counted once)
@@ -26,7 +26,7 @@ PUBLISHED = [
 
 def _meta_model(name: str, **kwargs) -> PPMA:
     with torch.device("meta"):
-        return create_model(name, attention="reference", **kwargs)
+        return create_model(name, **kwargs)
 
 
 @pytest.mark.parametrize(("name", "params", "gflops"), PUBLISHED)
@@ -34,7 +34,8 @@ def test_published_parameter_count_and_flops(name, params, gflops):
     model = _meta_model(name).eval()
     assert sum(p.numel() for p in model.parameters()) == params
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    # The reference ops are plain PyTorch, whose multiply-adds the counter sees.
+    with torch.no_grad(), counter, ppma_ops.use_backend("reference"):
         model(torch.empty(1, 3, 224, 224, device="meta"))
     # FlopCounterMode counts 2 FLOPs per multiply-add; the paper's table counts one.
     assert counter.get_total_flops() / 2 / 1e9 == pytest.approx(gflops, abs=0.02)
@@ -46,8 +47,9 @@ def test_registry_lists_the_models_and_rejects_unknown_names():
         create_model("ppma_huge")
     with pytest.raises(TypeError, match="unknown PPMAConfig field"):
         create_model("ppma_nano", depth=3)
-    with pytest.raises(ValueError, match="attention must be one of"):
-        create_model("ppma_nano", attention="flash")
+    # the implementation is ppma_ops' choice, not an argument of the model
+    with pytest.raises(TypeError, match=r"unknown PPMAConfig field\(s\) \['attention'\]"):
+        create_model("ppma_nano", attention="reference")
 
 
 def test_published_configs_follow_the_paper_table():
@@ -79,8 +81,7 @@ def test_layer_scale_only_where_configured():
 
 
 def test_model_wide_init_and_decay_field_init():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", attention="reference")
+    model = seeded_model("ppma_nano")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights = torch.cat([m.weight.flatten() for m in linears])
     # trunc-normal std 0.02 (truncated at ±2 absolute, so effectively untruncated)
@@ -163,14 +164,14 @@ def test_decay_field_matches_the_formula_per_head():
     assert (log_alpha < 0).all() and (log_beta < 0).all()
 
 
-@pytest.mark.parametrize("attention", ["reference", "native"])
-def test_forward_backward_at_odd_size(attention):
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=7, attention=attention, drop_path_rate=0.0)
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_forward_backward_at_odd_size(backend):
+    model = seeded_model("ppma_nano", num_classes=7, drop_path_rate=0.0)
     x = torch.randn(1, 3, 97, 131, requires_grad=True)
-    logits = model(x)
-    assert logits.shape == (1, 7)
-    logits.square().sum().backward()
+    with ppma_ops.use_backend(backend):
+        logits = model(x)
+        assert logits.shape == (1, 7)
+        logits.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -179,8 +180,7 @@ def test_forward_backward_at_odd_size(attention):
 
 
 def test_features_at_odd_size_are_normalised_stage_outputs():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", features_only=True, attention="reference").eval()
+    model = seeded_model("ppma_nano", features_only=True).eval()
     for norm in model.out_norms.values():  # non-trivial affine so the check means something
         torch.nn.init.normal_(norm.weight)
         torch.nn.init.normal_(norm.bias)
@@ -201,7 +201,7 @@ def test_features_at_odd_size_are_normalised_stage_outputs():
 
 
 def test_features_subset_and_intermediates_options():
-    model = create_model("ppma_nano", features_only=True, out_indices=(3, 1), attention="reference")
+    model = create_model("ppma_nano", features_only=True, out_indices=(3, 1))
     assert model.out_indices == (1, 3) and set(model.out_norms) == {"1", "3"}
     x = torch.randn(1, 3, 64, 48)
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_features_subset_and_intermediates_options():
 
 
 def test_classifier_on_tiny_grey_images():
-    model = create_model("ppma_nano", num_classes=10, in_chans=1, attention="reference").eval()
+    model = create_model("ppma_nano", num_classes=10, in_chans=1).eval()
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         feats = model.forward_features(x)
@@ -237,7 +237,7 @@ def test_classifier_on_tiny_grey_images():
 
 
 def test_bad_inputs_give_clear_errors():
-    model = create_model("ppma_nano", attention="reference")
+    model = create_model("ppma_nano")
     with pytest.raises(ValueError, match="3 channels.*in_chans=1|in_chans=3"):
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
@@ -250,61 +250,55 @@ def test_bad_inputs_give_clear_errors():
         model(torch.empty(1, 3, 32, 32, device="meta"))
     with pytest.raises(TypeError, match="float64 but the model's weights are torch.float32"):
         model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
-    features = create_model("ppma_nano", features_only=True, attention="reference")
+    features = create_model("ppma_nano", features_only=True)
     with pytest.raises(RuntimeError, match="no classifier head"):
         features.forward_head(torch.randn(1, 256, 1, 1))
 
 
-def test_attention_switch_routes_to_the_chosen_implementation(monkeypatch):
-    calls = {"native": 0, "reference": 0}
+def test_ppma_ops_backend_routes_every_op(monkeypatch):
+    # The model calls the public ppma_ops functions only; ppma_ops' backend decides whether
+    # they run the reference. Count both levels: 5 attention calls (one per block) and 15
+    # depthwise convolutions (CPE, LePE, FFN: three per block) per forward pass.
+    public = {"attention": 0, "conv": 0}
+    reference = {"attention": 0, "conv": 0}
 
-    def spy(kind, op):
+    def spy(counts, kind, op):
         def wrapped(*args, **kwargs):
-            calls[kind] += 1
-            return op(*args, **kwargs)
-
-        return staticmethod(wrapped)
-
-    for cls in MaskedAttention.__subclasses__():
-        monkeypatch.setattr(cls, "native_op", spy("native", cls.native_op))
-        monkeypatch.setattr(cls, "reference_op", spy("reference", cls.reference_op))
-    # The blocks' depthwise convolutions (CPE, LePE, FFN: three per block) follow the switch.
-    conv_calls = {"native": 0, "reference": 0}
-
-    def conv_spy(kind, op):
-        def wrapped(*args, **kwargs):
-            conv_calls[kind] += 1
+            counts[kind] += 1
             return op(*args, **kwargs)
 
         return wrapped
 
-    monkeypatch.setattr(ppma_ops, "depthwise_conv2d", conv_spy("native", ppma_ops.depthwise_conv2d))
-    monkeypatch.setattr(
-        ppma_ops.reference,
-        "depthwise_conv2d",
-        conv_spy("reference", ppma_ops.reference.depthwise_conv2d),
-    )
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", attention="reference").eval()
+    for name, kind in (
+        ("polyline_attention", "attention"),
+        ("criss_cross_attention", "attention"),
+        ("depthwise_conv2d", "conv"),
+    ):
+        monkeypatch.setattr(ppma_ops, name, spy(public, kind, getattr(ppma_ops, name)))
+        op = getattr(ppma_ops.reference, name)
+        monkeypatch.setattr(ppma_ops.reference, name, spy(reference, kind, op))
+    model = seeded_model("ppma_nano").eval()
     x = torch.randn(1, 3, 40, 40)
-    with torch.no_grad():
-        ref = model(x)
-        assert calls == {"native": 0, "reference": 5}
-        assert conv_calls == {"native": 0, "reference": 15}
-        model.set_attention("native")
-        assert model.attention == "native"
-        assert all(m.impl == "native" for m in model.modules() if isinstance(m, MaskedAttention))
+    # use_backend restores the process's choice afterwards, whatever set_attention did inside.
+    with torch.no_grad(), ppma_ops.use_backend(ppma_ops.get_backend()):
+        with ppma_ops.use_backend("reference"):
+            assert model.attention == "reference"
+            ref = model(x)
+        assert public == reference == {"attention": 5, "conv": 15}
+        model.set_attention("native")  # the process-wide alias of ppma_ops.set_backend
+        assert model.attention == ppma_ops.get_backend() == "native"
         nat = model(x)
-    assert calls == {"native": 5, "reference": 5}
-    assert conv_calls == {"native": 15, "reference": 15}
+        with pytest.raises(ValueError, match="backend must be one of"):
+            model.set_attention("fast")
+    assert public == {"attention": 10, "conv": 30}
+    if ppma_ops.native_available():  # the native kernels ran, not the reference
+        assert reference == {"attention": 5, "conv": 15}
     assert torch.allclose(nat, ref, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="attention must be one of"):
-        model.set_attention("fast")
+    assert not any(hasattr(m, "impl") for m in model.modules())
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", attention="reference", drop_path_rate=0.0)
+    model = seeded_model("ppma_nano", drop_path_rate=0.0)
     x = torch.randn(2, 3, 20, 28)
 
     def grads():
@@ -321,8 +315,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_drop_path_is_active_in_training_only():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", attention="reference", drop_path_rate=0.5)
+    model = seeded_model("ppma_nano", drop_path_rate=0.5)
     x = torch.randn(4, 3, 32, 32)
     model.eval()
     with torch.no_grad():
@@ -332,8 +325,7 @@ def test_drop_path_is_active_in_training_only():
 
 
 def test_torch_compile_traces_the_whole_model():
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=5, attention="reference").eval()
+    model = seeded_model("ppma_nano", num_classes=5).eval()
     x = torch.randn(2, 3, 20, 24)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
@@ -362,28 +354,26 @@ def test_residual_depthwise_conv_equals_identity_plus_conv():
 
 def test_inference_and_training_modes_agree():
     """The no-grad path (in-place residuals) computes what the autograd path computes."""
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", attention="reference").eval()
+    model = seeded_model("ppma_nano").eval()
     x = torch.randn(2, 3, 30, 26)
     with torch.no_grad():
         fast = model(x)
     assert torch.allclose(model(x), fast, atol=1e-6)
 
 
-@pytest.mark.parametrize("attention", ["native", "reference"])
-def test_bf16_autocast_runs_and_tracks_float32(attention):
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_bf16_autocast_runs_and_tracks_float32(backend):
     # Under autocast the projections are bf16 while the decay head is not: the attention
     # layer must hand the ops one dtype. The result should stay close to the float32 model.
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=10, attention=attention).eval()
+    model = seeded_model("ppma_nano", num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
+    with torch.no_grad(), ppma_ops.use_backend(backend):
         reference = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x)
     assert torch.isfinite(low).all()
     err = (low.float() - reference).norm() / reference.norm()
     assert err < 0.1, err
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), ppma_ops.use_backend(backend):
         model.train()(x).float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

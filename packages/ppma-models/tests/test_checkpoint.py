@@ -19,48 +19,26 @@ from ppma_models import (
     save_upstream,
 )
 from ppma_models.convert import convert_to_upstream, from_upstream_kwargs
+from ppma_models.testing import perturbed, seeded_model, write_authors_checkpoint
 
 TOL = 1e-5
-
-
-def _perturbed(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        k: v + 0.05 * torch.randn(v.shape, generator=gen)
-        if v.is_floating_point() and "angle" not in k
-        else v
-        for k, v in state.items()
-    }
-
-
-def _classification_file(path, model_state, ema_state, model_name="PPMAViT_small_config"):
-    args = argparse.Namespace(
-        model=model_name, lr=1e-3, input_size=224, drop_path=0.1, data_path=None
-    )
-    torch.save(
-        {
-            "model": model_state,
-            "model_ema": ema_state,
-            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
-            "lr_scheduler": {"last_epoch": 3},
-            "epoch": 3,
-            "args": args,
-        },
-        path,
-    )
+# args.model of a file written by the authors' code for a model not in the registry
+UNKNOWN = "PPMAViT_small_config"
 
 
 def _fixture_model(small_fixture, **kwargs) -> PPMA:
     config, num_classes = from_upstream_kwargs(small_fixture["kwargs"])
     kwargs.setdefault("num_classes", 0 if kwargs.get("features_only") else num_classes)
-    return PPMA(config, attention="reference", **kwargs).eval()
+    return PPMA(config, **kwargs).eval()
 
 
 def test_classification_checkpoint_uses_ema_weights_by_default(
     tmp_path, small_fixture, relative_error
 ):
     path = tmp_path / "ppma_cls.pth"
-    _classification_file(path, _perturbed(small_fixture["state"]), small_fixture["state"])
+    write_authors_checkpoint(
+        path, perturbed(small_fixture["state"]), small_fixture["state"], upstream_name=UNKNOWN
+    )
     model = _fixture_model(small_fixture)
     result = load_checkpoint(model, path)
     assert (result.kind, result.source) == ("classification", "model_ema")
@@ -127,7 +105,7 @@ def test_dense_checkpoint_with_backbone_prefix_and_outnorms(
 
 def _write_cls(tmp_path, small_fixture):
     path = tmp_path / "cls.pth"
-    _classification_file(path, small_fixture["state"], small_fixture["state"])
+    write_authors_checkpoint(path, small_fixture["state"], upstream_name=UNKNOWN)
     return path
 
 
@@ -159,7 +137,7 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path, small_fixture):
     assert result.unexpected == ["layers.2.blocks.0.extra"]
     assert torch.equal(model.stem.conv1.weight, small_fixture["state"]["patch_embed.proj.0.weight"])
 
-    other = create_model("ppma_nano", num_classes=10, attention="reference")
+    other = create_model("ppma_nano", num_classes=10)
     with pytest.raises(CheckpointError, match="head size"):  # found by the rotary check
         load_checkpoint(other, path, strict=False)
     state = {k: v for k, v in state.items() if not k.endswith("Relpos.angle")}
@@ -207,40 +185,35 @@ def test_wrong_files_give_clear_errors(tmp_path, small_fixture):
 
 
 def test_safetensors_round_trip_rebuilds_the_model(tmp_path):
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=3, in_chans=1, attention="reference").eval()
+    model = seeded_model("ppma_nano", num_classes=3, in_chans=1).eval()
     model.head.norm.running_mean.uniform_()  # buffers travel too
     path = tmp_path / "nano.safetensors"
     save_safetensors(model, path, class_names=["shirt", "shoe", "bag"], metadata={"epoch": 5})
     x = torch.randn(2, 1, 28, 28)
-    rebuilt = load_model(path, attention="reference").eval()
+    rebuilt = load_model(path).eval()
     assert rebuilt.name == "ppma_nano" and rebuilt.config == model.config
     assert rebuilt.class_names == ["shirt", "shoe", "bag"]
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
-    again = create_model(
-        "ppma_nano", num_classes=3, in_chans=1, pretrained=path, attention="reference"
-    )
+    again = create_model("ppma_nano", num_classes=3, in_chans=1, pretrained=path)
     assert torch.equal(again.head.norm.running_mean, model.head.norm.running_mean)
     with pytest.raises(ValueError, match="class_names has 2 entries"):
         save_safetensors(model, tmp_path / "x.safetensors", class_names=["a", "b"])
 
 
 def test_pretrained_with_other_class_count_keeps_a_fresh_classifier(tmp_path):
-    torch.manual_seed(0)
-    source = create_model("ppma_nano", num_classes=1000, attention="reference")
+    source = seeded_model("ppma_nano", num_classes=1000)
     path = tmp_path / "nano1000.safetensors"
     save_safetensors(source, path)
-    model = create_model("ppma_nano", num_classes=10, pretrained=path, attention="reference")
+    model = create_model("ppma_nano", num_classes=10, pretrained=path)
     assert model.head.fc.weight.shape == (10, 1024)
     assert torch.equal(model.head.proj.weight, source.head.proj.weight)
     with pytest.raises(CheckpointError, match="shape"):
-        load_checkpoint(create_model("ppma_nano", num_classes=10, attention="reference"), path)
+        load_checkpoint(create_model("ppma_nano", num_classes=10), path)
 
 
 def test_upstream_export_and_load_model_from_the_authors_layout(tmp_path):
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=4, attention="reference").eval()
+    model = seeded_model("ppma_nano", num_classes=4).eval()
     path = tmp_path / "export.pth"
     save_upstream(model, path)
     exported = torch.load(path, weights_only=True)["model"]
@@ -248,24 +221,22 @@ def test_upstream_export_and_load_model_from_the_authors_layout(tmp_path):
     assert set(exported) == set(convert_to_upstream(model.state_dict()))
     # an authors' classification file names its architecture in args.model
     cls = tmp_path / "cls.pth"
-    tiny = create_model("ppma_tiny", num_classes=2, attention="reference").eval()
-    up = convert_to_upstream(tiny.state_dict())
-    _classification_file(cls, up, up, model_name="PPMAViT_T")
-    loaded = load_model(cls, attention="reference").eval()
+    tiny = create_model("ppma_tiny", num_classes=2).eval()
+    write_authors_checkpoint(cls, tiny, upstream_name="PPMAViT_T")
+    loaded = load_model(cls).eval()
     assert loaded.name == "ppma_tiny" and loaded.num_classes == 2
     for key, value in tiny.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    _classification_file(cls, up, up, model_name="SomethingElse")
+    write_authors_checkpoint(cls, tiny, upstream_name="SomethingElse")
     with pytest.raises(CheckpointError, match="cannot tell which model"):
         load_model(cls)
 
 
 def test_greyscale_stem_initialises_an_rgb_backbone(tmp_path):
-    torch.manual_seed(0)
-    grey = create_model("ppma_nano", num_classes=10, in_chans=1, attention="reference").eval()
+    grey = seeded_model("ppma_nano", num_classes=10, in_chans=1).eval()
     path = tmp_path / "grey.safetensors"
     save_safetensors(grey, path)
-    rgb = create_model("ppma_nano", features_only=True, attention="reference").eval()
+    rgb = create_model("ppma_nano", features_only=True).eval()
     result = load_checkpoint(rgb, path)
     assert result.adapted == ["stem.conv1.weight"]
     assert rgb.stem.conv1.weight.shape[1] == 3
@@ -273,7 +244,7 @@ def test_greyscale_stem_initialises_an_rgb_backbone(tmp_path):
     with torch.no_grad():
         # A grey image given as three identical channels gets the pretrained stem response.
         torch.testing.assert_close(rgb.stem(x.expand(-1, 3, -1, -1)), grey.stem(x))
-    two = create_model("ppma_nano", num_classes=10, in_chans=2, attention="reference")
+    two = create_model("ppma_nano", num_classes=10, in_chans=2)
     save_safetensors(two, tmp_path / "two.safetensors")
     with pytest.raises(CheckpointError, match="cannot adapt a stem kernel with 2"):
         load_checkpoint(rgb, tmp_path / "two.safetensors")

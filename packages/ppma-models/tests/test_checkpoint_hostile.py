@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from ppma_models import PPMAConfig, create_model, load_checkpoint, load_model, save_safetensors
-from ppma_models import checkpoint as ckpt
 from ppma_models.checkpoint import CheckpointError, CheckpointWarning
-from safetensors import safe_open
-from safetensors.torch import save_file
+from ppma_models.checkpoint import metadata as ckpt_metadata
+from ppma_models.testing import rewrite_safetensors, safetensors_contents, seeded_model
 
 NUM_CLASSES = 3
 
@@ -32,34 +31,15 @@ class TrainingArgs:
 @pytest.fixture(scope="module")
 def good_file(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A correct ppma_nano safetensors file and the model it was written from."""
-    torch.manual_seed(0)
-    model = create_model("ppma_nano", num_classes=NUM_CLASSES, attention="reference").eval()
+    model = seeded_model("ppma_nano", num_classes=NUM_CLASSES).eval()
     path = tmp_path_factory.mktemp("good") / "nano.safetensors"
     save_safetensors(model, path, class_names=["a", "b", "c"])
     return path, model
 
 
-def _contents(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
-
-
-def _variant(good: Path, path: Path, *, state=None, **metadata: str | None) -> Path:
-    """``good`` rewritten with some tensors replaced and metadata entries set (None: removed)."""
-    tensors, meta = _contents(good)
-    tensors.update(state or {})
-    for key, value in metadata.items():
-        if value is None:
-            meta.pop(key)
-        else:
-            meta[key] = value
-    save_file(tensors, str(path), metadata=meta)
-    return path
-
-
 def _config(good: Path, **changes: object) -> str:
     """The good file's config JSON with some fields changed (None: removed)."""
-    data = json.loads(_contents(good)[1]["config"])
+    data = json.loads(safetensors_contents(good)[1]["config"])
     data.update(changes)
     return json.dumps({k: v for k, v in data.items() if v is not None})
 
@@ -111,17 +91,19 @@ def test_a_damaged_pickle_stream_is_one_error_naming_the_file(tmp_path, good_fil
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
 def test_non_float_weights_are_refused_naming_file_and_tensor(tmp_path, good_file, dtype):
     good, model = good_file
-    stem = _contents(good)[0]["stem.conv1.weight"]
-    one = _variant(good, tmp_path / "one.safetensors", state={"stem.conv1.weight": stem.to(dtype)})
+    stem = safetensors_contents(good)[0]["stem.conv1.weight"]
+    one = rewrite_safetensors(
+        good, tmp_path / "one.safetensors", tensors={"stem.conv1.weight": stem.to(dtype)}
+    )
     pattern = rf"{re.escape(str(one))}: 1 tensor\(s\) hold data .*stem\.conv1\.weight \({dtype}"
     with pytest.raises(CheckpointError, match=pattern):
-        load_model(one, attention="reference")
+        load_model(one)
     with pytest.raises(CheckpointError, match=pattern):
         load_checkpoint(model, one)
 
     every = tmp_path / "every.pth"  # the authors' format goes through the same check
     torch.save({"model": {**model.state_dict(), **_cast_floats(model.state_dict(), dtype)}}, every)
-    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES, attention="reference")
+    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES)
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(every))}: \d+ tensor\(s\) hold"):
         load_checkpoint(fresh, every)
 
@@ -132,17 +114,17 @@ def test_non_float_weights_are_refused_naming_file_and_tensor(tmp_path, good_fil
 )
 def test_other_float_precisions_are_converted_with_a_warning(tmp_path, good_file, dtype, how):
     good, model = good_file
-    stored = _cast_floats(_contents(good)[0], dtype)
-    path = _variant(good, tmp_path / "cast.safetensors", state=stored)
+    stored = _cast_floats(safetensors_contents(good)[0], dtype)
+    path = rewrite_safetensors(good, tmp_path / "cast.safetensors", tensors=stored)
     pattern = (
         rf"{re.escape(str(path))}: {len(stored)} tensor\(s\) stored as {dtype} were "
         rf"converted to the model's torch.float32 \({how}\)"
     )
     with pytest.warns(CheckpointWarning, match=pattern):
-        rebuilt = load_model(path, attention="reference")
+        rebuilt = load_model(path)
     for key, value in stored.items():
         assert torch.equal(rebuilt.state_dict()[key], value.float()), key
-    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES, attention="reference")
+    fresh = create_model("ppma_nano", num_classes=NUM_CLASSES)
     with pytest.warns(CheckpointWarning, match=pattern):
         result = load_checkpoint(fresh, path)
     assert result.converted == sorted(stored)
@@ -152,7 +134,7 @@ def test_a_correct_file_loads_bit_exactly_without_warnings(good_file):
     good, model = good_file
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rebuilt = load_model(good, attention="reference").eval()
+        rebuilt = load_model(good).eval()
     assert rebuilt.class_names == ["a", "b", "c"]
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
@@ -163,7 +145,9 @@ def test_a_correct_file_loads_bit_exactly_without_warnings(good_file):
 
 def test_stem_kernel_of_the_wrong_rank_is_a_shape_error(tmp_path, good_file):
     good, model = good_file
-    path = _variant(good, tmp_path / "flat.safetensors", state={"stem.conv1.weight": torch.ones(9)})
+    path = rewrite_safetensors(
+        good, tmp_path / "flat.safetensors", tensors={"stem.conv1.weight": torch.ones(9)}
+    )
     with pytest.raises(
         CheckpointError, match=rf"{re.escape(str(path))}: 1 tensor shape\(s\) do not fit"
     ):
@@ -182,8 +166,8 @@ def test_huge_config_in_metadata_is_refused_before_allocating(
     tmp_path, good_file, monkeypatch, dims, message
 ):
     good, _ = good_file
-    path = _variant(good, tmp_path / "huge.safetensors", config=_config(good, dims=dims))
-    real_ppma = ckpt.PPMA
+    path = rewrite_safetensors(good, tmp_path / "huge.safetensors", config=_config(good, dims=dims))
+    real_ppma = ckpt_metadata.PPMA
     devices = []
 
     def guarded(config: PPMAConfig, **kwargs: object):
@@ -193,9 +177,9 @@ def test_huge_config_in_metadata_is_refused_before_allocating(
             raise AssertionError("the model described by the metadata was allocated")
         return real_ppma(config, **kwargs)
 
-    monkeypatch.setattr(ckpt, "PPMA", guarded)
+    monkeypatch.setattr(ckpt_metadata, "PPMA", guarded)
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: .*{message}"):
-        load_model(path, attention="reference")
+        load_model(path)
     assert set(devices) <= {"meta"}
 
 
@@ -232,14 +216,14 @@ def test_bad_metadata_is_one_error_naming_the_file(tmp_path, good_file, change, 
     change = {
         k: _config(good, **v) if isinstance(v, dict) else v for k, v in change.items()
     }  # {"config": {...}} changes fields of the good config
-    path = _variant(good, tmp_path / "bad.safetensors", **change)
+    path = rewrite_safetensors(good, tmp_path / "bad.safetensors", **change)
     with pytest.raises(CheckpointError, match=message) as caught:
-        load_model(path, attention="reference")
+        load_model(path)
     assert str(path) in str(caught.value)
 
 
 def test_config_checks_cover_every_config_field():
-    assert set(ckpt._CONFIG_FIELDS) == {f.name for f in dataclasses.fields(PPMAConfig)}
+    assert set(ckpt_metadata._CONFIG_FIELDS) == {f.name for f in dataclasses.fields(PPMAConfig)}
 
 
 def test_authors_file_with_foreign_rotary_angles_is_refused_by_load_model(tmp_path):

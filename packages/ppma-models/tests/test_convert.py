@@ -58,7 +58,7 @@ def test_official_layout_converts_exactly_and_back(reference_dir, variant):
     layout = _official_layout(reference_dir, variant)
     assert any(".Relpos.angle" in k for k in layout)
     with torch.device("meta"):
-        model = create_model(name, attention="reference")
+        model = create_model(name)
     ours_expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     upstream = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}

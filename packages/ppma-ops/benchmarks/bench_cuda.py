@@ -339,7 +339,7 @@ def main() -> None:
         raise SystemExit("bench_cuda.py needs a CUDA device")
     import ppma_ops
 
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("ppma::polyline_attention_fwd", "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("ppma::_polyline_attention_fwd", "CUDA"):
         raise SystemExit(
             "ppma_ops has no CUDA kernels in this build "
             f"(build_info: {ppma_ops._native._C.build_info() if ppma_ops._native._C else None})"

@@ -1,167 +1,127 @@
-// Host-side argument contract of the CPU attention/scan ops, kept in one place so every op
-// checks (and words its errors) the same way. Messages start with the op name; tests match on
-// them. Only the op files include this (not the per-ISA kernels, not the CUDA sources, which
-// have their own in cuda/cuda_common.cuh).
+// The argument contract of every op: shapes, dtypes and devices, checked once by the op's host
+// code (csrc/<op>.cpp), which runs for CPU and CUDA tensors alike. Each error names the
+// offending argument and starts with the op name; tests match on the messages. The fake kernels
+// (ppma_ops/registration/) raise the same errors for meta tensors and under torch.compile, from
+// the rules in ppma_ops/validation.py. Values (NaN, positive log decays, overflowing sums) are
+// not checked here: ppma_ops/value_checks.py checks them once per public call, where that costs
+// no device sync (docs/design.md §2.7).
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <cmath>
-#include <limits>
+#include <initializer_list>
 #include <utility>
 
 namespace ppma {
-namespace {
 
-// Inputs are converted once to float32 (float64 stays float64) before the kernels run.
+// Inputs are converted once to float32 (float64 stays float64) before the kernels run; every
+// kernel computes in this dtype. ppma_ops.dtypes.accumulation_dtype is the Python twin.
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
+
 // Per-op differences in what check_attention_args accepts (OR them together).
 enum AttentionArgRule : unsigned {
-  kAnyFloatingDtype = 1u,  // q may be any floating type (else float32, float64 or bfloat16)
-  kCpuNonEmptyHead = 2u,   // q must also be on the CPU and have d > 0
+  kHalfOnCpu = 1u,     // float16 inputs also on the CPU (the CUDA kernels always take them)
+  kNonEmptyHead = 2u,  // q must have d > 0
 };
 
-// Shapes, dtypes and devices of (q, k, v, log_alpha, log_beta), naming the offending argument.
+// float32, float64 and bfloat16 everywhere; float16 where `half` allows it.
+inline void check_input_dtype(const char* op, const char* name, const at::Tensor& t, bool half) {
+  const auto dt = t.scalar_type();
+  const bool ok = dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 ||
+                  (half && dt == at::kHalf);
+  TORCH_CHECK(ok, op, ": ", name, " must be ",
+              half ? "float32, float64, float16 or bfloat16" : "float32, float64 or bfloat16",
+              ", got ", dt);
+}
+
+// Every tensor of `others` has the dtype and the device of `first`.
+inline void check_same_kind(const char* op, const NamedTensor& first,
+                            std::initializer_list<NamedTensor> others) {
+  const auto& [first_name, f] = first;
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK(t->scalar_type() == f->scalar_type(), op, ": ", name, " has dtype ",
+                t->scalar_type(), " but ", first_name, " has ", f->scalar_type());
+    TORCH_CHECK(t->device() == f->device(), op, ": ", name, " is on ", t->device(), " but ",
+                first_name, " is on ", f->device());
+  }
+}
+
+// log_alpha, log_beta: (B, heads, H, W) = `grid`.
+inline void check_log_decay_shapes(const char* op, at::IntArrayRef grid,
+                                   const at::Tensor& log_alpha, const at::Tensor& log_beta) {
+  for (const auto& [name, t] : {NamedTensor{"log_alpha", &log_alpha}, {"log_beta", &log_beta}}) {
+    TORCH_CHECK(t->sizes() == grid, op, ": ", name, " must have shape (B, heads, H, W) = ", grid,
+                ", got ", t->sizes());
+  }
+}
+
+// q, k (B, heads, H, W, d); v (B, heads, H, W, c); log_alpha, log_beta (B, heads, H, W).
 inline void check_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& log_alpha,
                                  const at::Tensor& log_beta, unsigned rules = 0) {
   TORCH_CHECK(q.dim() == 5, op, ": q must have shape (B, heads, H, W, d), got ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), op, ": k must have the shape of q ", q.sizes(), ", got ",
               k.sizes());
-  TORCH_CHECK(v.dim() == 5 && v.sizes().slice(0, 4) == q.sizes().slice(0, 4), op,
-              ": v must have shape (B, heads, H, W, c) matching q's ", q.sizes().slice(0, 4),
-              ", got ", v.sizes());
   const auto grid = q.sizes().slice(0, 4);
-  TORCH_CHECK(log_alpha.sizes() == grid, op, ": log_alpha must have shape (B, heads, H, W) = ",
-              grid, ", got ", log_alpha.sizes());
-  TORCH_CHECK(log_beta.sizes() == grid, op, ": log_beta must have shape (B, heads, H, W) = ",
-              grid, ", got ", log_beta.sizes());
-  const auto dtype = q.scalar_type();
-  if (rules & kAnyFloatingDtype) {
-    TORCH_CHECK(at::isFloatingType(dtype), op, ": q must be a floating-point tensor, got ", dtype);
-  } else {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op,
-                ": q must be float32, float64 or bfloat16, got ", dtype);
-  }
-  if (rules & kCpuNonEmptyHead) {
-    TORCH_CHECK(q.device().is_cpu(), op, ": the CPU kernel got q on ", q.device());
+  TORCH_CHECK(v.dim() == 5 && v.sizes().slice(0, 4) == grid, op,
+              ": v must have shape (B, heads, H, W, c) matching q's ", grid, ", got ", v.sizes());
+  check_log_decay_shapes(op, grid, log_alpha, log_beta);
+  check_input_dtype(op, "q", q, (rules & kHalfOnCpu) || q.is_cuda());
+  if (rules & kNonEmptyHead) {
     TORCH_CHECK(q.size(4) > 0, op, ": q must have a non-empty head dimension d");
   }
-  const std::pair<const char*, const at::Tensor*> args[] = {
-      {"k", &k}, {"v", &v}, {"log_alpha", &log_alpha}, {"log_beta", &log_beta}};
-  for (const auto& [name, t] : args) {
-    TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " has dtype ", t->scalar_type(),
-                " but q has ", dtype);
-    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(),
-                " but q is on ", q.device());
-  }
+  check_same_kind(op, {"q", &q},
+                  {{"k", &k}, {"v", &v}, {"log_alpha", &log_alpha}, {"log_beta", &log_beta}});
 }
 
-// Log decays must be NaN-free and <= 0 (decays in [0, 1]; −inf is a decay of 0, which blocks
-// paths, docs/design.md §2.7); the kernels assume it.
-inline void check_log_decay_values(const char* op, const at::Tensor& log_alpha,
-                                   const at::Tensor& log_beta) {
-  const std::pair<const char*, const at::Tensor*> args[] = {{"log_alpha", &log_alpha},
-                                                            {"log_beta", &log_beta}};
-  for (const auto& [name, t] : args) {
-    if (t->numel() == 0) continue;
-    TORCH_CHECK(!at::isnan(*t).any().item<bool>(), op, ": ", name, " contains NaN");
-    const double top = t->max().item<double>();
-    TORCH_CHECK(top <= 0.0, op, ": ", name, " must be <= 0 (log of a decay in [0, 1]); max is ",
-                top);
-  }
+// x (B, heads, H, W, c); log_alpha, log_beta (B, heads, H, W).
+inline void check_scan_args(const char* op, const at::Tensor& x, const at::Tensor& log_alpha,
+                            const at::Tensor& log_beta) {
+  TORCH_CHECK(x.dim() == 5, op, ": x must have shape (B, heads, H, W, c), got ", x.sizes());
+  check_log_decay_shapes(op, x.sizes().slice(0, 4), log_alpha, log_beta);
+  check_input_dtype(op, "x", x, /*half=*/true);
+  check_same_kind(op, {"x", &x}, {{"log_alpha", &log_alpha}, {"log_beta", &log_beta}});
 }
 
-// The cumsum tables of docs/design.md §1, (B·heads, H, W) in the accumulation dtype: Ca along
-// each row, Cb along each column, without each line's first log decay. When a log decay is
-// −inf (§2.7) Ca and Cb hold the sums of the finite log decays only and Na, Nb count the −inf
-// ones so far along the row / column: a path is open exactly where the counts at both ends of
-// each leg agree. Without −inf, Na and Nb are undefined and the kernels run their plain mask.
-struct DecayTables {
-  at::Tensor ca, cb, na, nb;
-  bool blocked() const { return na.defined(); }
-};
-
-// One head's (H, W) log decays a → the running sums of the finite ones along each row
-// (along_rows) or column, each line's first log decay left out: it never enters the mask
-// (§1), and summing it would offset the whole line (a huge one drowning the others'
-// differences, a −inf one needing a count). counts: the running number of −inf log decays.
-// Sets *blocked when a −inf was counted and *overflow when a line's sum left the dtype. Sums
-// run in double and are rounded once per entry, as ATen's CPU cumsum does.
-template <typename T>
-void head_line_sums(const T* a, int64_t H, int64_t W, bool along_rows, T* sums, T* counts,
-                    bool* blocked, bool* overflow) {
-  const int64_t lines = along_rows ? H : W, steps = along_rows ? W : H;
-  const int64_t line_stride = along_rows ? W : 1, step_stride = along_rows ? 1 : W;
-  for (int64_t line = 0; line < lines; ++line) {
-    double sum = 0;
-    T count = 0, last = 0;
-    for (int64_t t = 0; t < steps; ++t) {
-      const int64_t e = line * line_stride + t * step_stride;
-      if (t > 0 && a[e] == -std::numeric_limits<T>::infinity()) {
-        count += T(1);
-      } else if (t > 0) {
-        sum += static_cast<double>(a[e]);
-      }
-      last = sums[e] = static_cast<T>(sum);
-      counts[e] = count;
-    }
-    *blocked = *blocked || count > T(0);
-    *overflow = *overflow || std::isinf(last);
-  }
+// A tensor handed back to a backward op: a gradient, or one that `origin` returned.
+inline void check_like(const char* op, const char* name, const at::Tensor& t,
+                       at::IntArrayRef shape, at::ScalarType dtype, const at::Device& device,
+                       const char* origin) {
+  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.device() == device, op, ": ",
+              name, " must be the ", shape, " ", dtype, " tensor on ", device, " that ", origin,
+              " gives, got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
 }
 
-// The tables of both decays, (B·heads, H, W) in the accumulation dtype; refuses sums that left
-// the dtype's range (they would turn the masks into NaN), naming the argument and the limit.
-inline DecayTables decay_tables(const char* op, const at::Tensor& log_alpha,
-                                const at::Tensor& log_beta, at::ScalarType acc) {
-  const int64_t bh = log_alpha.size(0) * log_alpha.size(1);
-  const int64_t H = log_alpha.size(2), W = log_alpha.size(3);
-  const at::Tensor la = log_alpha.to(acc).contiguous(), lb = log_beta.to(acc).contiguous();
-  DecayTables t{at::empty({bh, H, W}, la.options()), at::empty({bh, H, W}, la.options()),
-                at::empty({bh, H, W}, la.options()), at::empty({bh, H, W}, la.options())};
-  bool blocked[2] = {false, false}, overflow[2] = {false, false};
-  AT_DISPATCH_FLOATING_TYPES(acc, "ppma_decay_tables", [&] {
-    // Sequential and small (O(H·W) per head): cheaper than the ATen ops it replaces.
-    for (int64_t h = 0; h < bh; ++h) {
-      const int64_t o = h * H * W;
-      head_line_sums(la.const_data_ptr<scalar_t>() + o, H, W, true,
-                     t.ca.mutable_data_ptr<scalar_t>() + o, t.na.mutable_data_ptr<scalar_t>() + o,
-                     &blocked[0], &overflow[0]);
-      head_line_sums(lb.const_data_ptr<scalar_t>() + o, H, W, false,
-                     t.cb.mutable_data_ptr<scalar_t>() + o, t.nb.mutable_data_ptr<scalar_t>() + o,
-                     &blocked[1], &overflow[1]);
-    }
-  });
-  const char* names[2] = {"log_alpha", "log_beta"};
-  const char* lines[2] = {"row", "column"};
-  const double limit = acc == at::kDouble ? std::numeric_limits<double>::max()
-                                          : std::numeric_limits<float>::max();
-  for (int x = 0; x < 2; ++x) {
-    TORCH_CHECK(!overflow[x], op, ": ", names[x], ": the finite log decays of a ", lines[x],
-                " sum below ", -limit, ", the ", acc,
-                " limit of the cumulative sums; use -inf for a decay of exactly 0");
-  }
-  if (!blocked[0] && !blocked[1]) t.na = t.nb = at::Tensor();  // the kernels' plain path
-  return t;
+// A gradient of an op's output: its shape and device (any dtype: it is converted).
+inline void check_grad(const char* op, const char* name, const at::Tensor& grad,
+                       const char* like_name, const at::Tensor& like) {
+  TORCH_CHECK(grad.sizes() == like.sizes() && grad.device() == like.device(), op, ": ", name,
+              " must have the shape of ", like_name, " ", like.sizes(), " on ", like.device(),
+              ", got ", grad.sizes(), " on ", grad.device());
 }
 
-// d/d log decay = 0 at a log decay of −inf (the decay e^a = 0 scales every path through it)
-// and at a line's first log decay (it never enters the mask); the reverse cumsum of the table
-// gradients leaves rounding residue there instead. dla, dlb: (…, H, W), fresh tensors.
-inline void finish_decay_grads(const DecayTables& t, const at::Tensor& log_alpha,
-                               const at::Tensor& log_beta, at::Tensor& dla, at::Tensor& dlb) {
-  if (t.blocked()) {
-    dla = dla.masked_fill(at::isneginf(log_alpha).reshape(dla.sizes()), 0);
-    dlb = dlb.masked_fill(at::isneginf(log_beta).reshape(dlb.sizes()), 0);
-  }
-  if (dla.numel() == 0) return;
-  dla.select(-1, 0).zero_();
-  dlb.select(-2, 0).zero_();
+// Depthwise convolution: x (B, H, W, C) float32/float64; weight (C, 1, kh, kw), kh and kw odd,
+// of x's dtype and device; bias (C) or undefined.
+inline void check_depthwise_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must have shape (B, H, W, C), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  const int64_t C = x.size(3);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1, op,
+              ": weight must have shape (C, 1, kh, kw) with C = ", C, ", got ", weight.sizes());
+  TORCH_CHECK(weight.size(2) % 2 == 1 && weight.size(3) % 2 == 1, op,
+              ": the kernel size must be odd (\"same\" padding), got ", weight.size(2), "x",
+              weight.size(3));
+  check_same_kind(op, {"x", &x}, {{"weight", &weight}});
+  if (!bias.defined()) return;
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, op, ": bias must have shape (C,) = (", C,
+              ",), got ", bias.sizes());
+  check_same_kind(op, {"x", &x}, {{"bias", &bias}});
 }
 
-}  // namespace
 }  // namespace ppma

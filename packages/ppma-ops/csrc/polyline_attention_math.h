@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "common.h"
 
@@ -66,15 +67,15 @@ PPMA_HOST_DEVICE inline T softmax_grad(T p, T dp, T rowsum) {
 // rows gives each tile a fixed set of grid rows, so per-row mask-gradient partials can be
 // reduced in a fixed order (deterministic, no atomics).
 struct Tiling {
-  long long H = 0, W = 0;
-  long long rows_per_tile = 1;  // whole rows per tile (1 when rows are split)
-  long long segs_per_row = 1;   // pieces per row (1 when tiles hold whole rows)
-  long long seg_len = 0;        // piece length when rows are split
-  long long count = 0;          // number of tiles
-  long long max_len = 0;        // largest tile, in tokens
+  int64_t H = 0, W = 0;
+  int64_t rows_per_tile = 1;  // whole rows per tile (1 when rows are split)
+  int64_t segs_per_row = 1;   // pieces per row (1 when tiles hold whole rows)
+  int64_t seg_len = 0;        // piece length when rows are split
+  int64_t count = 0;          // number of tiles
+  int64_t max_len = 0;        // largest tile, in tokens
 
   PPMA_HOST_DEVICE Tiling() {}
-  PPMA_HOST_DEVICE Tiling(long long h, long long w, long long target) : H(h), W(w) {
+  PPMA_HOST_DEVICE Tiling(int64_t h, int64_t w, int64_t target) : H(h), W(w) {
     if (w <= target) {
       rows_per_tile = target / w;
       if (rows_per_tile < 1) rows_per_tile = 1;
@@ -89,24 +90,24 @@ struct Tiling {
     }
   }
   // First grid row of tile t, and how many rows it touches.
-  PPMA_HOST_DEVICE long long first_row(long long t) const {
+  PPMA_HOST_DEVICE int64_t first_row(int64_t t) const {
     return segs_per_row == 1 ? t * rows_per_tile : t / segs_per_row;
   }
-  PPMA_HOST_DEVICE long long num_rows(long long t) const {
+  PPMA_HOST_DEVICE int64_t num_rows(int64_t t) const {
     if (segs_per_row != 1) return 1;
-    const long long r0 = t * rows_per_tile;
+    const int64_t r0 = t * rows_per_tile;
     return (r0 + rows_per_tile <= H ? rows_per_tile : H - r0);
   }
   // Flat token range [begin, end) of tile t.
-  PPMA_HOST_DEVICE void range(long long t, long long* begin, long long* end) const {
+  PPMA_HOST_DEVICE void range(int64_t t, int64_t* begin, int64_t* end) const {
     if (segs_per_row == 1) {
       *begin = t * rows_per_tile * W;
-      const long long e = (t + 1) * rows_per_tile * W;
+      const int64_t e = (t + 1) * rows_per_tile * W;
       *end = e < H * W ? e : H * W;
     } else {
-      const long long row = t / segs_per_row, seg = t % segs_per_row;
+      const int64_t row = t / segs_per_row, seg = t % segs_per_row;
       *begin = row * W + seg * seg_len;
-      const long long e = seg * seg_len + seg_len;
+      const int64_t e = seg * seg_len + seg_len;
       *end = row * W + (e < W ? e : W);
     }
   }

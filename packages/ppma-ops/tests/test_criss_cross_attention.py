@@ -1,6 +1,8 @@
 """Native criss-cross polyline attention (torch.ops.ppma.criss_cross_attention) against the
-float64 reference op, a hand-written loop oracle, finite differences (gradcheck), opcheck,
-torch.compile and the official criss-cross fixture."""
+float64 reference op, a hand-written loop oracle, finite differences (gradcheck), opcheck and
+torch.compile, on the CPU and on CUDA; on CUDA also against the CPU kernel and across the
+kernels' tiling edges. The official criss-cross fixture is checked through the real modules in
+packages/ppma-models/tests/test_official_ops.py."""
 
 from __future__ import annotations
 
@@ -9,49 +11,30 @@ import ppma_ops
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 from ppma_ops import reference
+from ppma_ops.testing import (
+    CUDA_REFERENCE_CHECKS,
+    DEVICES,
+    assert_compiled_matches_eager,
+    assert_cuda_matches_cpu,
+    attention_inputs,
+    attention_problems,
+    cuda_only,
+    sample_inputs,
+)
+
+GRAD_NAMES = ("q", "k", "v", "log_alpha", "log_beta")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _native_criss_cross() -> None:
     # A missing kernel is a build failure, not a reason to skip.
     assert ppma_ops.native_available(), f"native library not loaded: {ppma_ops.native_load_error()}"
-    assert hasattr(torch.ops.ppma, "criss_cross_attention_fwd"), "native criss-cross not registered"
+    assert hasattr(torch.ops.ppma, "_criss_cross_attention_fwd"), "criss-cross op not registered"
 
 
-DECAY_REGIMES = {
-    "uniform": (-3.0, -0.01),
-    "near_zero": (-16.0, -12.0),  # decay ≈ 1e-6: each softmax collapses onto the diagonal
-    "near_one": (-2e-6, -1e-7),  # decay ≈ 1: the masks vanish, plain softmaxes remain
-}
-
-
-def _log_decays(shape, regime: str, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
-    lo, hi = DECAY_REGIMES[regime]
-    return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=dtype)
-
-
-@st.composite
-def attention_problems(draw, max_side: int = 7):
-    shape = (
-        draw(st.integers(1, 2)),  # B
-        draw(st.integers(1, 3)),  # heads
-        draw(st.integers(1, max_side)),  # H
-        draw(st.integers(1, max_side)),  # W
-    )
-    d = draw(st.sampled_from([8, 16, 32, 64]))
-    c = draw(st.sampled_from([d, 5]))  # v may be narrower than q, k
-    regime_a = draw(st.sampled_from(sorted(DECAY_REGIMES)))
-    regime_b = draw(st.sampled_from(sorted(DECAY_REGIMES)))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    q = torch.randn(*shape, d, generator=gen, dtype=torch.float64)
-    k = torch.randn(*shape, d, generator=gen, dtype=torch.float64)
-    v = torch.randn(*shape, c, generator=gen, dtype=torch.float64)
-    la = _log_decays(shape, regime_a, gen)
-    lb = _log_decays(shape, regime_b, gen)
-    scale = draw(st.sampled_from([d**-0.5, 1.0]))
-    return (q, k, v, la, lb), scale
+def _on(device, tensors):
+    return [t.to(device) for t in tensors]
 
 
 def _native(args, scale):
@@ -84,109 +67,105 @@ def _loop_oracle(q, k, v, la, lb, scale):
     return 0.5 * apply_cols(apply_rows(v)) + 0.5 * apply_rows(apply_cols(v))
 
 
-def _assert_gradients_match(out, expected, args, grad_out):
+def _assert_gradients_match(out, expected, args, expected_args, grad_out):
     """The native output's gradients w.r.t. (q, k, v, log_alpha, log_beta) equal the
     reference output's, for the same upstream gradient."""
-    native = torch.autograd.grad(out, args, grad_out)
-    wanted = torch.autograd.grad(expected, args, grad_out)
-    names = ("q", "k", "v", "log_alpha", "log_beta")
-    for name, got, want in zip(names, native, wanted, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+    native = torch.autograd.grad(out, args, grad_out.to(out.device))
+    wanted = torch.autograd.grad(expected, expected_args, grad_out)
+    for name, got, want in zip(GRAD_NAMES, native, wanted, strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
 
 
-@given(problem=attention_problems())
-def test_float64_matches_reference(problem):
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=attention_problems(max_side=7))
+def test_float64_matches_reference(problem, device):
     args, scale = problem
     torch.testing.assert_close(
-        _native(args, scale),
+        _native(_on(device, args), scale).cpu(),
         reference.criss_cross_attention(*args, scale=scale),
         rtol=1e-11,
         atol=1e-11,
     )
 
 
-@given(problem=attention_problems())
-def test_float32_matches_float64_reference(problem):
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=attention_problems(max_side=7))
+def test_float32_matches_float64_reference(problem, device):
     args, scale = problem
     expected = reference.criss_cross_attention(*args, scale=scale)
-    got = _native([a.float() for a in args], scale)
+    got = _native([a.to(device, torch.float32) for a in args], scale)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=2e-5)
 
 
-def test_matches_hand_written_loop_oracle():
-    gen = torch.Generator().manual_seed(0)
-    shape, d = (1, 1, 3, 4), 8
-    q, k, v = (torch.randn(*shape, d, generator=gen, dtype=torch.float64) for _ in range(3))
-    la, lb = (_log_decays(shape, "uniform", gen) for _ in range(2))
-    scale = d**-0.5
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_hand_written_loop_oracle(device):
+    q, k, v, la, lb = attention_inputs((1, 1, 3, 4), 8, 8, seed=0)
+    scale = 8**-0.5
     expected = _loop_oracle(*(t[0, 0].numpy() for t in (q, k, v, la, lb)), scale)
-    got = _native((q, k, v, la, lb), scale)[0, 0].numpy()
+    got = _native(_on(device, (q, k, v, la, lb)), scale)[0, 0].cpu().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(problem=attention_problems(max_side=6))
-def test_gradients_match_reference_autograd(problem):
+def test_gradients_match_reference_autograd(problem, device):
     args, scale = problem
     args = [a.clone().requires_grad_() for a in args]
-    out = _native(args, scale)
+    on_device = [a.detach().to(device).requires_grad_() for a in args]
+    out = _native(on_device, scale)
     expected = reference.criss_cross_attention(*args, scale=scale)
-    _assert_gradients_match(out, expected, args, torch.randn_like(out))
+    _assert_gradients_match(out, expected, on_device, args, torch.randn_like(expected))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grid", [(9, 19), (20, 8), (3, 17), (1, 33)])
-def test_wide_grids_match_reference_values_and_gradients(grid):
+def test_wide_grids_match_reference_values_and_gradients(grid, device):
     # The CPU kernel handles columns in blocks of 8 (kColumnBlock); the Hypothesis shapes
     # above stay within one block, these span several and end in a ragged one.
-    gen = torch.Generator().manual_seed(2)
-    shape = (2, 2, *grid)
-    q, k = (torch.randn(*shape, 16, generator=gen, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(*shape, 5, generator=gen, dtype=torch.float64)
-    la, lb = (_log_decays(shape, "uniform", gen) for _ in range(2))
-    args = [t.requires_grad_() for t in (q, k, v, la, lb)]
-    out = _native(args, 0.25)
+    args = [t.requires_grad_() for t in attention_inputs((2, 2, *grid), 16, 5, seed=2)]
+    on_device = [a.detach().to(device).requires_grad_() for a in args]
+    out = _native(on_device, 0.25)
     expected = reference.criss_cross_attention(*args, scale=0.25)
-    torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
-    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    _assert_gradients_match(out, expected, args, grad_out)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-11, atol=1e-11)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2),
+                           dtype=torch.float64)  # fmt: skip
+    _assert_gradients_match(out, expected, on_device, args, grad_out)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("regime", "grid"), [("uniform", (3, 4)), ("near_one", (1, 5)), ("near_zero", (4, 1))]
 )
-def test_gradcheck_all_inputs(regime, grid):
-    gen = torch.Generator().manual_seed(1)
-    shape = (1, 1, *grid)
-    q, k = (torch.randn(*shape, 4, generator=gen, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(*shape, 3, generator=gen, dtype=torch.float64)
-    la, lb = (_log_decays(shape, regime, gen) for _ in range(2))
-    args = [t.requires_grad_() for t in (q, k, v, la, lb)]
+def test_gradcheck_all_inputs(regime, grid, device):
+    args = attention_inputs((1, 1, *grid), 4, 3, regimes=(regime, regime), seed=1, device=device)
+    args = [t.requires_grad_() for t in args]
     eps = 1e-8 if regime == "near_one" else 1e-6  # stay inside log decay ≤ 0
     assert torch.autograd.gradcheck(lambda *a: _native(a, 0.5), args, eps=eps, atol=1e-6)
 
 
-def test_decays_of_exactly_one_match_the_reference_gradient():
+@pytest.mark.parametrize("device", DEVICES)
+def test_decays_of_exactly_one_match_the_reference_gradient(device):
     # log decay 0 makes cumsum differences vanish; like the reference (torch.abs at 0) those
     # pairs contribute no mask gradient.
     args = [a.detach().clone() for a in _small_args(torch.float64)]
     args[3][..., 1:3] = 0.0
     args[4][:, :, 1:, 2] = 0.0
     args = [a.requires_grad_() for a in args]
-    out = _native(args, 0.35)
-    grad_out = torch.randn_like(out)
-    native = torch.autograd.grad(out, args, grad_out)
+    on_device = [a.detach().to(device).requires_grad_() for a in args]
+    out = _native(on_device, 0.35)
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    native = torch.autograd.grad(out, on_device, grad_out.to(device))
     expected = torch.autograd.grad(
         reference.criss_cross_attention(*args, scale=0.35), args, grad_out
     )
     for got, want in zip(native, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
 
 
-def test_first_decays_get_exactly_zero_gradient():
-    gen = torch.Generator().manual_seed(2)
-    shape = (2, 2, 4, 5)
-    args = [torch.randn(*shape, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
-    args += [_log_decays(shape, "uniform", gen) for _ in range(2)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_decays_get_exactly_zero_gradient(device):
+    args = attention_inputs((2, 2, 4, 5), 8, 8, seed=2, device=device)
     args = [a.requires_grad_() for a in args]
     ga, gb = torch.autograd.grad(_native(args, 0.3).square().sum(), args[3:])
     assert torch.all(ga[..., 0] == 0) and torch.all(gb[..., 0, :] == 0)
@@ -194,55 +173,44 @@ def test_first_decays_get_exactly_zero_gradient():
 
 
 def _small_args(dtype, requires_grad=True):
-    gen = torch.Generator().manual_seed(3)
-    shape = (2, 2, 3, 4)
-    args = [torch.randn(*shape, 8, generator=gen, dtype=dtype) for _ in range(2)]
-    args.append(torch.randn(*shape, 6, generator=gen, dtype=dtype))
-    args += [_log_decays(shape, "uniform", gen, dtype) for _ in range(2)]
-    return [a.requires_grad_(requires_grad) for a in args]
+    return [a.requires_grad_(requires_grad)
+            for a in attention_inputs((2, 2, 3, 4), 8, 6, seed=3, dtype=dtype)]  # fmt: skip
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
-    args = _small_args(dtype)
-    torch.library.opcheck(torch.ops.ppma.criss_cross_attention_fwd, (*args, 0.35))
-    torch.library.opcheck(torch.ops.ppma.criss_cross_attention, (*args, 0.35))
-    detached = [a.detach() for a in args]
-    _, *saved = torch.ops.ppma.criss_cross_attention_fwd(*detached, 0.35)
-    grad_out = torch.randn_like(detached[2])
-    torch.library.opcheck(
-        torch.ops.ppma.criss_cross_attention_backward,
-        (grad_out, *detached, *saved, 0.35),
-    )
+def test_opcheck(dtype, device):
+    samples = sample_inputs(device, dtype=dtype, requires_grad=True)
+    for *args, scale in samples["criss_cross_attention"]:
+        torch.library.opcheck(torch.ops.ppma._criss_cross_attention_fwd, (*args, scale))
+        torch.library.opcheck(torch.ops.ppma.criss_cross_attention, (*args, scale))
+        detached = [a.detach() for a in args]
+        _, *saved = torch.ops.ppma._criss_cross_attention_fwd(*detached, scale)
+        grad_out = torch.randn_like(detached[2])
+        torch.library.opcheck(
+            torch.ops.ppma._criss_cross_attention_bwd, (grad_out, *detached, *saved, scale)
+        )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.usefixtures("no_compile_caches")
-def test_compiled_forward_and_backward_match_eager():
+def test_compiled_forward_and_backward_match_eager(device):
     def f(q, k, v, la, lb):
         return ppma_ops.criss_cross_attention(q, k, v, la, lb).tanh()
 
-    eager = _small_args(torch.float32)
-    compiled = [a.detach().clone().requires_grad_() for a in eager]
-    torch._dynamo.reset()
-    f_compiled = torch.compile(f, fullgraph=True)
-    y_eager, y_compiled = f(*eager), f_compiled(*compiled)
-    torch.testing.assert_close(y_compiled, y_eager)
-    y_eager.square().sum().backward()
-    y_compiled.square().sum().backward()
-    for a, b in zip(eager, compiled, strict=True):
-        torch.testing.assert_close(b.grad, a.grad)
+    assert_compiled_matches_eager(f, [a.to(device) for a in _small_args(torch.float32)])
 
 
-def _float32_problem(shape, seed):
+def _float32_problem(shape, seed, device="cpu"):
     """q, k, v (d = 16), log decays, all requiring grad, and an output gradient."""
-    gen = torch.Generator().manual_seed(seed)
-    args = [torch.randn(*shape, 16, generator=gen) for _ in range(3)]
-    args += [_log_decays(shape, "uniform", gen, torch.float32) for _ in range(2)]
-    return [a.requires_grad_() for a in args], torch.randn(*shape, 16, generator=gen)
+    args = attention_inputs(shape, 16, 16, seed=seed, dtype=torch.float32, device=device)
+    grad_out = torch.randn(*shape, 16, generator=torch.Generator().manual_seed(seed))
+    return [a.requires_grad_() for a in args], grad_out.to(device)
 
 
-def test_backward_is_bitwise_deterministic():
-    args, grad_out = _float32_problem((2, 3, 9, 11), seed=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_bitwise_deterministic(device):
+    args, grad_out = _float32_problem((2, 3, 9, 11), seed=4, device=device)
     runs = [torch.autograd.grad(_native(args, 0.25), args, grad_out) for _ in range(3)]
     for run in runs[1:]:
         for a, b in zip(runs[0], run, strict=True):
@@ -287,20 +255,21 @@ def test_inference_equals_the_training_forward_and_keeps_nothing(heads, threads,
     set_threads(threads)
     with torch.no_grad(), OpLog() as log:
         fast = _native(args, 0.3)
-    trained = torch.ops.ppma.criss_cross_attention_fwd(*(a.detach() for a in args), 0.3)[0]
+    trained = torch.ops.ppma._criss_cross_attention_fwd(*(a.detach() for a in args), 0.3)[0]
     with OpLog() as grad_log:
         _native(args, 0.3)
     assert torch.equal(fast, trained)
-    assert "ppma.criss_cross_attention_inference.default" in log.names
+    assert "ppma._criss_cross_attention_inference.default" in log.names
     assert not any("criss_cross_attention_fwd" in name for name in log.names)
-    assert "ppma.criss_cross_attention_fwd.default" in grad_log.names
+    assert "ppma._criss_cross_attention_fwd.default" in grad_log.names
     torch.library.opcheck(
-        torch.ops.ppma.criss_cross_attention_inference, (*(a.detach() for a in args), 0.3)
+        torch.ops.ppma._criss_cross_attention_inference, (*(a.detach() for a in args), 0.3)
     )
 
 
-def test_bfloat16_runs_in_float32_and_returns_bfloat16():
-    args = [a.detach().bfloat16() for a in _small_args(torch.float64)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_runs_in_float32_and_returns_bfloat16(device):
+    args = [a.detach().to(device, torch.bfloat16) for a in _small_args(torch.float64)]
     out = _native(args, 0.35)
     assert out.dtype == torch.bfloat16
     expected = reference.criss_cross_attention(*(a.double() for a in args), scale=0.35)
@@ -318,18 +287,32 @@ def test_clear_errors_for_bad_arguments():
         op(q, k, v, la, lb[..., :3], 1.0)
     with pytest.raises(RuntimeError, match="v has dtype"):
         op(q, k, v.double(), la, lb, 1.0)
-    with pytest.raises(RuntimeError, match="log_alpha must be <= 0"):
-        op(q, k, v, la.abs() + 0.5, lb, 1.0)
-    with pytest.raises(RuntimeError, match="log_beta contains NaN"):
-        op(q, k, v, la, lb.clone().fill_(float("nan")), 1.0)
-    with pytest.raises(ValueError, match="log_alpha must be <= 0"):
-        ppma_ops.criss_cross_attention(q, k, v, la.abs() + 0.5, lb)
+    # Values are checked once, by the public function (ppma_ops.value_checks), on the native
+    # and the reference backend alike; the native op checks shapes, dtypes and devices.
+    for backend in ppma_ops.BACKENDS:
+        with ppma_ops.use_backend(backend):
+            with pytest.raises(ValueError, match="log_alpha must be <= 0"):
+                ppma_ops.criss_cross_attention(q, k, v, la.abs() + 0.5, lb)
+            with pytest.raises(ValueError, match="log_beta contains NaN"):
+                ppma_ops.criss_cross_attention(q, k, v, la, lb.clone().fill_(float("nan")))
 
 
-def test_reproduces_the_official_criss_cross_fixture(official_attention):
-    y, expected = official_attention(
-        "chunk", lambda q, k, v, la, lb: torch.ops.ppma.criss_cross_attention(q, k, v, la, lb, 1.0)
-    )
-    assert y.dtype == torch.float32
-    error = (y - expected).abs().max().item() / expected.abs().max().item()
-    assert error <= 1e-5, f"relative error {error:.2e} against the official output"
+# ------------------------------------------------------------------------- CUDA only
+
+
+@cuda_only
+@pytest.mark.parametrize(("check", "args"), CUDA_REFERENCE_CHECKS)
+def test_cuda_against_the_float64_reference(check, args) -> None:
+    check(ppma_ops.criss_cross_attention, reference.criss_cross_attention, *args)
+
+
+@cuda_only
+def test_cuda_kernel_matches_cpu_kernel_including_saved_tensors() -> None:
+    assert_cuda_matches_cpu(torch.ops.ppma._criss_cross_attention_fwd)
+
+
+@cuda_only
+def test_cuda_kernel_names_the_argument_on_another_device() -> None:
+    q, k, v, la, lb = attention_inputs((1, 1, 2, 3), 4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="log_beta is on cpu"):
+        torch.ops.ppma._criss_cross_attention_fwd(q, k, v, la, lb.cpu(), 0.5)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from ppma_ops import reference
+from ppma_ops.testing import assert_compiled_matches_eager, sample_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -78,13 +79,11 @@ def test_gradcheck_float64():
 
 def test_opcheck():
     for dtype in (torch.float32, torch.float64):
-        x = torch.randn(2, 5, 4, 6, dtype=dtype, requires_grad=True)
-        w = torch.randn(6, 1, 3, 3, dtype=dtype, requires_grad=True)
-        b = torch.randn(6, dtype=dtype, requires_grad=True)
-        torch.library.opcheck(torch.ops.ppma.depthwise_conv2d, (x, w, b))
-        torch.library.opcheck(torch.ops.ppma.depthwise_conv2d, (x, w, None))
+        samples = sample_inputs("cpu", dtype=dtype, requires_grad=True)["depthwise_conv2d"]
+        for x, w, b in samples:  # with and without bias
+            torch.library.opcheck(torch.ops.ppma.depthwise_conv2d, (x, w, b))
         torch.library.opcheck(
-            torch.ops.ppma.depthwise_conv2d_backward, (torch.randn_like(x), x.detach(), w.detach())
+            torch.ops.ppma._depthwise_conv2d_bwd, (torch.randn_like(x), x.detach(), w.detach())
         )
 
 
@@ -116,15 +115,7 @@ def test_compiled_forward_and_backward_match_eager():
         return ppma_ops.depthwise_conv2d(torch.relu(x), w, b)
 
     args = [torch.randn(2, 6, 5, 8), torch.randn(8, 1, 5, 5), torch.randn(8)]
-    eager = [a.clone().requires_grad_() for a in args]
-    compiled = [a.clone().requires_grad_() for a in args]
-    torch._dynamo.reset()
-    y_eager, y_compiled = f(*eager), torch.compile(f, fullgraph=True)(*compiled)
-    torch.testing.assert_close(y_compiled, y_eager)
-    y_eager.square().sum().backward()
-    y_compiled.square().sum().backward()
-    for a, c in zip(eager, compiled, strict=True):
-        torch.testing.assert_close(c.grad, a.grad)
+    assert_compiled_matches_eager(f, args)
 
 
 class _OpLog(TorchDispatchMode):
@@ -192,4 +183,4 @@ def test_bad_arguments_name_the_problem():
     with pytest.raises(RuntimeError, match="kernel size must be odd"):
         torch.ops.ppma.depthwise_conv2d(x, torch.randn(3, 1, 3, 4), None)
     with pytest.raises(RuntimeError, match="grad_out must have the shape and dtype of x"):
-        torch.ops.ppma.depthwise_conv2d_backward(x[:, :2], x, w)
+        torch.ops.ppma._depthwise_conv2d_bwd(x[:, :2], x, w)

@@ -1,11 +1,11 @@
 """Second and higher derivatives through every native op.
 
 The native backward ops have no derivative of their own; under ``create_graph=True`` the
-registrations compute the backward from the reference instead (polyline_attention,
-criss_cross_attention, polyline_scan) or from ATen's convolution backward (depthwise_conv2d),
-so double backward is autograd's derivative of an independent formula. Checked by
-``gradgradcheck`` (finite differences of the backward) and against the reference's own
-second derivatives in float64; first-order backward passes must keep using the native ops.
+registrations compute the backward from the reference instead (autograd of the plain-PyTorch
+op, ``F.conv2d`` for depthwise_conv2d), so double backward is autograd's derivative of an
+independent formula. Checked by ``gradgradcheck`` (finite differences of the backward, on the
+CPU and on CUDA) and against the reference's own second derivatives in float64; first-order
+backward passes must keep using the native ops.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ppma_ops import reference
+from ppma_ops.testing import DEVICES
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,10 +82,11 @@ def _hessian_vector_products(fn, args, seed):
     return torch.autograd.grad(inner, args, allow_unused=True, materialize_grads=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_gradgradcheck(name):
+def test_gradgradcheck(name, device):
     op, _, make_args = OPS[name]
-    args = [a.requires_grad_() for a in make_args(0)]
+    args = [a.to(device).requires_grad_() for a in make_args(0)]
     assert torch.autograd.gradgradcheck(op, args, atol=1e-6, rtol=1e-5)
 
 

@@ -1,6 +1,8 @@
 """Native vanilla polyline attention (torch.ops.ppma.polyline_attention) against the float64
 reference op, the ppma_mask float64 mask, finite differences (gradcheck), opcheck,
-torch.compile, the official attention fixture, and a peak-memory bound (no N×N buffer)."""
+torch.compile and a peak-memory bound (no N×N buffer), on the CPU and on CUDA; on CUDA also
+against the CPU kernel and across the kernels' tiling edges. The official attention fixture is
+checked through the real modules in packages/ppma-models/tests/test_official_ops.py."""
 
 from __future__ import annotations
 
@@ -8,66 +10,37 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import ppma_mask
 import ppma_ops
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from ppma_ops import reference
+from ppma_ops.testing import (
+    CUDA_REFERENCE_CHECKS,
+    DEVICES,
+    assert_close_f64,
+    assert_cuda_matches_cpu,
+    attention_inputs,
+    attention_problems,
+    cuda_only,
+    forward_and_grads,
+    sample_inputs,
+)
+
+GRAD_NAMES = ("q", "k", "v", "log_alpha", "log_beta")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _native_polyline_attention() -> None:
     # A missing kernel is a build failure, not a reason to skip.
     assert ppma_ops.native_available(), f"native library not loaded: {ppma_ops.native_load_error()}"
-    assert hasattr(torch.ops.ppma, "polyline_attention_fwd"), "native vanilla op not registered"
-
-
-LOG_DECAY_RANGES = {
-    "uniform": (-3.0, -0.01),
-    "near_zero": (np.log(1e-6), np.log(1e-4)),  # decay ≈ 1e-6…1e-4: masks collapse to the diagonal
-    "near_one": (-2e-6, -1e-6),  # decay ≈ 1: the masks vanish, plain softmaxes remain
-}
-
-
-def _log_decays(shape, regime: str, gen: torch.Generator) -> torch.Tensor:
-    lo, hi = LOG_DECAY_RANGES[regime]
-    return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)
-
-
-def _problem(shape, d, c, regimes=("uniform", "uniform"), seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(*shape, d, generator=gen, dtype=torch.float64)
-    k = torch.randn(*shape, d, generator=gen, dtype=torch.float64)
-    v = torch.randn(*shape, c, generator=gen, dtype=torch.float64)
-    la = _log_decays(shape, regimes[0], gen)
-    lb = _log_decays(shape, regimes[1], gen)
-    return [t.to(dtype) for t in (q, k, v, la, lb)]
-
-
-@st.composite
-def attention_problems(draw, max_side: int = 9):
-    shape = (
-        draw(st.integers(1, 2)),  # B
-        draw(st.integers(1, 3)),  # heads
-        draw(st.integers(1, max_side)),  # H
-        draw(st.integers(1, max_side)),  # W
-    )
-    d = draw(st.sampled_from([8, 16, 32, 64]))
-    c = draw(st.sampled_from([d, 5]))  # v may be narrower than q, k
-    regimes = (
-        draw(st.sampled_from(sorted(LOG_DECAY_RANGES))),
-        draw(st.sampled_from(sorted(LOG_DECAY_RANGES))),
-    )
-    seed = draw(st.integers(0, 2**31 - 1))
-    scale = draw(st.sampled_from([d**-0.5, 1.0]))
-    return _problem(shape, d, c, regimes, seed), scale
+    assert hasattr(torch.ops.ppma, "_polyline_attention_fwd"), "native vanilla op not registered"
 
 
 def _mask_oracle(q, k, v, la, lb, scale):
     """Float64 attention with the log-mask from ppma_mask (independent of ppma_ops)."""
+    q, k, v, la, lb = (t.cpu() for t in (q, k, v, la, lb))
     b, heads, h, w, _ = q.shape
     out = torch.empty(*q.shape[:4], v.shape[-1], dtype=torch.float64)
     for bi in range(b):
@@ -88,92 +61,107 @@ def _native(q, k, v, la, lb, scale):
 def _grads(fn, inputs, scale, grad_out):
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*leaves, scale=scale) if fn is reference.polyline_attention else fn(*leaves, scale)
-    return out, torch.autograd.grad(out, leaves, grad_out)
+    return out, torch.autograd.grad(out, leaves, grad_out.to(out.device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=30, deadline=None)
-@given(attention_problems())
-def test_forward_matches_reference_and_ppma_mask(problem) -> None:
+@given(problem=attention_problems())
+def test_forward_matches_reference_and_ppma_mask(problem, device) -> None:
     (q, k, v, la, lb), scale = problem
-    out = _native(q, k, v, la, lb, scale)
+    out = _native(*(t.to(device) for t in (q, k, v, la, lb)), scale).cpu()
     torch.testing.assert_close(out, _mask_oracle(q, k, v, la, lb, scale), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(
         out, reference.polyline_attention(q, k, v, la, lb, scale=scale), rtol=1e-10, atol=1e-10
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=20, deadline=None)
-@given(attention_problems())
-def test_backward_matches_reference(problem) -> None:
+@given(problem=attention_problems())
+def test_backward_matches_reference(problem, device) -> None:
     (q, k, v, la, lb), scale = problem
     grad_out = torch.randn(*q.shape[:4], v.shape[-1], dtype=torch.float64)
-    _, native = _grads(_native, (q, k, v, la, lb), scale, grad_out)
+    inputs = [t.to(device) for t in (q, k, v, la, lb)]
+    _, native = _grads(_native, inputs, scale, grad_out)
     _, ref = _grads(reference.polyline_attention, (q, k, v, la, lb), scale, grad_out)
-    for name, a, b in zip(("q", "k", "v", "log_alpha", "log_beta"), native, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+    for name, a, b in zip(GRAD_NAMES, native, ref, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
 
 
 # Grids whose rows are split across tiles (W above the 64/128/256-token tile targets) or whose
 # tiles hold many short rows: the tiling paths a 9×9 Hypothesis grid never reaches.
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grid", [(2, 150), (1, 300), (70, 3), (9, 70), (300, 1), (3, 130)])
-def test_large_and_split_row_tiles(grid) -> None:
-    q, k, v, la, lb = _problem((1, 2, *grid), 8, 6, seed=sum(grid))
+def test_large_and_split_row_tiles(grid, device) -> None:
+    q, k, v, la, lb = attention_inputs((1, 2, *grid), 8, 6, seed=sum(grid))
     grad_out = torch.randn(*q.shape[:4], 6, dtype=torch.float64)
-    out, native = _grads(_native, (q, k, v, la, lb), 0.4, grad_out)
+    inputs = [t.to(device) for t in (q, k, v, la, lb)]
+    out, native = _grads(_native, inputs, 0.4, grad_out)
     ref_out, ref = _grads(reference.polyline_attention, (q, k, v, la, lb), 0.4, grad_out)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    for name, a, b in zip(("q", "k", "v", "log_alpha", "log_beta"), native, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+    torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(GRAD_NAMES, native, ref, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
-def test_low_precision_against_float64_reference(dtype, tol) -> None:
-    q, k, v, la, lb = _problem((2, 2, 6, 11), 32, 32, ("near_zero", "uniform"), seed=3)
+def test_low_precision_against_float64_reference(dtype, tol, device) -> None:
+    q, k, v, la, lb = attention_inputs((2, 2, 6, 11), 32, 32, regimes=("small", "uniform"), seed=3)
     grad_out = torch.randn(*q.shape[:4], 32, dtype=torch.float64)
     ref_out, ref = _grads(reference.polyline_attention, (q, k, v, la, lb), 0.3, grad_out)
-    low = [t.to(dtype) for t in (q, k, v, la, lb)]
+    low = [t.to(device, dtype) for t in (q, k, v, la, lb)]
     out, native = _grads(_native, low, 0.3, grad_out.to(dtype))
     assert out.dtype == dtype and all(g.dtype == dtype for g in native)
-    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.double().cpu(), ref_out, rtol=tol, atol=tol)
     for a, b in zip(native, ref, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=10 * tol, atol=10 * tol * b.abs().max())
+        torch.testing.assert_close(
+            a.double().cpu(), b, rtol=10 * tol, atol=10 * tol * b.abs().max()
+        )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grid", [(3, 4), (5, 1), (1, 6)])
-def test_gradcheck_all_inputs(grid) -> None:
-    inputs = [
-        t.requires_grad_(True) for t in _problem((1, 2, *grid), 8, 5, seed=grid[0] * 7 + grid[1])
-    ]
+def test_gradcheck_all_inputs(grid, device) -> None:
+    seed = grid[0] * 7 + grid[1]
+    inputs = [t.requires_grad_(True) for t in attention_inputs((1, 2, *grid), 8, 5, seed=seed,
+                                                                device=device)]  # fmt: skip
     assert torch.autograd.gradcheck(lambda *x: _native(*x, 0.5), inputs, eps=1e-6, atol=1e-7)
 
 
-def test_zero_log_decays_use_abs_subgradient() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_log_decays_use_abs_subgradient(device) -> None:
     # Decays of exactly 1 make cumsum differences vanish: the gradient convention must be
     # torch.abs's (0 at 0), as in the reference.
-    q, k, v, la, lb = _problem((1, 2, 4, 5), 8, 8, seed=11)
+    q, k, v, la, lb = attention_inputs((1, 2, 4, 5), 8, 8, seed=11)
     la[..., 1:3] = 0.0
     lb[:, :, 2] = 0.0
     grad_out = torch.randn(1, 2, 4, 5, 8, dtype=torch.float64)
-    _, native = _grads(_native, (q, k, v, la, lb), 0.5, grad_out)
+    inputs = [t.to(device) for t in (q, k, v, la, lb)]
+    _, native = _grads(_native, inputs, 0.5, grad_out)
     _, ref = _grads(reference.polyline_attention, (q, k, v, la, lb), 0.5, grad_out)
     for a, b in zip(native, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
 
 
-def test_opcheck() -> None:
-    q, k, v, la, lb = _problem((2, 2, 3, 5), 8, 6, seed=5)
-    args = [t.requires_grad_(True) for t in (q, k, v, la, lb)]
-    torch.library.opcheck(torch.ops.ppma.polyline_attention_fwd.default, (*args, 0.5))
-    torch.library.opcheck(torch.ops.ppma.polyline_attention.default, (*args, 0.5))
-    out, parts, lse = torch.ops.ppma.polyline_attention_fwd(*(t.detach() for t in args), 0.5)
-    torch.library.opcheck(
-        torch.ops.ppma.polyline_attention_backward.default,
-        (torch.randn_like(out), *(t.detach() for t in args), parts, lse, 0.5),
-    )
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device) -> None:
+    samples = sample_inputs(device, dtype=torch.float64, requires_grad=True)
+    for *args, scale in samples["polyline_attention"]:
+        torch.library.opcheck(torch.ops.ppma._polyline_attention_fwd.default, (*args, scale))
+        torch.library.opcheck(torch.ops.ppma.polyline_attention.default, (*args, scale))
+        detached = [t.detach() for t in args]
+        out, parts, lse = torch.ops.ppma._polyline_attention_fwd(*detached, scale)
+        torch.library.opcheck(
+            torch.ops.ppma._polyline_attention_bwd.default,
+            (torch.randn_like(out), *detached, parts, lse, scale),
+        )
 
 
-def test_torch_compile_fullgraph_forward_and_backward() -> None:
-    q, k, v, la, lb = _problem((1, 2, 4, 6), 8, 8, seed=9, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_forward_and_backward(device) -> None:
+    q, k, v, la, lb = attention_inputs((1, 2, 4, 6), 8, 8, seed=9, dtype=torch.float32,
+                                       device=device)  # fmt: skip
 
     def loss(q, k, v, la, lb):
         return (ppma_ops.polyline_attention(q, k, v, la, lb) * v).sin().sum()
@@ -190,20 +178,8 @@ def test_torch_compile_fullgraph_forward_and_backward() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
-def test_official_attention_fixture(official_attention, dtype, tol) -> None:
-    y, expected = official_attention(
-        "whole",
-        lambda q, k, v, la, lb: torch.ops.ppma.polyline_attention(q, k, v, la, lb, 1.0),
-        dtype,
-    )
-    assert y.shape == expected.shape
-    rel = ((y - expected).abs().max() / expected.abs().max()).item()
-    assert rel < tol, f"relative error {rel:.2e} against the official fixture"
-
-
 def test_invalid_arguments_raise_clear_errors() -> None:
-    q, k, v, la, lb = _problem((1, 2, 3, 4), 8, 8)
+    q, k, v, la, lb = attention_inputs((1, 2, 3, 4), 8, 8)
     ops = (ppma_ops.polyline_attention, lambda *a: torch.ops.ppma.polyline_attention(*a, 0.5))
     for op in ops:
         with pytest.raises((ValueError, RuntimeError), match="k"):
@@ -214,22 +190,27 @@ def test_invalid_arguments_raise_clear_errors() -> None:
             op(q, k, v, la, lb[..., :3])
         with pytest.raises((TypeError, RuntimeError), match="v"):
             op(q, k, v.float(), la, lb)
-        with pytest.raises((ValueError, RuntimeError), match="log_alpha"):
-            op(q, k, v, la.abs(), lb)
-        with pytest.raises((ValueError, RuntimeError), match="log_beta"):
-            op(q, k, v, la, lb.clone().fill_(float("nan")))
         with pytest.raises((ValueError, RuntimeError), match="k"):
             op(q, k.to("meta"), v, la, lb)
+    # Values are checked once, by the public function (ppma_ops.value_checks), for either
+    # backend; the native op checks shapes, dtypes and devices.
+    for backend in ppma_ops.BACKENDS:
+        with ppma_ops.use_backend(backend):
+            with pytest.raises(ValueError, match="log_alpha"):
+                ppma_ops.polyline_attention(q, k, v, la.abs(), lb)
+            with pytest.raises(ValueError, match="log_beta"):
+                ppma_ops.polyline_attention(q, k, v, la, lb.clone().fill_(float("nan")))
     with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
         torch.ops.ppma.polyline_attention(*(t.half() for t in (q, k, v, la, lb)), 0.5)
 
 
-def test_backward_is_deterministic() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device) -> None:
     assert torch.get_num_threads() >= 1
-    q, k, v, la, lb = _problem((2, 2, 9, 70), 16, 16, seed=2, dtype=torch.float32)
+    inputs = attention_inputs((2, 2, 9, 70), 16, 16, seed=2, dtype=torch.float32, device=device)
     grad_out = torch.randn(2, 2, 9, 70, 16)
-    _, first = _grads(_native, (q, k, v, la, lb), 0.25, grad_out)
-    _, second = _grads(_native, (q, k, v, la, lb), 0.25, grad_out)
+    _, first = _grads(_native, inputs, 0.25, grad_out)
+    _, second = _grads(_native, inputs, 0.25, grad_out)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -286,3 +267,60 @@ def test_kernels_run_on_all_torch_threads() -> None:
     assert _native._C.parallel_threads_used() == torch.get_num_threads()
     info = _native._C.build_info()
     assert info["openmp"] and info["cpu_isa"] in info["compiled_cpu_isas"].split()
+
+
+# ------------------------------------------------------------------------- CUDA only
+
+
+@cuda_only
+@pytest.mark.parametrize(("check", "args"), CUDA_REFERENCE_CHECKS)
+def test_cuda_against_the_float64_reference(check, args) -> None:
+    check(ppma_ops.polyline_attention, reference.polyline_attention, *args)
+
+
+@cuda_only
+def test_cuda_large_grid_reads_tables_outside_shared_memory() -> None:
+    # 128×128 tokens: the float32 cumsum tables (128 KiB) exceed the kernels' shared-memory
+    # budget, so this runs the global-memory table path (the other tests run the staged one).
+    inputs = attention_inputs((1, 1, 128, 128), 8, 8, seed=6, dtype=torch.float32, device="cuda")
+    out, grads = forward_and_grads(ppma_ops.polyline_attention, inputs)
+    ref_out, ref_grads = forward_and_grads(reference.polyline_attention, inputs)  # fp32
+    assert_close_f64(out, ref_out, atol=1e-4, rtol=1e-3, what="out")
+    for name, g, rg in zip(GRAD_NAMES, grads, ref_grads, strict=True):
+        assert_close_f64(g, rg, atol=2e-3, rtol=1e-2, what=f"d{name}")
+
+
+@cuda_only
+def test_cuda_kernel_matches_cpu_kernel_including_saved_tensors() -> None:
+    assert_cuda_matches_cpu(torch.ops.ppma._polyline_attention_fwd)
+
+
+@cuda_only
+def test_cuda_kernel_names_the_argument_on_another_device() -> None:
+    q, k, v, la, lb = attention_inputs((1, 1, 2, 3), 4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="k is on cpu"):
+        torch.ops.ppma._polyline_attention_fwd(q, k.cpu(), v, la, lb, 0.5)
+
+
+@cuda_only
+def test_cuda_head_dimension_above_the_register_bound_is_a_clear_error() -> None:
+    q, k, v, la, lb = attention_inputs((1, 1, 2, 2), 136, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="head dimensions above 128"):
+        torch.ops.ppma._polyline_attention_fwd(q, k, v, la, lb, 0.5)
+
+
+@cuda_only
+def test_cuda_torch_compile_fullgraph_across_ops() -> None:
+    inputs = attention_inputs((2, 2, 6, 7), 16, 16, seed=14, dtype=torch.float32, device="cuda")
+
+    def layer(q, k, v, la, lb):
+        a = ppma_ops.polyline_attention(q, k, v, la, lb)
+        b = ppma_ops.criss_cross_attention(q, k, v, la, lb)
+        return ppma_ops.polyline_scan(a + b, la, lb)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    out, grads = forward_and_grads(compiled, inputs)
+    eager_out, eager_grads = forward_and_grads(layer, inputs)
+    assert_close_f64(out, eager_out, atol=1e-5, rtol=1e-5, what="out")
+    for name, g, e in zip(GRAD_NAMES, grads, eager_grads, strict=True):
+        assert_close_f64(g, e, atol=1e-4, rtol=1e-4, what=f"d{name}")

@@ -1,6 +1,7 @@
 """The native polyline scan y = L·x / Lᵀ·x (torch.ops.ppma.polyline_scan) against independent
 oracles: ppma_mask's dense float64 mask, the materialising reference op, the closed-form
-constant-decay (Manhattan) mask, adjointness, finite differences (gradcheck) and opcheck."""
+constant-decay (Manhattan) mask, adjointness, finite differences (gradcheck) and opcheck, on the
+CPU and on CUDA."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from ppma_ops import reference
+from ppma_ops.testing import (
+    DECAY_REGIMES,
+    DEVICES,
+    assert_close_f64,
+    assert_compiled_matches_eager,
+    cuda_only,
+    forward_and_grads,
+    log_decays,
+    sample_inputs,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,19 +32,9 @@ def _native_scan() -> None:
     assert hasattr(torch.ops.ppma, "polyline_scan"), "torch.ops.ppma.polyline_scan not registered"
 
 
-# Log decays: ordinary, near 0 (decay ≈ 1e-6: the mask is nearly the identity) and near 1
-# (decay ≈ 1 − 1e-6: the mask is nearly all ones).
-DECAY_REGIMES = {
-    "uniform": (-3.0, -0.01),
-    "near_zero": (-16.0, -12.0),
-    "near_one": (-2e-6, -1e-7),
-}
-
-
-def _log_decays(shape, regime: str, seed: int, dtype=torch.float64) -> torch.Tensor:
-    lo, hi = DECAY_REGIMES[regime]
+def _log_decays(shape, regime: str, seed: int, dtype=torch.float64, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=dtype)
+    return log_decays(shape, regime, generator=gen, dtype=dtype, device=device)
 
 
 @st.composite
@@ -61,10 +62,15 @@ def _scan(x, la, lb, transpose):
     return torch.ops.ppma.polyline_scan(x, la, lb, transpose)
 
 
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @given(problem=scan_problems(), transpose=st.booleans())
-def test_float64_matches_ppma_mask_dense(problem, transpose):
+def test_float64_matches_ppma_mask_dense(problem, transpose, device):
     x, la, lb = problem
-    y = _scan(x, la, lb, transpose)
+    y = _scan(*_on(device, x, la, lb), transpose).cpu()
     path = "h2v" if transpose else "v2h"
     b, h, hh, ww, c = x.shape
     for bi in range(b):
@@ -81,30 +87,34 @@ def test_float64_matches_ppma_mask_dense(problem, transpose):
             )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(problem=scan_problems(), transpose=st.booleans())
-def test_float32_matches_float64_reference(problem, transpose):
+def test_float32_matches_float64_reference(problem, transpose, device):
     x, la, lb = problem
     expected = reference.polyline_scan(x, la, lb, transpose=transpose)
-    y = _scan(x.float(), la.float(), lb.float(), transpose)
+    y = _scan(*(t.to(device, torch.float32) for t in (x, la, lb)), transpose)
     assert y.dtype == torch.float32
     scale = expected.abs().max().item() + 1.0
-    torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-6 * scale)
+    torch.testing.assert_close(y.double().cpu(), expected, rtol=0, atol=2e-6 * scale)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(problem=scan_problems(), transpose=st.booleans())
-def test_gradients_match_reference_autograd(problem, transpose):
+def test_gradients_match_reference_autograd(problem, transpose, device):
     x, la, lb = (t.clone().requires_grad_() for t in problem)
+    on_device = [t.detach().to(device).requires_grad_() for t in (x, la, lb)]
     grad_y = torch.randn_like(x)
-    native = torch.autograd.grad(_scan(x, la, lb, transpose), (x, la, lb), grad_y)
+    native = torch.autograd.grad(_scan(*on_device, transpose), on_device, grad_y.to(device))
     expected = torch.autograd.grad(
         reference.polyline_scan(x, la, lb, transpose=transpose), (x, la, lb), grad_y
     )
     for name, got, want in zip(("x", "log_alpha", "log_beta"), native, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transpose", [False, True])
-def test_constant_decays_give_the_manhattan_mask(transpose):
+def test_constant_decays_give_the_manhattan_mask(transpose, device):
     # α ≡ a, β ≡ b: L[(i,j),(k,l)] = a^|j−l| · b^|i−k|, symmetric, so L and Lᵀ agree.
     hh, ww, c, a, b = 5, 6, 4, 0.7, 0.4
     x = torch.randn(1, 1, hh, ww, c, dtype=torch.float64)
@@ -113,54 +123,58 @@ def test_constant_decays_give_the_manhattan_mask(transpose):
     i, j = np.divmod(np.arange(hh * ww), ww)
     mask = a ** np.abs(j[:, None] - j[None, :]) * b ** np.abs(i[:, None] - i[None, :])
     expected = mask @ x.reshape(hh * ww, c).numpy()
-    y = _scan(x, la, lb, transpose)
+    y = _scan(*_on(device, x, la, lb), transpose).cpu()
     np.testing.assert_allclose(y.reshape(hh * ww, c).numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 9), (1, 1, 9, 1), (2, 1, 1, 1)])
-def test_degenerate_grids_are_one_dimensional_masks(shape):
+def test_degenerate_grids_are_one_dimensional_masks(shape, device):
     # H = 1: L = A_0; W = 1: L = B_0 (docs/design.md §1); a single token is the identity.
     x = torch.randn(*shape, 3, dtype=torch.float64)
     la, lb = _log_decays(shape, "uniform", 1), _log_decays(shape, "uniform", 2)
     line = la if shape[2] == 1 else lb  # the decays along the line that exists
     steps = line.reshape(shape[0], -1)
     n = steps.shape[1]
+    y = _scan(*_on(device, x, la, lb), False).cpu()
     for bi in range(shape[0]):
         cum = torch.cumsum(steps[bi], 0)
         mask = torch.exp(-(cum[:, None] - cum[None, :]).abs())
         expected = mask @ x[bi].reshape(n, 3)
-        got = _scan(x, la, lb, False)[bi].reshape(n, 3)
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y[bi].reshape(n, 3), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(problem=scan_problems())
-def test_transpose_is_the_adjoint(problem):
-    x, la, lb = problem
+def test_transpose_is_the_adjoint(problem, device):
+    x, la, lb = _on(device, *problem)
     y = torch.randn_like(x)
     lhs = (_scan(x, la, lb, False) * y).sum()
     rhs = (x * _scan(y, la, lb, True)).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-11, atol=1e-11)
 
 
-def test_first_decays_get_exactly_zero_gradient():
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_decays_get_exactly_zero_gradient(device):
     # α[:, 0] and β[0, :] never enter the mask.
     shape = (2, 2, 4, 5)
-    x = torch.randn(*shape, 3, dtype=torch.float64)
-    la = _log_decays(shape, "uniform", 3).requires_grad_()
-    lb = _log_decays(shape, "uniform", 4).requires_grad_()
+    x = torch.randn(*shape, 3, dtype=torch.float64, device=device)
+    la = _log_decays(shape, "uniform", 3, device=device).requires_grad_()
+    lb = _log_decays(shape, "uniform", 4, device=device).requires_grad_()
     for transpose in (False, True):
         ga, gb = torch.autograd.grad(_scan(x, la, lb, transpose).square().sum(), (la, lb))
         assert torch.all(ga[..., 0] == 0) and torch.all(gb[..., 0, :] == 0)
         assert ga[..., 1:].abs().max() > 0 and gb[..., 1:, :].abs().max() > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("regime", ["uniform", "near_one", "near_zero"])
-def test_gradcheck_all_inputs(transpose, regime):
+def test_gradcheck_all_inputs(transpose, regime, device):
     shape = (1, 2, 3, 4)
-    x = torch.randn(*shape, 2, dtype=torch.float64, requires_grad=True)
-    la = _log_decays(shape, regime, 5).requires_grad_()
-    lb = _log_decays(shape, regime, 6).requires_grad_()
+    x = torch.randn(*shape, 2, dtype=torch.float64, device=device, requires_grad=True)
+    la = _log_decays(shape, regime, 5, device=device).requires_grad_()
+    lb = _log_decays(shape, regime, 6, device=device).requires_grad_()
     # near_one sits within 2e-6 of log decay 0; keep the finite-difference step inside (−∞, 0].
     eps = 1e-8 if regime == "near_one" else 1e-6
     assert torch.autograd.gradcheck(
@@ -168,48 +182,40 @@ def test_gradcheck_all_inputs(transpose, regime):
     )
 
 
-def test_opcheck():
-    shape = (2, 2, 3, 4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
     for dtype in (torch.float32, torch.float64):
-        x = torch.randn(*shape, 5, dtype=dtype, requires_grad=True)
-        la = _log_decays(shape, "uniform", 7, dtype).requires_grad_()
-        lb = _log_decays(shape, "uniform", 8, dtype).requires_grad_()
-        for transpose in (False, True):
+        for x, la, lb, transpose in sample_inputs(device, dtype=dtype, requires_grad=True)[
+            "polyline_scan"
+        ]:
             torch.library.opcheck(torch.ops.ppma.polyline_scan, (x, la, lb, transpose))
             torch.library.opcheck(
-                torch.ops.ppma.polyline_scan_backward,
+                torch.ops.ppma._polyline_scan_bwd,
                 (torch.randn_like(x), x.detach(), la.detach(), lb.detach(), transpose),
             )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.usefixtures("no_compile_caches")
-def test_compiled_forward_and_backward_match_eager():
+def test_compiled_forward_and_backward_match_eager(device):
     def f(x, la, lb):
         return ppma_ops.polyline_scan(x, la, lb) + ppma_ops.polyline_scan(x, la, lb, transpose=True)
 
     shape = (1, 2, 4, 5)
     args = [
-        torch.randn(*shape, 3),
-        _log_decays(shape, "uniform", 9, torch.float32),
-        _log_decays(shape, "uniform", 10, torch.float32),
+        torch.randn(*shape, 3, device=device),
+        _log_decays(shape, "uniform", 9, torch.float32, device),
+        _log_decays(shape, "uniform", 10, torch.float32, device),
     ]
-    eager = [a.clone().requires_grad_() for a in args]
-    compiled = [a.clone().requires_grad_() for a in args]
-    torch._dynamo.reset()
-    f_compiled = torch.compile(f, fullgraph=True)
-    y_eager, y_compiled = f(*eager), f_compiled(*compiled)
-    torch.testing.assert_close(y_compiled, y_eager)
-    y_eager.square().sum().backward()
-    y_compiled.square().sum().backward()
-    for a, b in zip(eager, compiled, strict=True):
-        torch.testing.assert_close(b.grad, a.grad)
+    assert_compiled_matches_eager(f, args)
 
 
-def test_backward_is_bitwise_deterministic():
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_bitwise_deterministic(device):
     shape = (2, 3, 12, 13)
-    x = torch.randn(*shape, 8, requires_grad=True)
-    la = _log_decays(shape, "uniform", 11, torch.float32).requires_grad_()
-    lb = _log_decays(shape, "uniform", 12, torch.float32).requires_grad_()
+    x = torch.randn(*shape, 8, device=device, requires_grad=True)
+    la = _log_decays(shape, "uniform", 11, torch.float32, device).requires_grad_()
+    lb = _log_decays(shape, "uniform", 12, torch.float32, device).requires_grad_()
     grad_y = torch.randn_like(x)
     runs = [torch.autograd.grad(_scan(x, la, lb, False), (x, la, lb), grad_y) for _ in range(3)]
     for run in runs[1:]:
@@ -217,16 +223,17 @@ def test_backward_is_bitwise_deterministic():
             assert torch.equal(a, b)
 
 
-def test_bfloat16_runs_in_float32_and_returns_bfloat16():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_runs_in_float32_and_returns_bfloat16(device):
     shape = (1, 1, 4, 4)
     x = torch.randn(*shape, 8, dtype=torch.float64)
     la, lb = _log_decays(shape, "uniform", 13), _log_decays(shape, "uniform", 14)
-    y = _scan(x.bfloat16(), la.bfloat16(), lb.bfloat16(), False)
+    y = _scan(*(t.to(device, torch.bfloat16) for t in (x, la, lb)), False)
     assert y.dtype == torch.bfloat16
     expected = reference.polyline_scan(
         x.bfloat16().double(), la.bfloat16().double(), lb.bfloat16().double()
     )
-    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.double().cpu(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_clear_errors_for_bad_arguments():
@@ -239,9 +246,52 @@ def test_clear_errors_for_bad_arguments():
         torch.ops.ppma.polyline_scan(x, la.double(), lb, False)
     with pytest.raises(RuntimeError, match="x must have shape"):
         torch.ops.ppma.polyline_scan(x[0], la, lb, False)
-    with pytest.raises(RuntimeError, match="log_beta must be <= 0"):
-        torch.ops.ppma.polyline_scan(x, la, lb.abs() + 0.1, False)
-    with pytest.raises(RuntimeError, match="log_alpha contains NaN"):
-        torch.ops.ppma.polyline_scan(x, la.clone().fill_(float("nan")), lb, False)
-    with pytest.raises(ValueError, match="log_alpha must be <= 0"):
-        ppma_ops.polyline_scan(x, la.abs() + 0.1, lb)
+    # Values are checked once, by the public function (ppma_ops.value_checks), on the native
+    # and the reference backend alike; the native op checks shapes, dtypes and devices.
+    for backend in ppma_ops.BACKENDS:
+        with ppma_ops.use_backend(backend):
+            with pytest.raises(ValueError, match="log_beta must be <= 0"):
+                ppma_ops.polyline_scan(x, la, lb.abs() + 0.1)
+            with pytest.raises(ValueError, match="log_alpha contains NaN"):
+                ppma_ops.polyline_scan(x, la.clone().fill_(float("nan")), lb)
+            with pytest.raises(ValueError, match="log_alpha must be <= 0"):
+                ppma_ops.polyline_scan(x, la.abs() + 0.1, lb)
+
+
+# ------------------------------------------------------------------------- CUDA only
+
+
+@cuda_only
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1, 3), (2, 3, 5, 7, 16), (1, 2, 9, 1, 4), (1, 1, 33, 70, 8)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_reference(transpose: bool, shape, dtype) -> None:
+    b, heads, h, w, c = shape
+    gen = torch.Generator().manual_seed(7)
+    la, lb = (log_decays((b, heads, h, w), generator=gen, dtype=dtype, device="cuda")
+              for _ in range(2))  # fmt: skip
+    x = torch.randn(b, heads, h, w, c, dtype=dtype, device="cuda")
+
+    def native(x, la, lb):
+        return ppma_ops.polyline_scan(x, la, lb, transpose=transpose)
+
+    def ref(x, la, lb):
+        return reference.polyline_scan(x, la, lb, transpose=transpose)
+
+    out, grads = forward_and_grads(native, (x, la, lb))
+    ref_out, ref_grads = forward_and_grads(ref, [t.double() for t in (x, la, lb)])
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert_close_f64(out, ref_out, atol=tol, rtol=tol, what="y")
+    for name, g, rg in zip(("x", "log_alpha", "log_beta"), grads, ref_grads, strict=True):
+        assert_close_f64(g, rg, atol=10 * tol, rtol=10 * tol, what=f"d{name}")
+
+
+@cuda_only
+def test_cuda_kernel_names_the_argument_on_another_device() -> None:
+    shape = (1, 1, 2, 3)
+    v = torch.randn(*shape, 4, device="cuda")
+    la, lb = (log_decays(shape, device="cuda") for _ in range(2))
+    with pytest.raises(RuntimeError, match="log_alpha is on cpu"):
+        torch.ops.ppma.polyline_scan(v, la.cpu(), lb, False)

@@ -9,58 +9,35 @@ from :mod:`ppma_ops` they call:
 * :class:`CrissCrossAttention` ("X" stages): row and column softmaxes with the 1-D log masks,
   applied in both orders and averaged.
 
-The operator implementation is selectable per module (and per model, see
-``PPMA.set_attention``): ``"native"`` uses the public ``ppma_ops`` entry points (fused
-kernels where the compiled library registered them, else the reference with a warning),
-``"reference"`` always uses the plain-PyTorch ``ppma_ops.reference`` functions. The switch
-covers the block's depthwise convolutions too (LePE here, CPE and the feed-forward's in
-:mod:`.block`), which ppma_ops also provides.
+The layers call the public ``ppma_ops`` functions only; whether those run the fused kernels or
+the plain-PyTorch reference is ppma_ops' choice (``ppma_ops.use_backend("reference")``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ClassVar
-
 import ppma_ops
 import torch
-from ppma_ops import reference
 from torch import nn
 
 from .decay import DecayField
 from .residual_conv import depthwise_conv
 from .rope import apply_rotary
 
-#: Accepted values for the ``attention`` implementation switch.
-ATTENTION_IMPLS = ("native", "reference")
-
-AttentionOp = Callable[..., torch.Tensor]
-
-
-def check_attention_impl(impl: str) -> str:
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    return impl
-
 
 class MaskedAttention(nn.Module):
     """Shared plumbing of the polyline attention layers; subclasses pick the operator.
 
-    Input x: (B, H, W, C), the LayerNorm-ed block input (channels last); rotary tables
-    (sin, cos): (H, W, d). Output (B, H, W, C).
+    Input x: (B, H, W, C), the LayerNorm-ed block input (channels last); rotation: (H, W, d/2)
+    complex, from FlatRotaryEmbedding. Output (B, H, W, C).
     """
 
-    native_op: ClassVar[AttentionOp]
-    reference_op: ClassVar[AttentionOp]
-
-    def __init__(self, dim: int, heads: int, *, impl: str = "native") -> None:
+    def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"heads={heads} must divide dim={dim}")
         self.dim = dim
         self.heads = heads
         self.head_dim = dim // heads
-        self.impl = check_attention_impl(impl)
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -70,10 +47,19 @@ class MaskedAttention(nn.Module):
         self.decay = DecayField(dim, heads)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}, impl={self.impl!r}"
+        return f"dim={self.dim}, heads={self.heads}"
 
-    def set_impl(self, impl: str) -> None:
-        self.impl = check_attention_impl(impl)
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        log_alpha: torch.Tensor,
+        log_beta: torch.Tensor,
+    ) -> torch.Tensor:
+        """The masked attention: q, k, v (B, heads, H, W, d), log decays (B, heads, H, W)
+        → (B, heads, H, W, d). q·kᵀ is used unscaled (k carries d^-1/2)."""
+        raise NotImplementedError
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) → (B, heads, H, W, d)."""
@@ -81,40 +67,36 @@ class MaskedAttention(nn.Module):
         return t.view(b, h, w, self.heads, self.head_dim).permute(0, 3, 1, 2, 4)
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C); rotation: (H, W, d/2) complex, from FlatRotaryEmbedding."""
         b, h, w, c = x.shape
-        q = self.q_proj(x)
-        k = self.k_proj(x)
         v = self.v_proj(x)
         log_alpha, log_beta = self.decay(x)
-        q = apply_rotary(self._split_heads(q), rotation)
+        q = apply_rotary(self._split_heads(self.q_proj(x)), rotation)
         # k is scaled by d^-1/2 (as upstream); folded into its rotation to save a pass.
-        k = apply_rotary(self._split_heads(k), rotation * self.head_dim**-0.5)
-        op = type(self).native_op if self.impl == "native" else type(self).reference_op
+        k = apply_rotary(self._split_heads(self.k_proj(x)), rotation * self.head_dim**-0.5)
         # Under bf16/fp16 autocast the projections come out in low precision while the decay
         # head may not; the ops take one dtype (and accumulate in float32 regardless).
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), log_alpha.dtype)
         q, k, v_heads, log_alpha, log_beta = (
             t.to(dtype) for t in (q, k, self._split_heads(v), log_alpha, log_beta)
         )
-        out = op(q, k, v_heads, log_alpha, log_beta, scale=1.0)  # the op must not scale again
+        out = self.attend(q, k, v_heads, log_alpha, log_beta)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
-        lepe = depthwise_conv(v, self.lepe.weight, self.lepe.bias, self.impl)
+        lepe = depthwise_conv(v, self.lepe.weight, self.lepe.bias)
         return self.out_proj(out + lepe)
 
 
 class PolylineAttention(MaskedAttention):
     """Vanilla polyline attention over all N = H·W tokens (docs/design.md §2.3, "V" stages)."""
 
-    native_op = staticmethod(ppma_ops.polyline_attention)
-    reference_op = staticmethod(reference.polyline_attention)
+    def attend(self, *q_k_v_decays: torch.Tensor) -> torch.Tensor:
+        return ppma_ops.polyline_attention(*q_k_v_decays, scale=1.0)
 
 
 class CrissCrossAttention(MaskedAttention):
     """Criss-cross polyline attention along rows and columns (docs/design.md §2.4, "X" stages)."""
 
-    native_op = staticmethod(ppma_ops.criss_cross_attention)
-    reference_op = staticmethod(reference.criss_cross_attention)
+    def attend(self, *q_k_v_decays: torch.Tensor) -> torch.Tensor:
+        return ppma_ops.criss_cross_attention(*q_k_v_decays, scale=1.0)
 
 
 ATTENTION_BY_KIND: dict[str, type[MaskedAttention]] = {

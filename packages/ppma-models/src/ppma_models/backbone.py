@@ -76,7 +76,6 @@ class PPMAStage(nn.Module):
         drop_paths: Sequence[float] = (),
         layer_scale: bool = False,
         layer_scale_init: float = 1e-6,
-        attention_impl: str = "native",
     ) -> None:
         super().__init__()
         drop_paths = list(drop_paths) or [0.0] * depth
@@ -94,7 +93,6 @@ class PPMAStage(nn.Module):
                 drop_path=p,
                 layer_scale=layer_scale,
                 layer_scale_init=layer_scale_init,
-                attention_impl=attention_impl,
             )
             for p in drop_paths
         )

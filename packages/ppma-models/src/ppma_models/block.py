@@ -34,12 +34,11 @@ class PPMABlock(nn.Module):
         drop_path: float = 0.0,
         layer_scale: bool = False,
         layer_scale_init: float = 1e-6,
-        attention_impl: str = "native",
     ) -> None:
         super().__init__()
         # Registration order = the authors' state-dict order (exports read like their files).
         self.attn_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = ATTENTION_BY_KIND[attention_kind](dim, heads, impl=attention_impl)
+        self.attn = ATTENTION_BY_KIND[attention_kind](dim, heads)
         self.ffn_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.ffn = ConvFeedForward(dim, int(mlp_ratio * dim))
         self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
@@ -52,13 +51,12 @@ class PPMABlock(nn.Module):
             self.ffn_layer_scale = None
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        impl = self.attn.impl  # the model's ppma_ops switch, for the depthwise convs too
-        x = residual_depthwise_conv(x, self.cpe, impl)  # a fresh tensor this block owns
+        x = residual_depthwise_conv(x, self.cpe)  # a fresh tensor this block owns
         y = self.attn(self.attn_norm(x), rotation)
         if self.attn_layer_scale is not None:
             y = self.attn_layer_scale * y
         x = _add_residual(x, self.drop_path(y))
-        y = self.ffn(self.ffn_norm(x), impl)
+        y = self.ffn(self.ffn_norm(x))
         if self.ffn_layer_scale is not None:
             y = self.ffn_layer_scale * y
         return _add_residual(x, self.drop_path(y))

@@ -12,8 +12,7 @@ from .residual_conv import residual_depthwise_conv
 class ConvFeedForward(nn.Module):
     """fc1 (C → hidden) → GELU → h + DWConv3×3(h) → fc2 (hidden → C).
 
-    x: (B, H, W, C) channels last → same shape; ``impl`` picks the depthwise conv's ops
-    ("native" or "reference", as for attention).
+    x: (B, H, W, C) channels last → same shape.
     """
 
     def __init__(self, dim: int, hidden: int) -> None:
@@ -22,6 +21,6 @@ class ConvFeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
 
-    def forward(self, x: torch.Tensor, impl: str = "native") -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.fc1(x))
-        return self.fc2(residual_depthwise_conv(h, self.dwconv, impl))
+        return self.fc2(residual_depthwise_conv(h, self.dwconv))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import ppma_ops
 import torch
 from torch import nn
 
-from .attention import MaskedAttention, check_attention_impl
 from .backbone import PPMAStage, Stem
 from .config import PPMAConfig
 from .decay import DecayField
@@ -24,13 +22,13 @@ class PPMA(nn.Module):
 
     Classifier mode (default): ``forward(x)`` → logits (B, num_classes).
     Features mode (``features_only=True``): no head; ``forward(x)`` → list of NCHW maps, one
-    per entry of ``out_indices`` (stage i has stride 4·2^i and ``config.dims[i]`` channels),
-    each through its own LayerNorm.
+    per entry of ``out_indices`` (default: every stage; stage i has stride 4·2^i and
+    ``config.dims[i]`` channels), each through its own LayerNorm.
 
     Input x: (B, in_chans, H, W), any H, W ≥ 1 (odd sizes round up at each stride-2 step).
-    ``attention`` selects the implementation of the ppma_ops calls (masked attention and the
-    blocks' depthwise convolutions): "native" (fused kernels, falling back to the reference
-    with a warning) or "reference" (plain PyTorch); switch later with :meth:`set_attention`.
+    The masked attention and the blocks' depthwise convolutions are ``ppma_ops`` calls; which
+    implementation runs them (fused kernels or the plain-PyTorch reference) is chosen in
+    ppma_ops, process-wide: ``with ppma_ops.use_backend("reference"): model(x)``.
     """
 
     def __init__(
@@ -39,16 +37,16 @@ class PPMA(nn.Module):
         *,
         num_classes: int = 1000,
         features_only: bool = False,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
-        attention: str = "native",
+        out_indices: Sequence[int] | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__()
-        check_attention_impl(attention)
         self.config = config
         self.name = name
         self.features_only = features_only
         n = config.num_stages
+        if out_indices is None:
+            out_indices = range(n)
         out_indices = tuple(sorted(int(i) for i in out_indices))
         if features_only:
             if not out_indices or any(not 0 <= i < n for i in out_indices):
@@ -79,7 +77,6 @@ class PPMA(nn.Module):
                     drop_paths=rates[start : start + depth],
                     layer_scale=config.layer_scale[i],
                     layer_scale_init=config.layer_scale_init,
-                    attention_impl=attention,
                 )
             )
             start += depth
@@ -99,29 +96,21 @@ class PPMA(nn.Module):
             self.num_classes = num_classes
         # Model-wide init runs last and overrides the submodules' own (docs/design.md §2.5).
         self.apply(_init_weights)
-        self.set_attention(attention)
 
     # ----------------------------------------------------------------------------- settings
     @property
     def attention(self) -> str:
-        return self._attention
+        """The ppma_ops backend the model's ops run on now (``ppma_ops.get_backend()``)."""
+        return ppma_ops.get_backend()
 
-    def set_attention(self, impl: str) -> None:
-        """Switch every attention layer (and its block's depthwise convolutions) to "native" or
-        "reference" ops."""
-        check_attention_impl(impl)
-        if impl == "native" and not ppma_ops.native_available():
-            warnings.warn(
-                "ppma_models: attention='native' requested but the ppma_ops native library is "
-                f"not available ({ppma_ops.native_load_error() or 'disabled'}); the pure-PyTorch "
-                "reference ops will be used.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self._attention = impl
-        for m in self.modules():
-            if isinstance(m, MaskedAttention):
-                m.set_impl(impl)
+    @staticmethod
+    def set_attention(name: str) -> None:
+        """Alias of ``ppma_ops.set_backend(name)``: "native" or "reference".
+
+        The choice is process-wide (every model and every ppma_ops call), not per model;
+        ``with ppma_ops.use_backend(name):`` limits it to a block of code.
+        """
+        ppma_ops.set_backend(name)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward instead of storing them."""

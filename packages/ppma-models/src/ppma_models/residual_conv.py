@@ -1,27 +1,21 @@
-"""The blocks' depthwise convolutions on (B, H, W, C) maps, through ppma_ops.
-
-``impl`` follows the model's operator switch (``PPMA.set_attention``): "native" calls
-``ppma_ops.depthwise_conv2d`` (the fused CPU kernel where it applies, F.conv2d elsewhere),
-"reference" its plain F.conv2d reference.
-"""
+"""The blocks' depthwise convolutions on (B, H, W, C) maps, through ``ppma_ops.depthwise_conv2d``
+(the fused CPU kernel where it applies, F.conv2d elsewhere or under the reference backend)."""
 
 from __future__ import annotations
 
 import ppma_ops
 import torch
-from ppma_ops import reference
 from torch import nn
 
 
 def depthwise_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str = "native"
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Depthwise "same" convolution: x (B, H, W, C), weight (C, 1, kh, kw) → (B, H, W, C)."""
-    op = ppma_ops.depthwise_conv2d if impl == "native" else reference.depthwise_conv2d
-    return op(x, weight, bias)
+    return ppma_ops.depthwise_conv2d(x, weight, bias)
 
 
-def residual_depthwise_conv(x: torch.Tensor, conv: nn.Conv2d, impl: str = "native") -> torch.Tensor:
+def residual_depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """x + conv(x) for a depthwise ``conv`` with odd kernel and "same" padding.
 
     x: (B, H, W, C) channels last → same shape. The identity is folded into the kernel's
@@ -31,4 +25,4 @@ def residual_depthwise_conv(x: torch.Tensor, conv: nn.Conv2d, impl: str = "nativ
     kh, kw = conv.kernel_size
     weight = conv.weight.clone()
     weight[:, 0, kh // 2, kw // 2] += 1
-    return depthwise_conv(x, weight, conv.bias, impl)
+    return depthwise_conv(x, weight, conv.bias)

@@ -244,6 +244,31 @@ class SegmentationModel(nn.Module):
     def num_classes(self) -> int:
         return self.decode_head.num_classes
 
+    def head_settings(self) -> dict[str, object]:
+        """The :func:`create_segmentation_model` arguments that rebuild these heads on the
+        same backbone: channels, aux_channels, aux_in_index, pool_scales, dropout,
+        fuse_kernel_size (JSON-ready values).
+
+        Raises ValueError for heads that function does not build (another head class, an
+        auxiliary head with several convs or a dropout of its own).
+        """
+        head, aux = self.decode_head, self.auxiliary_head
+        if type(head) is not UPerHead or (aux is not None and type(aux) is not FCNHead):
+            raise ValueError("head_settings: the heads are not an UPerHead (+ FCNHead)")
+        if aux is not None and (len(aux.convs) != 1 or aux.dropout.p != head.dropout.p):
+            raise ValueError(
+                "head_settings: the auxiliary head has several convs or its own dropout, "
+                "which create_segmentation_model does not build"
+            )
+        return {
+            "channels": head.channels,
+            "aux_channels": None if aux is None else aux.channels,
+            "aux_in_index": 2 if aux is None else aux.in_index,
+            "pool_scales": list(head.pool_scales),
+            "dropout": head.dropout.p,
+            "fuse_kernel_size": head.fpn_bottleneck.conv.kernel_size[0],
+        }
+
     def forward(
         self, x: torch.Tensor, return_aux: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:

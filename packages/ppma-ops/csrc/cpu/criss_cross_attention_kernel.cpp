@@ -1,5 +1,5 @@
-// CPU kernels of criss-cross polyline attention (docs/design.md §2.4), compiled once per instruction
-// set (CPU_CAPABILITY = DEFAULT / AVX2 / AVX512) like ATen's kernels.
+// CPU kernels of criss-cross polyline attention (docs/design.md §2.4), compiled once per
+// instruction set (CPU_CAPABILITY = DEFAULT / AVX2 / AVX512) like ATen's kernels.
 //
 // Every line (grid row or grid column of one head) is one task: its n×n score tile comes from
 // a tile GEMM, and the mask and the softmax are fused into one pass over the tile while it is
@@ -40,11 +40,6 @@ namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-// Geometry of one head's (H, W, ·) grid: row lines and column lines.
-struct Grid {
-  int64_t BH, H, W, d, c;
-};
 
 // Fused mask + softmax over the rows [r0, r1) of an n×n tile (leading dimension n), each over
 // the keys [r0, r1) of the same span: S[x, span] ← softmax(S[x, span] − |C[x] − C[span]|). The
@@ -266,9 +261,9 @@ template <typename T>
 struct CountTables {
   const T* na;  // (BH, H, W), along rows
   const T* nb;  // (BH, H, W), along columns
-  CountTables(const at::Tensor& na_t, const at::Tensor& nb_t)
-      : na(na_t.defined() ? na_t.const_data_ptr<T>() : nullptr),
-        nb(nb_t.defined() ? nb_t.const_data_ptr<T>() : nullptr) {}
+  explicit CountTables(const DecayTables& t)
+      : na(t.na.defined() ? t.na.const_data_ptr<T>() : nullptr),
+        nb(t.nb.defined() ? t.nb.const_data_ptr<T>() : nullptr) {}
   const T* row(int64_t r, int64_t W) const { return na == nullptr ? nullptr : na + r * W; }
   // Gathers columns [l0, l0 + n) of head bh into `dst` (n·H values); null when not blocked.
   const T* gather(int64_t bh, int64_t H, int64_t W, int64_t l0, int64_t n, T* dst) const {
@@ -278,6 +273,38 @@ struct CountTables {
   }
 };
 
+// The operands every phase reads: q, k, v and the tables as typed pointers, with the sizes.
+template <typename T>
+struct LineOperands {
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* ca;
+  const T* cb;
+  CountTables<T> counts;
+  T scale;
+  int64_t BH, H, W, d, c;
+
+  explicit LineOperands(const AttentionInputs& in)
+      : q(in.q.const_data_ptr<T>()), k(in.k.const_data_ptr<T>()), v(in.v.const_data_ptr<T>()),
+        ca(in.tables.ca.const_data_ptr<T>()), cb(in.tables.cb.const_data_ptr<T>()),
+        counts(in.tables), scale(static_cast<T>(in.scale)), BH(in.q.size(0)), H(in.q.size(1)),
+        W(in.q.size(2)), d(in.q.size(3)), c(in.v.size(3)) {}
+};
+
+// Columns [l0, l0 + n) of head bh → contiguous tiles: Cb into C, q, k, v into qc, kc, vc, and
+// the counts Nb into Nc_buf when some log decay is −inf. Returns the gathered counts, or null.
+template <typename T>
+const T* gather_column_operands(const LineOperands<T>& in, int64_t bh, int64_t l0, int64_t n,
+                                T* C, T* Nc_buf, T* qc, T* kc, T* vc) {
+  const int64_t H = in.H, W = in.W, d = in.d, c = in.c;
+  gather_columns(in.cb + bh * H * W, H, W, 1, l0, n, C);
+  gather_columns(in.q + bh * H * W * d, H, W, d, l0, n, qc);
+  gather_columns(in.k + bh * H * W * d, H, W, d, l0, n, kc);
+  gather_columns(in.v + bh * H * W * c, H, W, c, l0, n, vc);
+  return in.counts.gather(bh, H, W, l0, n, Nc_buf);
+}
+
 // Where one head's Â (H, W, W), X₁ and X₂ (H, W, c) live during the forward.
 template <typename T>
 struct HeadState {
@@ -286,234 +313,319 @@ struct HeadState {
   T* x2;
 };
 
-// row_probs, rows_v and cols_v undefined: inference, nothing is kept for a backward. Where each
-// thread runs whole heads, a head's Â, X₁ and X₂ then live in one buffer per thread (O(H·W²)
-// per thread instead of per head, reused head after head while in cache); otherwise in
-// temporaries.
+// The forward's operands and where its intermediates live. With saved tensors (training) a
+// head's Â, X₁, X₂ are written there. Without (inference), where each thread runs whole
+// heads, they live in one buffer per thread (O(H·W²) per thread instead of per head, reused
+// head after head while in cache); otherwise in temporaries.
 template <typename T>
-void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& ca, const at::Tensor& cb, const CountTables<T>& counts,
-                  T scale, at::Tensor& out, const at::Tensor& row_probs,
-                  const at::Tensor& rows_v, const at::Tensor& cols_v) {
-  const Grid g{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
-  const int64_t H = g.H, W = g.W, d = g.d, c = g.c;
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  const T* cap = ca.const_data_ptr<T>();
-  const T* cbp = cb.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  const bool keep = row_probs.defined();
-  const bool per_thread = !keep && whole_heads_per_thread(g.BH);
-  at::Tensor probs = row_probs, x1 = rows_v, x2 = cols_v, thread_states;
-  const int64_t per_head = H * W * W + 2 * H * W * c;
-  if (per_thread) {
-    thread_states = empty_for_write({at::get_num_threads(), per_head}, v.options());
-  } else if (!keep) {
-    probs = empty_for_write({g.BH, H, W, W}, v.options());
-    x1 = empty_for_write({g.BH, H, W, c}, v.options());
-    x2 = empty_for_write({g.BH, H, W, c}, v.options());
+struct ForwardData {
+  LineOperands<T> in;
+  T* out;
+  at::Tensor probs, x1, x2, thread_states;
+  bool per_thread;
+  int64_t per_head;
+
+  ForwardData(const AttentionInputs& inputs, at::Tensor& out_t, const CrissCrossSaved& saved)
+      : in(inputs), out(out_t.mutable_data_ptr<T>()), probs(saved.row_probs), x1(saved.rows_v),
+        x2(saved.cols_v) {
+    const bool keep = saved.row_probs.defined();
+    const int64_t BH = in.BH, H = in.H, W = in.W, c = in.c;
+    const auto opts = inputs.v.options();
+    per_thread = !keep && whole_heads_per_thread(BH);
+    per_head = H * W * W + 2 * H * W * c;
+    if (per_thread) {
+      thread_states = empty_for_write({at::get_num_threads(), per_head}, opts);
+    } else if (!keep) {
+      probs = empty_for_write({BH, H, W, W}, opts);
+      x1 = empty_for_write({BH, H, W, c}, opts);
+      x2 = empty_for_write({BH, H, W, c}, opts);
+    }
   }
-  const auto head_state = [&](int64_t bh) -> HeadState<T> {
+
+  HeadState<T> head_state(int64_t bh) const {
+    const int64_t H = in.H, W = in.W, c = in.c;
     if (per_thread) {  // the same thread runs all phases of bh, one head after another
       T* buf = thread_states.mutable_data_ptr<T>() + at::get_thread_num() * per_head;
       return {buf, buf + H * W * W, buf + H * W * W + H * W * c};
     }
-    return {probs.mutable_data_ptr<T>() + bh * H * W * W, x1.mutable_data_ptr<T>() + bh * H * W * c,
-            x2.mutable_data_ptr<T>() + bh * H * W * c};
-  };
+    return {probs.mutable_data_ptr<T>() + bh * H * W * W,
+            x1.mutable_data_ptr<T>() + bh * H * W * c, x2.mutable_data_ptr<T>() + bh * H * W * c};
+  }
+};
 
-  // Rows: Â_i and X₁ = R(V).
-  const Phase rows{H, [&](int64_t bh, int64_t i0, int64_t i1) {
-    const HeadState<T> st = head_state(bh);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = bh * H + i;
-      T* p = st.probs + i * W * W;
-      tile_gemm<T>(false, true, W, W, d, scale, qp + r * W * d, d, kp + r * W * d, d, T(0), p, W);
-      masked_softmax_tile<T>(p, W, cap + r * W, counts.row(r, W));
-      tile_gemm<T>(false, false, W, c, W, T(1), p, W, vp + r * W * c, c, T(0),
-                   st.x1 + i * W * c, c);
+// Rows [i0, i1) of head bh: Â_i and X₁ = R(V).
+template <typename T>
+void rows_forward(const ForwardData<T>& f, int64_t bh, int64_t i0, int64_t i1) {
+  const LineOperands<T>& in = f.in;
+  const int64_t W = in.W, d = in.d, c = in.c;
+  const HeadState<T> st = f.head_state(bh);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t r = bh * in.H + i;
+    T* p = st.probs + i * W * W;
+    tile_gemm<T>(false, true, W, W, d, in.scale, in.q + r * W * d, d, in.k + r * W * d, d, T(0),
+                 p, W);
+    masked_softmax_tile<T>(p, W, in.ca + r * W, in.counts.row(r, W));
+    tile_gemm<T>(false, false, W, c, W, T(1), p, W, in.v + r * W * c, c, T(0), st.x1 + i * W * c,
+                 c);
+  }
+}
+
+// One thread's buffers for a block of gathered columns in the forward: the block's Cb and
+// count columns, one column's softmax tile, and the gathered q, k, v, X₁ with the X₂ and output
+// columns being formed.
+template <typename T>
+struct ColumnForwardScratch {
+  T* C;
+  T* Nc;
+  T* p;
+  T* qc;
+  T* kc;
+  T* vc;
+  T* x1c;
+  T* x2c;
+  T* oc;
+
+  explicit ColumnForwardScratch(const LineOperands<T>& in)
+      : C(scratch<T, 0>(kColumnBlock * in.H)),
+        Nc(in.counts.nb == nullptr ? nullptr : scratch<T, 3>(kColumnBlock * in.H)),
+        p(scratch<T, 1>(in.H * in.H)) {
+    const int64_t td = kColumnBlock * in.H * in.d, tc = kColumnBlock * in.H * in.c;
+    qc = scratch<T, 2>(2 * td + 4 * tc);
+    kc = qc + td;
+    vc = kc + td;
+    x1c = vc + tc;
+    x2c = x1c + tc;
+    oc = x2c + tc;
+  }
+};
+
+// Column blocks [t0, t1) of head bh: B̂_l (never kept), X₂ = Cc(V), out = ½ Cc(X₁).
+template <typename T>
+void columns_forward(const ForwardData<T>& f, int64_t bh, int64_t t0, int64_t t1) {
+  const LineOperands<T>& in = f.in;
+  const int64_t H = in.H, W = in.W, d = in.d, c = in.c;
+  const HeadState<T> st = f.head_state(bh);
+  const ColumnForwardScratch<T> sc(in);
+  const int64_t vh = bh * H * W * c;
+  for (int64_t t = t0; t < t1; ++t) {
+    const auto [l0, n] = ColumnBlock(t, W);
+    const T* Nc = gather_column_operands(in, bh, l0, n, sc.C, sc.Nc, sc.qc, sc.kc, sc.vc);
+    gather_columns(st.x1, H, W, c, l0, n, sc.x1c);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t jc = j * H * c;
+      column_probs(sc.qc, sc.kc, sc.C, Nc, H, d, in.scale, j, sc.p);
+      tile_gemm<T>(false, false, H, c, H, T(1), sc.p, H, sc.vc + jc, c, T(0), sc.x2c + jc, c);
+      tile_gemm<T>(false, false, H, c, H, T(0.5), sc.p, H, sc.x1c + jc, c, T(0), sc.oc + jc, c);
     }
-  }};
-  // Columns: B̂_l (never kept), X₂ = Cc(V), out = ½ Cc(X₁), a block of columns at a time.
-  const Phase columns{ColumnBlock::count(W), [&](int64_t bh, int64_t t0, int64_t t1) {
-    const HeadState<T> st = head_state(bh);
-    const int64_t td = kColumnBlock * H * d, tc = kColumnBlock * H * c;
-    T* C = scratch<T, 0>(kColumnBlock * H);
-    T* p = scratch<T, 1>(H * H);
-    T* qc = scratch<T, 2>(2 * td + 4 * tc);
-    T* Nc_buf = counts.nb == nullptr ? nullptr : scratch<T, 3>(kColumnBlock * H);
-    T* kc = qc + td;
-    T* vc = kc + td;
-    T* x1c = vc + tc;
-    T* x2c = x1c + tc;
-    T* oc = x2c + tc;
-    const int64_t qh = bh * H * W * d, vh = bh * H * W * c;
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto [l0, n] = ColumnBlock(t, W);
-      gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C);
-      const T* Nc = counts.gather(bh, H, W, l0, n, Nc_buf);
-      gather_columns(qp + qh, H, W, d, l0, n, qc);
-      gather_columns(kp + qh, H, W, d, l0, n, kc);
-      gather_columns(vp + vh, H, W, c, l0, n, vc);
-      gather_columns(st.x1, H, W, c, l0, n, x1c);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t jc = j * H * c;
-        column_probs(qc, kc, C, Nc, H, d, scale, j, p);
-        tile_gemm<T>(false, false, H, c, H, T(1), p, H, vc + jc, c, T(0), x2c + jc, c);
-        tile_gemm<T>(false, false, H, c, H, T(0.5), p, H, x1c + jc, c, T(0), oc + jc, c);
-      }
-      scatter_columns(x2c, H, W, c, l0, n, st.x2);
-      scatter_columns(oc, H, W, c, l0, n, op + vh);
-    }
-  }};
-  // Rows again: out += ½ R(X₂).
-  const Phase rows_again{H, [&](int64_t bh, int64_t i0, int64_t i1) {
-    const HeadState<T> st = head_state(bh);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = bh * H + i;
-      tile_gemm<T>(false, false, W, c, W, T(0.5), st.probs + i * W * W, W, st.x2 + i * W * c, c,
-                   T(1), op + r * W * c, c);
-    }
-  }};
-  run_phases(g.BH, {rows, columns, rows_again});
+    scatter_columns(sc.x2c, H, W, c, l0, n, st.x2);
+    scatter_columns(sc.oc, H, W, c, l0, n, f.out + vh);
+  }
+}
+
+// Rows [i0, i1) of head bh again: out += ½ R(X₂).
+template <typename T>
+void rows_again_forward(const ForwardData<T>& f, int64_t bh, int64_t i0, int64_t i1) {
+  const int64_t W = f.in.W, c = f.in.c;
+  const HeadState<T> st = f.head_state(bh);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t r = bh * f.in.H + i;
+    tile_gemm<T>(false, false, W, c, W, T(0.5), st.probs + i * W * W, W, st.x2 + i * W * c, c,
+                 T(1), f.out + r * W * c, c);
+  }
+}
+
+template <typename T>
+void forward_impl(const AttentionInputs& inputs, at::Tensor& out, const CrissCrossSaved& saved) {
+  const ForwardData<T> f(inputs, out, saved);
+  const Phase rows{f.in.H, [&](int64_t bh, int64_t i0, int64_t i1) {
+                     rows_forward(f, bh, i0, i1);
+                   }};
+  const Phase columns{ColumnBlock::count(f.in.W), [&](int64_t bh, int64_t t0, int64_t t1) {
+                        columns_forward(f, bh, t0, t1);
+                      }};
+  const Phase rows_again{f.in.H, [&](int64_t bh, int64_t i0, int64_t i1) {
+                           rows_again_forward(f, bh, i0, i1);
+                         }};
+  run_phases(f.in.BH, {rows, columns, rows_again});
+}
+
+// The backward's operands, saved tensors and results as typed pointers, with the gradients of
+// X₁ and X₂ (BH, H, W, c), which the phases pass on to each other.
+template <typename T>
+struct BackwardData {
+  LineOperands<T> in;
+  const T* g;
+  const T* probs;
+  const T* x1;
+  const T* x2;
+  at::Tensor dx1_t, dx2_t;
+  T* dx1;
+  T* dx2;
+  T* dq;
+  T* dk;
+  T* dv;
+  T* dla;
+  T* dlb;
+
+  BackwardData(const at::Tensor& grad_out, const AttentionInputs& inputs,
+               const CrissCrossSaved& saved, CrissCrossGrads& grads)
+      : in(inputs), g(grad_out.const_data_ptr<T>()),
+        probs(saved.row_probs.const_data_ptr<T>()), x1(saved.rows_v.const_data_ptr<T>()),
+        x2(saved.cols_v.const_data_ptr<T>()),
+        dx1_t(empty_for_write({in.BH, in.H, in.W, in.c}, inputs.v.options())),
+        dx2_t(empty_for_write({in.BH, in.H, in.W, in.c}, inputs.v.options())),
+        dx1(dx1_t.mutable_data_ptr<T>()), dx2(dx2_t.mutable_data_ptr<T>()),
+        dq(grads.dq.mutable_data_ptr<T>()), dk(grads.dk.mutable_data_ptr<T>()),
+        dv(grads.dv.mutable_data_ptr<T>()), dla(grads.d_log_alpha.mutable_data_ptr<T>()),
+        dlb(grads.d_log_beta.mutable_data_ptr<T>()) {}
+};
+
+// Rows [i0, i1) of head bh: dX₂ = ½ Âᵀ g.
+template <typename T>
+void rows_first_backward(const BackwardData<T>& b, int64_t bh, int64_t i0, int64_t i1) {
+  const int64_t H = b.in.H, W = b.in.W, c = b.in.c;
+  for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
+    tile_gemm<T>(true, false, W, c, W, T(0.5), b.probs + r * W * W, W, b.g + r * W * c, c, T(0),
+                 b.dx2 + r * W * c, c);
+  }
+}
+
+// One thread's buffers for a block of gathered columns in the backward: the block's Cb and
+// count columns; one column's B̂ tile, its score gradient and the table gradient dC; the
+// gathered q, k, v, g, X₁, dX₂, and the dq, dk, dX₁, dv columns being formed.
+template <typename T>
+struct ColumnBackwardScratch {
+  T* C;
+  T* Nc;
+  T* p;
+  T* ds;
+  T* dC;
+  T* qc;
+  T* kc;
+  T* dqc;
+  T* dkc;
+  T* vc;
+  T* gc;
+  T* x1c;
+  T* dx2c;
+  T* dx1c;
+  T* dvc;
+
+  explicit ColumnBackwardScratch(const LineOperands<T>& in)
+      : C(scratch<T, 0>(kColumnBlock * in.H)),
+        Nc(in.counts.nb == nullptr ? nullptr : scratch<T, 3>(kColumnBlock * in.H)),
+        p(scratch<T, 1>(2 * in.H * in.H + in.H)), ds(p + in.H * in.H), dC(ds + in.H * in.H) {
+    const int64_t td = kColumnBlock * in.H * in.d, tc = kColumnBlock * in.H * in.c;
+    qc = scratch<T, 2>(4 * td + 7 * tc);
+    kc = qc + td;
+    dqc = kc + td;
+    dkc = dqc + td;
+    vc = dkc + td;
+    gc = vc + tc;
+    x1c = gc + tc;
+    dx2c = x1c + tc;
+    dx1c = dx2c + tc;
+    dvc = dx1c + tc;
+  }
+};
+
+// Gathered column j of the block at l0 (head bh), B̂ recomputed: dX₁ = ½ B̂ᵀ g;
+// dB̂ = ½ g X₁ᵀ + dX₂ Vᵀ → dS; the column parts of dq, dk, dv (first writers) and d log_beta.
+template <typename T>
+void column_backward(const BackwardData<T>& b, const ColumnBackwardScratch<T>& sc, const T* Nc,
+                     int64_t bh, int64_t l0, int64_t j) {
+  const int64_t H = b.in.H, W = b.in.W, d = b.in.d, c = b.in.c;
+  const int64_t jd = j * H * d, jc = j * H * c;
+  const T scale = b.in.scale;
+  column_probs(sc.qc, sc.kc, sc.C, Nc, H, d, scale, j, sc.p);
+  tile_gemm<T>(true, false, H, c, H, T(0.5), sc.p, H, sc.gc + jc, c, T(0), sc.dx1c + jc, c);
+  tile_gemm<T>(false, true, H, H, c, T(0.5), sc.gc + jc, c, sc.x1c + jc, c, T(0), sc.ds, H);
+  tile_gemm<T>(false, true, H, H, c, T(1), sc.dx2c + jc, c, sc.vc + jc, c, T(1), sc.ds, H);
+  tile_gemm<T>(true, false, H, c, H, T(1), sc.p, H, sc.dx2c + jc, c, T(0), sc.dvc + jc, c);
+  softmax_and_mask_backward_tile<T>(sc.p, sc.ds, sc.C + j * H, H, sc.dC);
+  tile_gemm<T>(false, false, H, d, H, scale, sc.ds, H, sc.kc + jd, d, T(0), sc.dqc + jd, d);
+  tile_gemm<T>(true, false, H, d, H, scale, sc.ds, H, sc.qc + jd, d, T(0), sc.dkc + jd, d);
+  criss_cross::cumsum_grad(sc.dC, H, b.dlb + bh * H * W + l0 + j, W);
+}
+
+// Column blocks [t0, t1) of head bh, each gathered, run column by column (column_backward)
+// and scattered back.
+template <typename T>
+void columns_backward(const BackwardData<T>& b, int64_t bh, int64_t t0, int64_t t1) {
+  const LineOperands<T>& in = b.in;
+  const int64_t H = in.H, W = in.W, d = in.d, c = in.c;
+  const ColumnBackwardScratch<T> sc(in);
+  const int64_t qh = bh * H * W * d, vh = bh * H * W * c;
+  for (int64_t t = t0; t < t1; ++t) {
+    const auto [l0, n] = ColumnBlock(t, W);
+    const T* Nc = gather_column_operands(in, bh, l0, n, sc.C, sc.Nc, sc.qc, sc.kc, sc.vc);
+    gather_columns(b.g + vh, H, W, c, l0, n, sc.gc);
+    gather_columns(b.x1 + vh, H, W, c, l0, n, sc.x1c);
+    gather_columns(b.dx2 + vh, H, W, c, l0, n, sc.dx2c);
+    for (int64_t j = 0; j < n; ++j) column_backward(b, sc, Nc, bh, l0, j);
+    scatter_columns(sc.dx1c, H, W, c, l0, n, b.dx1 + vh);
+    scatter_columns(sc.dqc, H, W, d, l0, n, b.dq + qh);
+    scatter_columns(sc.dkc, H, W, d, l0, n, b.dk + qh);
+    scatter_columns(sc.dvc, H, W, c, l0, n, b.dv + vh);
+  }
+}
+
+// Rows [i0, i1) of head bh: dÂ = dX₁ Vᵀ + ½ g X₂ᵀ → dS; the row parts of dq, dk, dv
+// (accumulated onto the column parts) and d log_alpha.
+template <typename T>
+void rows_backward(const BackwardData<T>& b, int64_t bh, int64_t i0, int64_t i1) {
+  const LineOperands<T>& in = b.in;
+  const int64_t H = in.H, W = in.W, d = in.d, c = in.c;
+  T* ds = scratch<T, 1>(W * W + W);
+  T* dC = ds + W * W;
+  for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
+    const T* p = b.probs + r * W * W;
+    const int64_t ro = r * W * c, qo = r * W * d;
+    tile_gemm<T>(false, true, W, W, c, T(1), b.dx1 + ro, c, in.v + ro, c, T(0), ds, W);
+    tile_gemm<T>(false, true, W, W, c, T(0.5), b.g + ro, c, b.x2 + ro, c, T(1), ds, W);
+    tile_gemm<T>(true, false, W, c, W, T(1), p, W, b.dx1 + ro, c, T(1), b.dv + ro, c);
+    softmax_and_mask_backward_tile<T>(p, ds, in.ca + r * W, W, dC);
+    tile_gemm<T>(false, false, W, d, W, in.scale, ds, W, in.k + qo, d, T(1), b.dq + qo, d);
+    tile_gemm<T>(true, false, W, d, W, in.scale, ds, W, in.q + qo, d, T(1), b.dk + qo, d);
+    criss_cross::cumsum_grad(dC, W, b.dla + r * W, int64_t(1));
+  }
 }
 
 // The saved row softmaxes are exactly 0 on blocked pairs, and so are the recomputed column
 // ones: those pairs add nothing to dS, hence nothing to any gradient.
 template <typename T>
-void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& ca, const at::Tensor& cb,
-                   const CountTables<T>& counts, const at::Tensor& row_probs,
-                   const at::Tensor& rows_v,
-                   const at::Tensor& cols_v, T scale, at::Tensor& dq, at::Tensor& dk,
-                   at::Tensor& dv, at::Tensor& d_log_alpha, at::Tensor& d_log_beta) {
-  const Grid g{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
-  const int64_t H = g.H, W = g.W, d = g.d, c = g.c;
-  const T* gp = grad_out.const_data_ptr<T>();
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  const T* cap = ca.const_data_ptr<T>();
-  const T* cbp = cb.const_data_ptr<T>();
-  const T* rp = row_probs.const_data_ptr<T>();
-  const T* x1p = rows_v.const_data_ptr<T>();
-  const T* x2p = cols_v.const_data_ptr<T>();
-  T* dqp = dq.mutable_data_ptr<T>();
-  T* dkp = dk.mutable_data_ptr<T>();
-  T* dvp = dv.mutable_data_ptr<T>();
-  T* dlap = d_log_alpha.mutable_data_ptr<T>();
-  T* dlbp = d_log_beta.mutable_data_ptr<T>();
-  // Gradients of X₁ and X₂ (BH, H, W, c).
-  const at::Tensor dx1 = empty_for_write({g.BH, H, W, c}, v.options());
-  const at::Tensor dx2 = empty_for_write({g.BH, H, W, c}, v.options());
-  T* dx1p = dx1.mutable_data_ptr<T>();
-  T* dx2p = dx2.mutable_data_ptr<T>();
-
-  // Rows: dX₂ = ½ Âᵀ g.
-  const Phase rows_first{H, [&](int64_t bh, int64_t i0, int64_t i1) {
-    for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
-      tile_gemm<T>(true, false, W, c, W, T(0.5), rp + r * W * W, W, gp + r * W * c, c, T(0),
-                   dx2p + r * W * c, c);
-    }
-  }};
-  // Columns, a block at a time, B̂ recomputed: dX₁ = ½ B̂ᵀ g; dB̂ = ½ g X₁ᵀ + dX₂ Vᵀ → dS;
-  // the column parts of dq, dk, dv (first writers) and d log_beta.
-  const Phase columns{ColumnBlock::count(W), [&](int64_t bh, int64_t t0, int64_t t1) {
-    const int64_t td = kColumnBlock * H * d, tc = kColumnBlock * H * c;
-    T* C = scratch<T, 0>(kColumnBlock * H);
-    T* Nc_buf = counts.nb == nullptr ? nullptr : scratch<T, 3>(kColumnBlock * H);
-    T* p = scratch<T, 1>(2 * H * H + H);
-    T* ds = p + H * H;
-    T* dC = ds + H * H;
-    T* qc = scratch<T, 2>(4 * td + 7 * tc);
-    T* kc = qc + td;
-    T* dqc = kc + td;
-    T* dkc = dqc + td;
-    T* vc = dkc + td;
-    T* gc = vc + tc;
-    T* x1c = gc + tc;
-    T* dx2c = x1c + tc;
-    T* dx1c = dx2c + tc;
-    T* dvc = dx1c + tc;
-    const int64_t qh = bh * H * W * d, vh = bh * H * W * c;
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto [l0, n] = ColumnBlock(t, W);
-      gather_columns(cbp + bh * H * W, H, W, 1, l0, n, C);
-      const T* Nc = counts.gather(bh, H, W, l0, n, Nc_buf);
-      gather_columns(qp + qh, H, W, d, l0, n, qc);
-      gather_columns(kp + qh, H, W, d, l0, n, kc);
-      gather_columns(vp + vh, H, W, c, l0, n, vc);
-      gather_columns(gp + vh, H, W, c, l0, n, gc);
-      gather_columns(x1p + vh, H, W, c, l0, n, x1c);
-      gather_columns(dx2p + vh, H, W, c, l0, n, dx2c);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t jd = j * H * d, jc = j * H * c;
-        column_probs(qc, kc, C, Nc, H, d, scale, j, p);
-        tile_gemm<T>(true, false, H, c, H, T(0.5), p, H, gc + jc, c, T(0), dx1c + jc, c);
-        tile_gemm<T>(false, true, H, H, c, T(0.5), gc + jc, c, x1c + jc, c, T(0), ds, H);
-        tile_gemm<T>(false, true, H, H, c, T(1), dx2c + jc, c, vc + jc, c, T(1), ds, H);
-        tile_gemm<T>(true, false, H, c, H, T(1), p, H, dx2c + jc, c, T(0), dvc + jc, c);
-        softmax_and_mask_backward_tile<T>(p, ds, C + j * H, H, dC);
-        tile_gemm<T>(false, false, H, d, H, scale, ds, H, kc + jd, d, T(0), dqc + jd, d);
-        tile_gemm<T>(true, false, H, d, H, scale, ds, H, qc + jd, d, T(0), dkc + jd, d);
-        criss_cross::cumsum_grad(dC, H, dlbp + bh * H * W + l0 + j, W);
-      }
-      scatter_columns(dx1c, H, W, c, l0, n, dx1p + vh);
-      scatter_columns(dqc, H, W, d, l0, n, dqp + qh);
-      scatter_columns(dkc, H, W, d, l0, n, dkp + qh);
-      scatter_columns(dvc, H, W, c, l0, n, dvp + vh);
-    }
-  }};
-  // Rows: dÂ = dX₁ Vᵀ + ½ g X₂ᵀ → dS; the row parts of dq, dk, dv (accumulated), d log_alpha.
-  const Phase rows{H, [&](int64_t bh, int64_t i0, int64_t i1) {
-    T* ds = scratch<T, 1>(W * W + W);
-    T* dC = ds + W * W;
-    for (int64_t r = bh * H + i0; r < bh * H + i1; ++r) {
-      const T* p = rp + r * W * W;
-      const int64_t ro = r * W * c, qo = r * W * d;
-      tile_gemm<T>(false, true, W, W, c, T(1), dx1p + ro, c, vp + ro, c, T(0), ds, W);
-      tile_gemm<T>(false, true, W, W, c, T(0.5), gp + ro, c, x2p + ro, c, T(1), ds, W);
-      tile_gemm<T>(true, false, W, c, W, T(1), p, W, dx1p + ro, c, T(1), dvp + ro, c);
-      softmax_and_mask_backward_tile<T>(p, ds, cap + r * W, W, dC);
-      tile_gemm<T>(false, false, W, d, W, scale, ds, W, kp + qo, d, T(1), dqp + qo, d);
-      tile_gemm<T>(true, false, W, d, W, scale, ds, W, qp + qo, d, T(1), dkp + qo, d);
-      criss_cross::cumsum_grad(dC, W, dlap + r * W, int64_t(1));
-    }
-  }};
-  run_phases(g.BH, {rows_first, columns, rows});
+void backward_impl(const at::Tensor& grad_out, const AttentionInputs& inputs,
+                   const CrissCrossSaved& saved, CrissCrossGrads& grads) {
+  const BackwardData<T> b(grad_out, inputs, saved, grads);
+  const Phase rows_first{b.in.H, [&](int64_t bh, int64_t i0, int64_t i1) {
+                           rows_first_backward(b, bh, i0, i1);
+                         }};
+  const Phase columns{ColumnBlock::count(b.in.W), [&](int64_t bh, int64_t t0, int64_t t1) {
+                        columns_backward(b, bh, t0, t1);
+                      }};
+  const Phase rows{b.in.H, [&](int64_t bh, int64_t i0, int64_t i1) {
+                     rows_backward(b, bh, i0, i1);
+                   }};
+  run_phases(b.in.BH, {rows_first, columns, rows});
 }
 
 }  // namespace
 
-void criss_cross_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& ca, const at::Tensor& cb, const at::Tensor& na,
-                         const at::Tensor& nb, double scale, at::Tensor& out,
-                         const at::Tensor& row_probs, const at::Tensor& rows_v,
-                         const at::Tensor& cols_v) {
-  if (q.scalar_type() == at::kDouble) {
-    forward_impl<double>(q, k, v, ca, cb, CountTables<double>(na, nb), scale, out, row_probs,
-                         rows_v, cols_v);
+void criss_cross_attention_fwd(const AttentionInputs& in, at::Tensor& out,
+                               const CrissCrossSaved& saved) {
+  if (in.q.scalar_type() == at::kDouble) {
+    forward_impl<double>(in, out, saved);
   } else {
-    forward_impl<float>(q, k, v, ca, cb, CountTables<float>(na, nb), static_cast<float>(scale),
-                        out, row_probs, rows_v, cols_v);
+    forward_impl<float>(in, out, saved);
   }
 }
 
-void criss_cross_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                          const at::Tensor& v, const at::Tensor& ca, const at::Tensor& cb,
-                          const at::Tensor& na, const at::Tensor& nb,
-                          const at::Tensor& row_probs, const at::Tensor& rows_v,
-                          const at::Tensor& cols_v, double scale, at::Tensor& dq,
-                          at::Tensor& dk, at::Tensor& dv, at::Tensor& d_log_alpha,
-                          at::Tensor& d_log_beta) {
-  if (q.scalar_type() == at::kDouble) {
-    backward_impl<double>(grad_out, q, k, v, ca, cb, CountTables<double>(na, nb), row_probs,
-                          rows_v, cols_v, scale, dq, dk, dv, d_log_alpha, d_log_beta);
+void criss_cross_attention_bwd(const at::Tensor& grad_out, const AttentionInputs& in,
+                               const CrissCrossSaved& saved, CrissCrossGrads& grads) {
+  if (in.q.scalar_type() == at::kDouble) {
+    backward_impl<double>(grad_out, in, saved, grads);
   } else {
-    backward_impl<float>(grad_out, q, k, v, ca, cb, CountTables<float>(na, nb), row_probs,
-                         rows_v, cols_v, static_cast<float>(scale), dq, dk, dv, d_log_alpha,
-                         d_log_beta);
+    backward_impl<float>(grad_out, in, saved, grads);
   }
 }
 

@@ -1,6 +1,6 @@
-// Criss-cross polyline attention (docs/design.md §2.4), CUDA kernels for the schemas that
-// csrc/criss_cross_attention.cpp defines (ppma::criss_cross_attention_fwd / _backward), with
-// the same saved tensors as the CPU kernels.
+// Criss-cross polyline attention (docs/design.md §2.4), CUDA kernels behind the entry points of
+// criss_cross_attention_kernel.h (called by the host code in csrc/criss_cross_attention.cpp),
+// with the same saved tensors as the CPU kernels.
 //
 // A "line" is one grid row (n = W) or one grid column (n = H) of one head (cuda_common.cuh,
 // Lines). Every step is a kernel over lines in which each output element has one owner thread,
@@ -14,15 +14,13 @@
 //   dÂ = dX₁·Vᵀ + ½·g·X₂ᵀ (per row), dB̂ = ½·g·X₁ᵀ + dX₂·Vᵀ (per column),
 //   dS = softmax backward, then dQ, dK and the mask gradients per line.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
-#include <tuple>
-#include <utility>
-
+#include "../criss_cross_attention_kernel.h"
 #include "../criss_cross_math.h"
 #include "cuda_common.cuh"
 
-namespace ppma::cuda {
+namespace ppma {
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 128;
@@ -157,176 +155,143 @@ void launch(Kernel kernel, int64_t work, Args... args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Tables with each line contiguous, in the accumulation dtype (docs/design.md §1, §2.7): sums
-// of the finite log decays Ca (B·heads, H, W) for the rows and Cbᵀ (B·heads, W, H) for the
-// columns, and the counts of −inf log decays Na, Nbᵀ in the same layouts.
+// Tables with each line contiguous (docs/design.md §1, §2.7): the sums Ca (BH, H, W) and the
+// counts Na of the rows as the host code built them, and Cbᵀ, Nbᵀ (BH, W, H) for the columns.
 struct LineTables {
   at::Tensor ca, cb_t, na, nb_t;
 };
 
-LineTables line_tables(const at::Tensor& log_alpha, const at::Tensor& log_beta,
-                       at::ScalarType acc, int64_t BH, int64_t H, int64_t W) {
-  LineTables t;
-  std::tie(t.ca, t.na) = decay_tables(as_acc(log_alpha, acc).view({BH, H, W}), BH, H, W,
-                                      /*along_rows=*/true);
-  at::Tensor cb, nb;
-  std::tie(cb, nb) = decay_tables(as_acc(log_beta, acc).view({BH, H, W}), BH, H, W,
-                                  /*along_rows=*/false);
-  t.cb_t = cb.transpose(-1, -2).contiguous();
-  t.nb_t = nb.transpose(-1, -2).contiguous();
-  return t;
+LineTables line_tables(const DecayTables& t) {
+  return {t.ca, t.cb.transpose(-1, -2).contiguous(), t.na,
+          t.nb.transpose(-1, -2).contiguous()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
-    const at::Tensor& log_beta, double scale) {
-  check_attention_args("criss_cross_attention", q, k, v, log_alpha, log_beta);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const auto acc = accumulation_type(q.scalar_type());
-  const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3);
-  const int64_t BH = B * heads, d = q.size(4), c = v.size(4);
-  const auto opts = q.options().dtype(acc);
-  at::Tensor out = at::zeros({BH, H, W, c}, opts);
-  at::Tensor row_probs = at::zeros({BH, H, W, W}, opts);
-  // Not returned: the backward recomputes the column softmaxes (O(N·H) per head) instead.
-  at::Tensor col_probs = at::empty({BH, W, H, H}, opts);
-  at::Tensor rows_v = at::zeros({BH, H, W, c}, opts);
-  at::Tensor cols_v = at::zeros({BH, H, W, c}, opts);
-  if (BH * H * W > 0) {
-    const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
-    const LineTables tb = line_tables(log_alpha, log_beta, acc, BH, H, W);
-    const Lines rows = Lines::rows(H, W), cols = Lines::columns(H, W);
-    const int64_t n_rows = BH * H, n_cols = BH * W;
-    AT_DISPATCH_FLOATING_TYPES(acc, "ppma_criss_cross_fwd", [&] {
-      const auto s = static_cast<scalar_t>(scale);
-      const scalar_t* qp = qf.const_data_ptr<scalar_t>();
-      const scalar_t* kp = kf.const_data_ptr<scalar_t>();
-      const scalar_t* vp = vf.const_data_ptr<scalar_t>();
-      scalar_t* rp = row_probs.mutable_data_ptr<scalar_t>();
-      scalar_t* cp = col_probs.mutable_data_ptr<scalar_t>();
-      scalar_t* x1 = rows_v.mutable_data_ptr<scalar_t>();
-      scalar_t* x2 = cols_v.mutable_data_ptr<scalar_t>();
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      launch(line_softmax_kernel<scalar_t>, n_rows * W, qp, kp, tb.ca.const_data_ptr<scalar_t>(),
-             tb.na.const_data_ptr<scalar_t>(), rows, n_rows, d, s, rp);
-      launch(line_softmax_kernel<scalar_t>, n_cols * H, qp, kp,
-             tb.cb_t.const_data_ptr<scalar_t>(), tb.nb_t.const_data_ptr<scalar_t>(), cols, n_cols,
-             d, s, cp);
-      const scalar_t one = 1, half = 0.5;
-      launch(line_apply_kernel<scalar_t>, n_rows * W * c, static_cast<const scalar_t*>(rp), vp,
-             rows, n_rows, c, false, one, false, x1);
-      launch(line_apply_kernel<scalar_t>, n_cols * H * c, static_cast<const scalar_t*>(cp), vp,
-             cols, n_cols, c, false, one, false, x2);
-      launch(line_apply_kernel<scalar_t>, n_cols * H * c, static_cast<const scalar_t*>(cp),
-             static_cast<const scalar_t*>(x1), cols, n_cols, c, false, half, false, op);
-      launch(line_apply_kernel<scalar_t>, n_rows * W * c, static_cast<const scalar_t*>(rp),
-             static_cast<const scalar_t*>(x2), rows, n_rows, c, false, half, true, op);
-    });
-  }
-  return {out.view({B, heads, H, W, c}).to(v.scalar_type()),
-          row_probs.view({B, heads, H, W, W}), rows_v.view({B, heads, H, W, c}),
-          cols_v.view({B, heads, H, W, c})};
+// The forward's launches for one accumulation dtype: both line softmaxes, then
+// X₁ = R(V), X₂ = Cc(V), out = ½·Cc(X₁) + ½·R(X₂).
+template <typename T>
+void forward_launches(const AttentionInputs& in, const LineTables& tb, const at::Tensor& col_probs,
+                      at::Tensor& out, const CrissCrossSaved& saved) {
+  const int64_t BH = in.q.size(0), H = in.q.size(1), W = in.q.size(2);
+  const int64_t d = in.q.size(3), c = in.v.size(3);
+  const Lines rows = Lines::rows(H, W), cols = Lines::columns(H, W);
+  const int64_t n_rows = BH * H, n_cols = BH * W;
+  const T s = static_cast<T>(in.scale), one = 1, half = 0.5;
+  const T* qp = in.q.const_data_ptr<T>();
+  const T* kp = in.k.const_data_ptr<T>();
+  const T* vp = in.v.const_data_ptr<T>();
+  T* rp = saved.row_probs.mutable_data_ptr<T>();
+  T* cp = col_probs.mutable_data_ptr<T>();
+  T* x1 = saved.rows_v.mutable_data_ptr<T>();
+  T* x2 = saved.cols_v.mutable_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  launch(line_softmax_kernel<T>, n_rows * W, qp, kp, tb.ca.const_data_ptr<T>(),
+         tb.na.const_data_ptr<T>(), rows, n_rows, d, s, rp);
+  launch(line_softmax_kernel<T>, n_cols * H, qp, kp, tb.cb_t.const_data_ptr<T>(),
+         tb.nb_t.const_data_ptr<T>(), cols, n_cols, d, s, cp);
+  launch(line_apply_kernel<T>, n_rows * W * c, static_cast<const T*>(rp), vp, rows, n_rows, c,
+         false, one, false, x1);
+  launch(line_apply_kernel<T>, n_cols * H * c, static_cast<const T*>(cp), vp, cols, n_cols, c,
+         false, one, false, x2);
+  launch(line_apply_kernel<T>, n_cols * H * c, static_cast<const T*>(cp),
+         static_cast<const T*>(x1), cols, n_cols, c, false, half, false, op);
+  launch(line_apply_kernel<T>, n_rows * W * c, static_cast<const T*>(rp),
+         static_cast<const T*>(x2), rows, n_rows, c, false, half, true, op);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& log_alpha, const at::Tensor& log_beta, const at::Tensor& row_probs,
-    const at::Tensor& rows_v, const at::Tensor& cols_v, double scale) {
-  constexpr const char* op = "criss_cross_attention_backward";
-  check_attention_args(op, q, k, v, log_alpha, log_beta);
-  TORCH_CHECK(grad_out.sizes() == v.sizes(), op, ": grad_out must have the shape of v ",
-              v.sizes(), ", got ", grad_out.sizes());
-  const auto acc = accumulation_type(q.scalar_type());
-  const int64_t B = q.size(0), heads = q.size(1), H = q.size(2), W = q.size(3);
-  const int64_t BH = B * heads, d = q.size(4), c = v.size(4);
-  const auto dev = q.device();
-  TORCH_CHECK(grad_out.device() == dev, op, ": grad_out is on ", grad_out.device(),
-              " but q is on ", dev);
-  check_like(op, "row_probs", row_probs, {B, heads, H, W, W}, acc, dev);
-  check_like(op, "rows_v", rows_v, {B, heads, H, W, c}, acc, dev);
-  check_like(op, "cols_v", cols_v, {B, heads, H, W, c}, acc, dev);
-  const c10::cuda::CUDAGuard guard(dev);
-  const auto opts = q.options().dtype(acc);
-  at::Tensor dq = at::zeros({BH, H, W, d}, opts), dk = at::zeros({BH, H, W, d}, opts);
-  at::Tensor dv = at::zeros({BH, H, W, c}, opts);
-  at::Tensor dla = at::zeros({BH, H, W}, opts), dlb = at::zeros({BH, H, W}, opts);
-  if (BH * H * W > 0) {
-    const at::Tensor g = as_acc(grad_out, acc);
-    const at::Tensor qf = as_acc(q, acc), kf = as_acc(k, acc), vf = as_acc(v, acc);
-    const at::Tensor rp = row_probs.contiguous();
-    at::Tensor cp = at::empty({BH, W, H, H}, opts);  // B̂, recomputed below
-    const at::Tensor x1 = rows_v.contiguous(), x2 = cols_v.contiguous();
-    const LineTables tb = line_tables(log_alpha, log_beta, acc, BH, H, W);
-    at::Tensor dx1 = at::empty({BH, H, W, c}, opts), dx2 = at::empty({BH, H, W, c}, opts);
-    at::Tensor ds_rows = at::empty({BH, H, W, W}, opts);
-    at::Tensor ds_cols = at::empty({BH, W, H, H}, opts);
-    at::Tensor scratch = at::empty({BH * H * W}, opts);  // n per line, for either direction
-    const Lines rows = Lines::rows(H, W), cols = Lines::columns(H, W);
-    const int64_t n_rows = BH * H, n_cols = BH * W;
-    AT_DISPATCH_FLOATING_TYPES(acc, "ppma_criss_cross_backward", [&] {
-      using T = scalar_t;
-      const T one = 1, half = 0.5;
-      const T* gp = g.const_data_ptr<T>();
-      const T* vp = vf.const_data_ptr<T>();
-      const T* rpp = rp.const_data_ptr<T>();
-      // The same kernel and inputs as the forward's, so bitwise the same column softmaxes.
-      launch(line_softmax_kernel<T>, n_cols * H, qf.const_data_ptr<T>(), kf.const_data_ptr<T>(),
-             tb.cb_t.const_data_ptr<T>(), tb.nb_t.const_data_ptr<T>(), cols, n_cols, d,
-             static_cast<T>(scale), cp.mutable_data_ptr<T>());
-      const T* cpp = cp.const_data_ptr<T>();
-      const T* x1p = x1.const_data_ptr<T>();
-      const T* x2p = x2.const_data_ptr<T>();
-      T* dx1p = dx1.mutable_data_ptr<T>();
-      T* dx2p = dx2.mutable_data_ptr<T>();
-      T* dvp = dv.mutable_data_ptr<T>();
-      // dX₁ = ½·Ccᵀ(g), dX₂ = ½·Rᵀ(g); dV = Rᵀ(dX₁) + Ccᵀ(dX₂).
-      launch(line_apply_kernel<T>, n_cols * H * c, cpp, gp, cols, n_cols, c, true, half, false,
-             dx1p);
-      launch(line_apply_kernel<T>, n_rows * W * c, rpp, gp, rows, n_rows, c, true, half, false,
-             dx2p);
-      launch(line_apply_kernel<T>, n_rows * W * c, rpp, static_cast<const T*>(dx1p), rows,
-             n_rows, c, true, one, false, dvp);
-      launch(line_apply_kernel<T>, n_cols * H * c, cpp, static_cast<const T*>(dx2p), cols,
-             n_cols, c, true, one, true, dvp);
-      // dÂ = dX₁·Vᵀ + ½·g·X₂ᵀ; dB̂ = ½·g·X₁ᵀ + dX₂·Vᵀ; then the softmax backward.
-      launch(line_score_grad_kernel<T>, n_rows * W, rpp, static_cast<const T*>(dx1p), vp, one,
-             gp, x2p, half, rows, n_rows, c, ds_rows.mutable_data_ptr<T>());
-      launch(line_score_grad_kernel<T>, n_cols * H, cpp, gp, x1p, half,
-             static_cast<const T*>(dx2p), vp, one, cols, n_cols, c,
-             ds_cols.mutable_data_ptr<T>());
-      launch(qk_grad_kernel<T>, BH * H * W * d, qf.const_data_ptr<T>(), kf.const_data_ptr<T>(),
-             static_cast<const T*>(ds_rows.const_data_ptr<T>()),
-             static_cast<const T*>(ds_cols.const_data_ptr<T>()), BH, H, W, d,
-             static_cast<T>(scale), dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>());
-      // Blocked pairs have probability 0, hence dS = 0: they add nothing here.
-      launch(line_mask_grad_kernel<T>, n_rows, ds_rows.const_data_ptr<T>(),
-             tb.ca.const_data_ptr<T>(), rows, n_rows, scratch.mutable_data_ptr<T>(),
-             dla.mutable_data_ptr<T>());
-      launch(line_mask_grad_kernel<T>, n_cols, ds_cols.const_data_ptr<T>(),
-             tb.cb_t.const_data_ptr<T>(), cols, n_cols, scratch.mutable_data_ptr<T>(),
-             dlb.mutable_data_ptr<T>());
-    });
-    dla = finish_decay_grad(dla, log_alpha, /*along_rows=*/true);
-    dlb = finish_decay_grad(dlb, log_beta, /*along_rows=*/false);
-  }
-  const auto dt = q.scalar_type();
-  return {dq.view({B, heads, H, W, d}).to(dt), dk.view({B, heads, H, W, d}).to(dt),
-          dv.view({B, heads, H, W, c}).to(v.scalar_type()), dla.view({B, heads, H, W}).to(dt),
-          dlb.view({B, heads, H, W}).to(dt)};
+// The backward's scratch: B̂ (recomputed), dX₁, dX₂, the score gradients of rows and columns,
+// and n values per line for the table gradient of either direction.
+struct BackwardScratch {
+  at::Tensor col_probs, dx1, dx2, ds_rows, ds_cols, line;
+  BackwardScratch(int64_t BH, int64_t H, int64_t W, int64_t c, const at::TensorOptions& opts)
+      : col_probs(at::empty({BH, W, H, H}, opts)), dx1(at::empty({BH, H, W, c}, opts)),
+        dx2(at::empty({BH, H, W, c}, opts)), ds_rows(at::empty({BH, H, W, W}, opts)),
+        ds_cols(at::empty({BH, W, H, H}, opts)), line(at::empty({BH * H * W}, opts)) {}
+};
+
+// dX₁ = ½·Ccᵀ(g), dX₂ = ½·Rᵀ(g), dV = Rᵀ(dX₁) + Ccᵀ(dX₂), then
+// dÂ = dX₁·Vᵀ + ½·g·X₂ᵀ and dB̂ = ½·g·X₁ᵀ + dX₂·Vᵀ through the softmax backward.
+template <typename T>
+void value_and_score_grads(const T* g, const AttentionInputs& in, const CrissCrossSaved& saved,
+                           BackwardScratch& sc, at::Tensor& dv) {
+  const int64_t BH = in.q.size(0), H = in.q.size(1), W = in.q.size(2), c = in.v.size(3);
+  const Lines rows = Lines::rows(H, W), cols = Lines::columns(H, W);
+  const int64_t n_rows = BH * H, n_cols = BH * W;
+  const T one = 1, half = 0.5;
+  const T* vp = in.v.const_data_ptr<T>();
+  const T* rpp = saved.row_probs.const_data_ptr<T>();
+  const T* cpp = sc.col_probs.const_data_ptr<T>();
+  const T* x1p = saved.rows_v.const_data_ptr<T>();
+  const T* x2p = saved.cols_v.const_data_ptr<T>();
+  T* dx1p = sc.dx1.mutable_data_ptr<T>();
+  T* dx2p = sc.dx2.mutable_data_ptr<T>();
+  T* dvp = dv.mutable_data_ptr<T>();
+  launch(line_apply_kernel<T>, n_cols * H * c, cpp, g, cols, n_cols, c, true, half, false, dx1p);
+  launch(line_apply_kernel<T>, n_rows * W * c, rpp, g, rows, n_rows, c, true, half, false, dx2p);
+  launch(line_apply_kernel<T>, n_rows * W * c, rpp, static_cast<const T*>(dx1p), rows, n_rows, c,
+         true, one, false, dvp);
+  launch(line_apply_kernel<T>, n_cols * H * c, cpp, static_cast<const T*>(dx2p), cols, n_cols, c,
+         true, one, true, dvp);
+  launch(line_score_grad_kernel<T>, n_rows * W, rpp, static_cast<const T*>(dx1p), vp, one, g,
+         x2p, half, rows, n_rows, c, sc.ds_rows.mutable_data_ptr<T>());
+  launch(line_score_grad_kernel<T>, n_cols * H, cpp, g, x1p, half, static_cast<const T*>(dx2p),
+         vp, one, cols, n_cols, c, sc.ds_cols.mutable_data_ptr<T>());
 }
 
-// The forward's output alone (the saved tensors are dropped as soon as it returns).
-at::Tensor criss_cross_inference_cuda(const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, const at::Tensor& log_alpha,
-                                      const at::Tensor& log_beta, double scale) {
-  return std::get<0>(criss_cross_fwd_cuda(q, k, v, log_alpha, log_beta, scale));
+// The backward's launches for one accumulation dtype (see the file comment).
+template <typename T>
+void backward_launches(const T* g, const AttentionInputs& in, const LineTables& tb,
+                       const CrissCrossSaved& saved, CrissCrossGrads& grads) {
+  const int64_t BH = in.q.size(0), H = in.q.size(1), W = in.q.size(2);
+  const int64_t d = in.q.size(3), c = in.v.size(3);
+  const Lines rows = Lines::rows(H, W), cols = Lines::columns(H, W);
+  const int64_t n_rows = BH * H, n_cols = BH * W;
+  const T scale = static_cast<T>(in.scale);
+  const T* qp = in.q.const_data_ptr<T>();
+  const T* kp = in.k.const_data_ptr<T>();
+  BackwardScratch sc(BH, H, W, c, in.q.options());
+  // The same kernel and inputs as the forward's, so bitwise the same column softmaxes.
+  launch(line_softmax_kernel<T>, n_cols * H, qp, kp, tb.cb_t.const_data_ptr<T>(),
+         tb.nb_t.const_data_ptr<T>(), cols, n_cols, d, scale, sc.col_probs.mutable_data_ptr<T>());
+  value_and_score_grads<T>(g, in, saved, sc, grads.dv);
+  const T* ds_rows = sc.ds_rows.const_data_ptr<T>();
+  const T* ds_cols = sc.ds_cols.const_data_ptr<T>();
+  launch(qk_grad_kernel<T>, BH * H * W * d, qp, kp, ds_rows, ds_cols, BH, H, W, d, scale,
+         grads.dq.mutable_data_ptr<T>(), grads.dk.mutable_data_ptr<T>());
+  // Blocked pairs have probability 0, hence dS = 0: they add nothing here.
+  launch(line_mask_grad_kernel<T>, n_rows, ds_rows, tb.ca.const_data_ptr<T>(), rows, n_rows,
+         sc.line.mutable_data_ptr<T>(), grads.d_log_alpha.mutable_data_ptr<T>());
+  launch(line_mask_grad_kernel<T>, n_cols, ds_cols, tb.cb_t.const_data_ptr<T>(), cols, n_cols,
+         sc.line.mutable_data_ptr<T>(), grads.d_log_beta.mutable_data_ptr<T>());
 }
 
 }  // namespace
-}  // namespace ppma::cuda
+}  // namespace cuda
 
-TORCH_LIBRARY_IMPL(ppma, CUDA, m) {
-  m.impl("criss_cross_attention_fwd", &ppma::cuda::criss_cross_fwd_cuda);
-  m.impl("criss_cross_attention_backward", &ppma::cuda::criss_cross_backward_cuda);
-  m.impl("criss_cross_attention_inference", &ppma::cuda::criss_cross_inference_cuda);
+void criss_cross_attention_fwd_kernel_cuda(const AttentionInputs& in, at::Tensor& out,
+                                           const CrissCrossSaved& saved) {
+  const int64_t BH = in.q.size(0), H = in.q.size(1), W = in.q.size(2), c = in.v.size(3);
+  const auto opts = in.q.options();
+  // Inference keeps nothing, but the kernels still need R, Â and both half-way products.
+  const CrissCrossSaved kept = saved.row_probs.defined()
+                                   ? saved
+                                   : CrissCrossSaved{at::empty({BH, H, W, W}, opts),
+                                                     at::empty({BH, H, W, c}, opts),
+                                                     at::empty({BH, H, W, c}, opts)};
+  // Not returned: the backward recomputes the column softmaxes (O(N·H) per head) instead.
+  const at::Tensor col_probs = at::empty({BH, W, H, H}, opts);
+  const cuda::LineTables tb = cuda::line_tables(in.tables);
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "ppma_criss_cross_fwd", [&] {
+    cuda::forward_launches<scalar_t>(in, tb, col_probs, out, kept);
+  });
 }
+
+void criss_cross_attention_bwd_kernel_cuda(const at::Tensor& grad_out,
+                                           const AttentionInputs& in,
+                                           const CrissCrossSaved& saved, CrissCrossGrads& grads) {
+  const cuda::LineTables tb = cuda::line_tables(in.tables);
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "ppma_criss_cross_bwd", [&] {
+    cuda::backward_launches<scalar_t>(grad_out.const_data_ptr<scalar_t>(), in, tb, saved, grads);
+  });
+}
+
+}  // namespace ppma

@@ -1,5 +1,5 @@
-// ppma::polyline_scan / polyline_scan_backward on CUDA: y = L·x (or Lᵀ·x) in O(N·c) by scans
-// (docs/design.md §1, Theorem 2 and Corollary 2), for the schemas csrc/polyline_scan.cpp defines.
+// The polyline scan's CUDA kernels (docs/design.md §1, Theorem 2 and Corollary 2), behind the
+// entry points of polyline_scan_kernel.h (called by the host code in csrc/polyline_scan.cpp).
 //
 // L = L_H·L_V: y = L·x mixes every grid column with B_l, then every grid row with A_i; Lᵀ·x
 // mixes rows first. One thread scans one (line, channel) with the shared line math of
@@ -8,14 +8,13 @@
 // channel's share to a (c, B·heads·H·W) scratch, summed afterwards in channel order, so
 // results are deterministic without atomics.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
-#include <tuple>
-
+#include "../polyline_scan_kernel.h"
 #include "../scan_math.h"
 #include "cuda_common.cuh"
 
-namespace ppma::cuda {
+namespace ppma {
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 128;
@@ -67,123 +66,47 @@ __global__ void sum_channel_parts_kernel(const acc_t* __restrict__ parts, int64_
   grad[t] = sum;
 }
 
-struct ScanProblem {
-  int64_t BH, H, W, c;
-  int64_t table_size() const { return BH * H * W; }
-};
+}  // namespace
+}  // namespace cuda
 
-void mix(const at::Tensor& x, at::Tensor& out, const at::Tensor& log_decay, const Lines& lines,
-         const ScanProblem& p) {
-  const int64_t num_lines = p.BH * lines.lines_per_head;
+void scan_mix_kernel_cuda(const at::Tensor& x, const at::Tensor& log_decay, bool along_rows,
+                          at::Tensor& out) {
+  using namespace cuda;
+  const int64_t c = x.size(3);
+  const Lines lines = Lines::of(along_rows, x.size(1), x.size(2));
+  const int64_t num_lines = x.size(0) * lines.lines_per_head;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ppma_polyline_scan", [&] {
-    scan_mix_kernel<scalar_t><<<blocks_for(num_lines * p.c, kThreads), kThreads, 0,
+    scan_mix_kernel<scalar_t><<<blocks_for(num_lines * c, kThreads), kThreads, 0,
                                 c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-        log_decay.const_data_ptr<scalar_t>(), lines, num_lines, p.c);
+        log_decay.const_data_ptr<scalar_t>(), lines, num_lines, c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void mix_backward(const at::Tensor& u, const at::Tensor& gy, at::Tensor& grad_u,
-                  at::Tensor& grad_log_decay, const at::Tensor& log_decay, const Lines& lines,
-                  const ScanProblem& p) {
-  const int64_t num_lines = p.BH * lines.lines_per_head;
-  at::Tensor parts = at::empty({p.c, p.table_size()}, u.options());
+void scan_mix_backward_kernel_cuda(const at::Tensor& u, const at::Tensor& grad_y,
+                                   const at::Tensor& log_decay, bool along_rows,
+                                   at::Tensor& grad_u, at::Tensor& grad_log_decay) {
+  using namespace cuda;
+  const int64_t c = u.size(3), table_size = log_decay.numel();
+  const Lines lines = Lines::of(along_rows, u.size(1), u.size(2));
+  const int64_t num_lines = u.size(0) * lines.lines_per_head;
+  at::Tensor parts = at::empty({c, table_size}, u.options());  // each channel's share
   at::Tensor fu = at::empty_like(u);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "ppma_polyline_scan_backward", [&] {
-    scan_mix_backward_kernel<scalar_t>
-        <<<blocks_for(num_lines * p.c, kThreads), kThreads, 0, stream>>>(
-            u.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(),
-            grad_u.mutable_data_ptr<scalar_t>(), parts.mutable_data_ptr<scalar_t>(),
-            fu.mutable_data_ptr<scalar_t>(), log_decay.const_data_ptr<scalar_t>(), lines,
-            num_lines, p.c, p.table_size());
+    scan_mix_backward_kernel<scalar_t><<<blocks_for(num_lines * c, kThreads), kThreads, 0,
+                                         stream>>>(
+        u.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
+        grad_u.mutable_data_ptr<scalar_t>(), parts.mutable_data_ptr<scalar_t>(),
+        fu.mutable_data_ptr<scalar_t>(), log_decay.const_data_ptr<scalar_t>(), lines, num_lines,
+        c, table_size);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_channel_parts_kernel<scalar_t>
-        <<<blocks_for(p.table_size(), kThreads), kThreads, 0, stream>>>(
-            parts.const_data_ptr<scalar_t>(), p.c, p.table_size(),
-            grad_log_decay.mutable_data_ptr<scalar_t>());
+    sum_channel_parts_kernel<scalar_t><<<blocks_for(table_size, kThreads), kThreads, 0, stream>>>(
+        parts.const_data_ptr<scalar_t>(), c, table_size,
+        grad_log_decay.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void check_scan_args(const char* op, const at::Tensor& x, const at::Tensor& log_alpha,
-                     const at::Tensor& log_beta) {
-  TORCH_CHECK(x.dim() == 5, op, ": x must have shape (B, heads, H, W, c), got ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": x must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel got x on ", x.device());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"log_alpha", &log_alpha},
-                                {"log_beta", &log_beta}}) {
-    TORCH_CHECK(t->sizes() == x.sizes().slice(0, 4), op, ": ", name,
-                " must have shape (B, heads, H, W) = ", x.sizes().slice(0, 4), ", got ",
-                t->sizes());
-    TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " has dtype ", t->scalar_type(),
-                " but x has ", dtype);
-    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(),
-                " but x is on ", x.device());
-  }
-}
-
-at::Tensor polyline_scan_cuda(const at::Tensor& x, const at::Tensor& log_alpha,
-                              const at::Tensor& log_beta, bool transpose) {
-  check_scan_args("polyline_scan", x, log_alpha, log_beta);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = accumulation_type(x.scalar_type());
-  const at::Tensor xa = as_acc(x, acc), la = as_acc(log_alpha, acc), lb = as_acc(log_beta, acc);
-  at::Tensor out = at::empty_like(xa);
-  if (xa.numel() == 0) return out.to(x.scalar_type());
-  const ScanProblem p{x.size(0) * x.size(1), x.size(2), x.size(3), x.size(4)};
-  const Lines rows = Lines::rows(p.H, p.W), cols = Lines::columns(p.H, p.W);
-  at::Tensor mid = at::empty_like(xa);
-  if (!transpose) {  // L·x = L_H·(L_V·x)
-    mix(xa, mid, lb, cols, p);
-    mix(mid, out, la, rows, p);
-  } else {  // Lᵀ·x = L_V·(L_H·x)
-    mix(xa, mid, la, rows, p);
-    mix(mid, out, lb, cols, p);
-  }
-  return out.to(x.scalar_type());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_scan_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& log_alpha,
-    const at::Tensor& log_beta, bool transpose) {
-  check_scan_args("polyline_scan_backward", x, log_alpha, log_beta);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.device() == x.device(),
-              "polyline_scan_backward: grad_y must have x's shape ", x.sizes(), " on ",
-              x.device(), ", got ", grad_y.sizes(), " on ", grad_y.device());
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = accumulation_type(x.scalar_type());
-  const at::Tensor xa = as_acc(x, acc), gy = as_acc(grad_y, acc);
-  const at::Tensor la = as_acc(log_alpha, acc), lb = as_acc(log_beta, acc);
-  at::Tensor grad_x = at::zeros_like(xa);
-  at::Tensor grad_la = at::zeros_like(la), grad_lb = at::zeros_like(lb);
-  if (xa.numel() > 0) {
-    const ScanProblem p{x.size(0) * x.size(1), x.size(2), x.size(3), x.size(4)};
-    const Lines rows = Lines::rows(p.H, p.W), cols = Lines::columns(p.H, p.W);
-    at::Tensor mid = at::empty_like(xa);       // the intermediate grid of the forward pass
-    at::Tensor grad_mid = at::empty_like(xa);  // its gradient
-    if (!transpose) {  // y = L_H·z, z = L_V·x
-      mix(xa, mid, lb, cols, p);
-      mix_backward(mid, gy, grad_mid, grad_la, la, rows, p);
-      mix_backward(xa, grad_mid, grad_x, grad_lb, lb, cols, p);
-    } else {  // y = L_V·w, w = L_H·x
-      mix(xa, mid, la, rows, p);
-      mix_backward(mid, gy, grad_mid, grad_lb, lb, cols, p);
-      mix_backward(xa, grad_mid, grad_x, grad_la, la, rows, p);
-    }
-  }
-  const auto dt = x.scalar_type();
-  return {grad_x.to(dt), grad_la.to(dt), grad_lb.to(dt)};
-}
-
-}  // namespace
-}  // namespace ppma::cuda
-
-TORCH_LIBRARY_IMPL(ppma, CUDA, m) {
-  m.impl("polyline_scan", &ppma::cuda::polyline_scan_cuda);
-  m.impl("polyline_scan_backward", &ppma::cuda::polyline_scan_backward_cuda);
-}
+}  // namespace ppma

@@ -7,12 +7,24 @@ functions use the pure-PyTorch reference instead.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 
 from .backend import get_backend
+
+# The ops with a kernel per device (CPU, and CUDA where built with it): every op of the
+# library but the CompositeImplicitAutograd public attention ops and the CPU-only depthwise
+# convolution.
+CUDA_KERNEL_OPS = (
+    "_polyline_attention_fwd",
+    "_polyline_attention_bwd",
+    "_criss_cross_attention_fwd",
+    "_criss_cross_attention_bwd",
+    "_criss_cross_attention_inference",
+    "polyline_scan",
+    "_polyline_scan_bwd",
+)
 
 _load_error: str | None = None
 try:
@@ -30,14 +42,17 @@ def native_available() -> bool:
     return _C is not None
 
 
-@functools.cache
-def _registered(op_name: str) -> bool:
-    return _C is not None and hasattr(torch.ops.ppma, op_name)
+# The public ops the library registered, looked up once: a plain set keeps has_native_op
+# traceable by torch.compile (a functools.cache lookup would make Dynamo warn or break).
+PUBLIC_OPS = ("polyline_attention", "criss_cross_attention", "polyline_scan", "depthwise_conv2d")
+_REGISTERED = frozenset(
+    name for name in PUBLIC_OPS if _C is not None and hasattr(torch.ops.ppma, name)
+)
 
 
 def has_native_op(op_name: str) -> bool:
     """True when the "native" backend is selected and ``torch.ops.ppma.<op_name>`` exists."""
-    return get_backend() == "native" and _registered(op_name)
+    return get_backend() == "native" and op_name in _REGISTERED
 
 
 def native_load_error() -> str | None:

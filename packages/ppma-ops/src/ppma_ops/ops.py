@@ -1,7 +1,10 @@
-"""Public entry points: validate, then run the native op or the reference.
+"""Public entry points: check the log-decay values, then run the native op or the reference.
 
-The native ops (``torch.ops.ppma.*``) are registered by the compiled library together with
-their fake kernels and autograd formulas (see the per-op registration modules).
+Each argument is checked once per call. The native ops (``torch.ops.ppma.*``, registered by the
+compiled library with their fake kernels and autograd, :mod:`ppma_ops.registration`) check
+shapes, dtypes and devices in C++; the reference path checks them here
+(:mod:`ppma_ops.validation`). Log-decay values are checked here for both
+(:mod:`ppma_ops.value_checks`: always on CPU tensors, on CUDA tensors when asked for).
 """
 
 from __future__ import annotations
@@ -10,12 +13,8 @@ import torch
 
 from . import reference
 from ._native import has_native_op, warn_if_unavailable
-from .validation import (
-    check_depthwise_conv_args,
-    check_log_decays,
-    check_same_kind,
-    check_spatial_args,
-)
+from .validation import check_attention_args, check_depthwise_conv_args, check_scan_args
+from .value_checks import check_log_decay_values
 
 # dtypes of the native depthwise convolution (other dtypes and devices use F.conv2d).
 _DEPTHWISE_NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -35,11 +34,12 @@ def polyline_attention(
     q, k: (B, heads, H, W, d); v: (B, heads, H, W, c); log_alpha, log_beta: (B, heads, H, W),
     all ≤ 0. scale defaults to d^-0.5. Returns (B, heads, H, W, c).
     """
-    check_spatial_args(q, k, v, log_alpha, log_beta)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    check_log_decay_values(log_alpha, log_beta)
     if has_native_op("polyline_attention"):
         return torch.ops.ppma.polyline_attention(q, k, v, log_alpha, log_beta, scale)
     warn_if_unavailable()
+    check_attention_args(q, k, v, log_alpha, log_beta)
     return reference.polyline_attention(q, k, v, log_alpha, log_beta, scale=scale)
 
 
@@ -56,11 +56,12 @@ def criss_cross_attention(
 
     Shapes as :func:`polyline_attention`. Returns (B, heads, H, W, c).
     """
-    check_spatial_args(q, k, v, log_alpha, log_beta)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    check_log_decay_values(log_alpha, log_beta)
     if has_native_op("criss_cross_attention"):
         return torch.ops.ppma.criss_cross_attention(q, k, v, log_alpha, log_beta, scale)
     warn_if_unavailable()
+    check_attention_args(q, k, v, log_alpha, log_beta)
     return reference.criss_cross_attention(q, k, v, log_alpha, log_beta, scale=scale)
 
 
@@ -75,13 +76,11 @@ def polyline_scan(
 
     x: (B, heads, H, W, c); log_alpha, log_beta: (B, heads, H, W), ≤ 0. Returns x's shape.
     """
-    if x.dim() != 5:
-        raise ValueError(f"x must have shape (B, heads, H, W, c), got {tuple(x.shape)}")
-    check_log_decays(log_alpha, log_beta, x.shape[:4])
-    check_same_kind(x=x, log_alpha=log_alpha, log_beta=log_beta)
+    check_log_decay_values(log_alpha, log_beta)
     if has_native_op("polyline_scan"):
         return torch.ops.ppma.polyline_scan(x, log_alpha, log_beta, transpose)
     warn_if_unavailable()
+    check_scan_args(x, log_alpha, log_beta)
     return reference.polyline_scan(x, log_alpha, log_beta, transpose=transpose)
 
 
@@ -96,6 +95,8 @@ def depthwise_conv2d(
     float64 CPU tensors of one dtype outside autocast; elsewhere (CUDA, autocast, mixed
     dtypes) ``F.conv2d`` does, with its own casting rules and errors.
     """
+    # Checked here for both paths: choosing one needs well-formed arguments, and the errors
+    # stay those of F.conv2d's callers (ValueError / TypeError) whichever path runs.
     check_depthwise_conv_args(x, weight, bias)
     native_case = (
         x.device.type == "cpu"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .validation import first_of_line
+from .dtypes import accumulation_dtype
 
 __all__ = [
     "depthwise_conv2d",
@@ -26,6 +26,16 @@ __all__ = [
     "criss_cross_attention",
     "polyline_scan",
 ]
+
+
+def first_of_line(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """True at each line's first entry along ``dim`` (−1: rows, −2: columns), broadcastable to t.
+
+    That log decay never enters the mask (docs/design.md §1), so the ops leave it out of their
+    cumulative sums.
+    """
+    first = torch.arange(t.shape[dim], device=t.device) == 0
+    return first if dim == -1 else first.unsqueeze(-1)
 
 
 def _split_cumsum(
@@ -61,7 +71,7 @@ def _row_col_log_masks(
     log_B (B, h, W, H, H) with log_B[l, i, k] = −|Cb[i, l] − Cb[k, l]|; −inf where a log decay
     of −inf lies on the leg (§2.7).
     """
-    acc = torch.promote_types(log_alpha.dtype, torch.float32)
+    acc = accumulation_dtype(log_alpha.dtype)
     ca, na = _split_cumsum(log_alpha, -1, acc)  # along each row (W)
     cb, nb = _split_cumsum(log_beta, -2, acc)  # along each column (H)
     log_a = _line_log_masks(ca, na)

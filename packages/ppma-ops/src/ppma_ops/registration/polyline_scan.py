@@ -1,7 +1,7 @@
-"""Fake kernel and autograd for ``torch.ops.ppma.polyline_scan`` (csrc/polyline_scan.cpp).
+"""Fake kernels and autograd of ``ppma::polyline_scan`` (csrc/polyline_scan.cpp).
 
-The backward op recomputes the O(N·c) intermediate grid instead of saving it, so autograd
-keeps only the inputs.
+The backward op ``ppma::_polyline_scan_bwd`` recomputes the O(N·c) intermediate grid instead of
+saving it, so autograd keeps only the inputs.
 """
 
 from __future__ import annotations
@@ -9,29 +9,32 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..validation import grad_error, scan_args_error
+from ._fake import check, contiguous_like
 from ._graph_backward import builds_graph, reference_gradients
+
+_BWD = "_polyline_scan_bwd"
 
 
 @torch.library.register_fake("ppma::polyline_scan")
-def _polyline_scan_fake(
+def _scan_fake(
     x: torch.Tensor, log_alpha: torch.Tensor, log_beta: torch.Tensor, transpose: bool
 ) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    check("polyline_scan", scan_args_error(x, log_alpha, log_beta))
+    return contiguous_like(x)
 
 
-@torch.library.register_fake("ppma::polyline_scan_backward")
-def _polyline_scan_backward_fake(
+@torch.library.register_fake(f"ppma::{_BWD}")
+def _scan_bwd_fake(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     log_alpha: torch.Tensor,
     log_beta: torch.Tensor,
     transpose: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(log_alpha, memory_format=torch.contiguous_format),
-        torch.empty_like(log_beta, memory_format=torch.contiguous_format),
-    )
+    check(_BWD, scan_args_error(x, log_alpha, log_beta))
+    check(_BWD, grad_error("grad_y", grad_y, "x", x))
+    return contiguous_like(x), contiguous_like(log_alpha), contiguous_like(log_beta)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -50,10 +53,8 @@ def _backward(ctx, grad_y: torch.Tensor):
             grad_y,
         )
         return (*grads, None)
-    grad_x, grad_log_alpha, grad_log_beta = torch.ops.ppma.polyline_scan_backward(
-        grad_y, x, log_alpha, log_beta, ctx.transpose
-    )
-    return grad_x, grad_log_alpha, grad_log_beta, None
+    grads = torch.ops.ppma._polyline_scan_bwd(grad_y, x, log_alpha, log_beta, ctx.transpose)
+    return (*grads, None)
 
 
 torch.library.register_autograd("ppma::polyline_scan", _backward, setup_context=_setup_context)
