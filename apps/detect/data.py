@@ -27,7 +27,9 @@ from apps.data.fashion_mnist import load_fashion_mnist
 from apps.data.images import decode_image
 from apps.detect.coco import CocoData, CocoDatasetError, annotation_files, encode_mask, read_coco
 from apps.detect.scenes import INSTANCE_CLASSES, Instance, InstanceSceneGenerator
+from apps.detect.settings import DEFAULT_VAL_FRACTION
 from apps.detect.transforms import TrainAugment, to_image, to_target
+from apps.engine.options import OptionError
 from apps.engine.seeding import seed_for
 from apps.segment.scenes import SceneConfig
 
@@ -44,8 +46,6 @@ __all__ = [
     "images_dir",
     "scene_source",
 ]
-
-DEFAULT_VAL_FRACTION = 0.1
 
 
 class SceneSource(Dataset):
@@ -291,9 +291,8 @@ def _coco_sources(args) -> SourcePair:
     description = {"kind": "coco", "root": str(root.resolve()), "train": str(train_file.resolve())}
     if val_file is not None:
         if args.val_fraction is not None:
-            raise SystemExit(
-                f"error: --val-fraction applies only without a validation split, but "
-                f"{val_file} is one"
+            raise OptionError(
+                f"--val-fraction applies only without a validation split, but {val_file} is one"
             )
         val_data = read_coco(
             val_file,

@@ -7,6 +7,7 @@ numbers, equal to a single-process run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ppma_models import CheckpointError
 from torch.utils.data import DataLoader, Dataset
 
 from apps.detect.coco import read_coco
@@ -28,12 +30,12 @@ from apps.detect.data import (
     scene_source,
 )
 from apps.detect.metrics import DetectionScores, coco_scores, ground_truth, results_from_output
-from apps.detect.model import DetectorSpec, load_meta, load_trained
+from apps.detect.model import DetectorSpec, load_run
 from apps.detect.plots import plot_precision_recall
-from apps.engine import console, init_distributed, progress_enabled
-from apps.engine.checkpoint import CheckpointError
-from apps.engine.distributed import DistributedContext, ShardSampler
-from apps.engine.progress import progress_bar
+from apps.detect.scenes import INSTANCE_CLASSES
+from apps.engine.distributed import DistributedContext, ShardSampler, init_distributed
+from apps.engine.options import OptionError
+from apps.engine.progress import console, progress_bar, progress_enabled
 from apps.segment.scenes import SceneConfig
 
 __all__ = [
@@ -169,8 +171,8 @@ def _recorded_folder_source(meta_data: dict, spec: DetectorSpec):
         coco = read_coco(path, images_dir(root, path), skip_bad=skip, categories=names)
         return CocoSource(coco), {"kind": "coco", "annotations": str(path)}
     if not val.get("images"):
-        raise SystemExit(
-            "error: the run held out no validation images; pass --data to name the images to score"
+        raise OptionError(
+            "the run held out no validation images; pass --data to name the images to score"
         )
     coco = read_coco(train, images_dir(root, train), skip_bad=skip, categories=names)
     _, val_idx = holdout_split(len(coco), val["fraction"], val["seed"])
@@ -208,26 +210,22 @@ def _write_report(out: Path, scores, results, spec: DetectorSpec, source, extra:
     console(f"wrote {out / 'eval.json'}, {out / 'results.json'} and {out / 'pr.png'}")
 
 
-def run_eval(args) -> DetectionScores:
+def run_eval(args: argparse.Namespace) -> DetectionScores:
     """``python -m apps.detect eval``: COCO box and mask AP on held-out images."""
     ctx = init_distributed(args.device)
     try:
-        model, spec = load_trained(args.checkpoint)
-        source, description = _eval_source(args, spec, load_meta(args.checkpoint).get("data", {}))
-        if getattr(args, "data", None) == "scenes" and spec.num_classes != 10:
-            raise SystemExit(
-                f"error: --data scenes: the model predicts {spec.num_classes} classes, the "
-                "scenes have 10; pass --data with images of the model's classes"
+        model, run = load_run(args.checkpoint)
+        spec = DetectorSpec.from_dict(run.model)
+        source, description = _eval_source(args, spec, run.data)
+        if args.data == "scenes" and spec.num_classes != len(INSTANCE_CLASSES):
+            raise OptionError(
+                f"--data scenes: the model predicts {spec.num_classes} classes, the scenes have "
+                f"{len(INSTANCE_CLASSES)}; pass --data with images of the model's classes"
             )
         scores, results = evaluate_detection(
-            model.to(ctx.device),
-            source,
-            spec.num_classes,
-            ctx=ctx,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            progress=progress_enabled(False if args.no_progress else None, ctx.is_main),
-        )
+            model.to(ctx.device), source, spec.num_classes, ctx=ctx, batch_size=args.batch_size,
+            workers=args.workers, progress=progress_enabled(args.progress, ctx.is_main),
+        )  # fmt: skip
         if ctx.is_main:
             print(format_scores(scores, spec.class_names))
             if args.out:

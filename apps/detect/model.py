@@ -1,46 +1,46 @@
 """The detector of a run: its description, construction and loading.
 
-A run stores a plain-dict :class:`DetectorSpec` with its checkpoints, so ``eval`` and ``predict``
-rebuild exactly the trained model from the weights file alone. That metadata is untrusted input:
-types and sizes are checked (the backbone's config with ppma_models' checks of a model file, the
-detector settings against :data:`SETTING_LIMITS`), the model is compared with the file's tensors
-on the ``meta`` device before anything is allocated, and any problem is a CheckpointError naming
-the file.
+A run stores a plain-dict :class:`DetectorSpec` as the model description of its run spec
+(:mod:`apps.engine.runspec`), so ``eval`` and ``predict`` know the class names and the
+dataset's category ids. The weights files are ppma_models' safetensors layout, which
+``ppma_models.load_model`` rebuilds from the file alone (the detector's settings ride in its
+metadata); files written before (a state dict with the run's meta as JSON,
+:func:`apps.engine.checkpoint.save_weights`) are rebuilt from the DetectorSpec. That metadata
+is untrusted input: types and sizes are checked (the backbone's config and the detector
+settings with ppma_models' checks of a model file), the model is compared with the file's
+tensors on the ``meta`` device before it is allocated, and any problem is a
+``ppma_models.CheckpointError`` naming the file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from ppma_models.checkpoint import CONFIG_LIMITS, LoadResult, check_dtypes
-from ppma_models.checkpoint import CheckpointError as ModelCheckpointError
+import ppma_models
+from ppma_models import CheckpointError
+from ppma_models.checkpoint import CONFIG_LIMITS, detection_problem
 from ppma_models.detection import DetectionSettings, PPMAMaskRCNN, create_detection_model
 from ppma_models.detection_convert import load_detection_checkpoint
 
-from apps.engine.checkpoint import CheckpointError, load_training_state, load_weights
-from apps.segment.model import backbone_config_problem
+from apps.engine.checkpoint import load_training_state, load_weights
+from apps.engine.model_args import overrides_problem
+from apps.engine.runspec import RUN_FORMAT, RunSpec, is_run_spec
+from apps.engine.values import is_int, is_rate, short
+from apps.engine.weights import app_metadata, is_safetensors, load_state_checked, state_weights
 
 __all__ = [
-    "SETTING_LIMITS",
+    "APP",
     "DetectorSpec",
     "build_model",
-    "load_meta",
+    "load_run",
     "load_trained",
+    "read_run_spec",
     "scene_settings",
 ]
 
-#: Upper bounds on what recorded detector settings may ask for (widths, image sides, counts).
-SETTING_LIMITS = {
-    "fpn_channels": CONFIG_LIMITS["width"],
-    "box_head_width": CONFIG_LIMITS["width"],
-    "mask_head_channels": CONFIG_LIMITS["width"],
-    "mask_head_convs": 64,
-    "min_size": 1 << 14,
-    "max_size": 1 << 14,
-}
+APP = "detect"
 
 
 def scene_settings(canvas: int) -> dict[str, Any]:
@@ -103,7 +103,7 @@ class DetectorSpec:
     def from_dict(cls, d: object) -> DetectorSpec:
         """The spec a checkpoint records; CheckpointError (the caller adds the file name)."""
         if not isinstance(d, dict):
-            raise CheckpointError(f"the model metadata is not a JSON object: {str(d)[:80]}")
+            raise CheckpointError(f"the model metadata is not a JSON object: {short(d)}")
         missing = sorted({"backbone", "class_names", "category_ids"} - set(d))
         if missing:
             raise CheckpointError(f"the model metadata lacks {missing}")
@@ -121,39 +121,29 @@ class DetectorSpec:
         )
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _spec_problem(d: dict) -> str | None:
     names, ids = d["class_names"], d["category_ids"]
     if not isinstance(d["backbone"], str):
-        return f"backbone={d['backbone']!r}"
+        return f"backbone={short(d['backbone'])}"
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         return "class_names must be a non-empty list of strings"
     if len(names) > CONFIG_LIMITS["classes"]:
         return f"{len(names)} classes (at most {CONFIG_LIMITS['classes']})"
-    if not (isinstance(ids, list) and len(ids) == len(names) and all(map(_is_int, ids))):
+    if not (isinstance(ids, list) and len(ids) == len(names) and all(map(is_int, ids))):
         return "category_ids must be one integer per class name"
-    drop = d.get("drop_path", 0.0)
-    if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop < 1:
-        return f"drop_path={drop!r}"
+    if not is_rate(d.get("drop_path", 0.0)):
+        return f"drop_path={short(d.get('drop_path'))}"
     settings = d.get("settings") or {}
     if not isinstance(settings, dict):
         return "settings must be a JSON object"
-    too_big = [
-        k for k, top in SETTING_LIMITS.items() if _is_int(settings.get(k)) and settings[k] > top
-    ]
-    if too_big:
-        return f"settings {too_big} beyond {[SETTING_LIMITS[k] for k in too_big]}"
-    try:
-        DetectionSettings().replace(**settings)
-    except (TypeError, ValueError) as exc:
-        return f"settings: {exc}"
+    # Recorded settings are complete; a partial dict is completed by the defaults.
+    problem = detection_problem({**DetectionSettings().to_dict(), **settings})
+    if problem is not None:
+        return f"settings: {problem}"
     args = d.get("backbone_args") or {}
     if not isinstance(args, dict):
         return "backbone_args must be a JSON object"
-    return backbone_config_problem(d["backbone"], args)
+    return overrides_problem(d["backbone"], args)
 
 
 def build_model(spec: DetectorSpec, *, pretrained: str | None = None) -> PPMAMaskRCNN:
@@ -171,73 +161,70 @@ def build_model(spec: DetectorSpec, *, pretrained: str | None = None) -> PPMAMas
     return model
 
 
-def _weights_and_meta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
+def read_run_spec(meta: object, path: Path) -> RunSpec:
+    """The run spec of a detect checkpoint's meta; runs from before run specs stored
+    ``{"app": "detect", "model": ..., "data": ...}`` without a recipe."""
+    if isinstance(meta, dict) and not is_run_spec(meta) and meta.get("app") == APP:
+        meta = {"format": RUN_FORMAT, "app": APP, "recipe": None, "resolved_from": {},
+                "model": meta.get("model"), "data": meta.get("data", {})}  # fmt: skip
+    if not is_run_spec(meta) or meta.get("app") != APP:
+        raise CheckpointError(f"{path} was not written by the detect app (no detector metadata)")
+    return RunSpec.from_meta(meta, str(path))
+
+
+def _detector_spec(run: RunSpec, path: Path) -> DetectorSpec:
+    try:
+        return DetectorSpec.from_dict(run.model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _from_training_state(path: Path) -> tuple[PPMAMaskRCNN, RunSpec]:
+    """A ``.pt`` training state: its EMA weights when present, else its model weights."""
+    state = load_training_state(path)
+    run = read_run_spec(state.get("meta"), path)
+    spec = _detector_spec(run, path)
+    weights = state_weights(state, isinstance(state.get("ema"), dict), path)
+    return load_state_checked(lambda: build_model(spec), weights, path), run
+
+
+def _from_safetensors(path: Path) -> tuple[PPMAMaskRCNN, RunSpec]:
+    """Our weights file: ppma_models' layout with the run spec under ``detect``, or the
+    layout of runs written before (the state dict with the run's meta as JSON)."""
+    meta = app_metadata(path, APP)
+    if meta is None:  # the earlier layout
+        weights, meta = load_weights(path)
+        run = read_run_spec(meta, path)
+        spec = _detector_spec(run, path)
+        return load_state_checked(lambda: build_model(spec), weights, path), run
+    run = read_run_spec(meta, path)
+    spec = _detector_spec(run, path)
+    model = ppma_models.load_model(path)
+    if (
+        not isinstance(model, PPMAMaskRCNN)
+        or model.num_classes != spec.num_classes
+        or model.settings != spec.detection_settings()
+    ):
+        raise CheckpointError(
+            f"{path}: the stored model is not the recorded {spec.num_classes}-class detector"
+        )
+    return model, run
+
+
+def load_run(path: str | Path) -> tuple[PPMAMaskRCNN, RunSpec]:
+    """The detector (in eval mode) and the run spec of a run directory (its
+    best.safetensors), a ``.safetensors`` weights file or a ``.pt`` training state (EMA
+    weights when present)."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.safetensors"
-    if path.suffix == ".pt":
-        state = load_training_state(path)
-        ema = state.get("ema")
-        weights = ema.get("module") if isinstance(ema, dict) and ema else state.get("model")
-        meta = state.get("meta") or {}
-    else:
-        weights, meta = load_weights(path)
-    if not isinstance(weights, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
-    ):
-        raise CheckpointError(f"{path}: holds no state dict of weights")
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: the run metadata is not a JSON object")
-    return weights, meta, path
-
-
-def load_meta(path: str | Path) -> dict[str, Any]:
-    """The run metadata stored with a checkpoint (model spec, data description, ...)."""
-    return _weights_and_meta(path)[1]
-
-
-def _check_weights(spec: DetectorSpec, weights: dict[str, torch.Tensor], path: Path) -> dict:
-    """The model's state dict on the ``meta`` device (no memory), once every tensor of the file
-    fits it: a recorded model larger than the file is refused before it is allocated."""
-    try:
-        with torch.device("meta"):
-            own = build_model(spec).state_dict()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: the metadata describes no valid model: {exc}") from None
-    wrong = [
-        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in weights and weights[k].shape != v.shape
-    ]
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    if wrong or missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit the recorded model: {len(wrong)} shape(s) differ "
-            f"{wrong[:4]}, {len(missing)} missing {missing[:4]}, "
-            f"{len(unexpected)} unexpected {unexpected[:4]}"
-        )
-    return own
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    model, run = _from_safetensors(path) if is_safetensors(path) else _from_training_state(path)
+    return model.eval(), run
 
 
 def load_trained(path: str | Path) -> tuple[PPMAMaskRCNN, DetectorSpec]:
-    """Model in eval mode + spec from a run directory (its best.safetensors), a
-    ``.safetensors`` weights file or a ``.pt`` training state (EMA weights when present)."""
-    weights, meta, path = _weights_and_meta(path)
-    if meta.get("app") != "detect" or "model" not in meta:
-        raise CheckpointError(f"{path} was not written by the detect app (no detector metadata)")
-    try:
-        spec = DetectorSpec.from_dict(meta["model"])
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    own = _check_weights(spec, weights, path)
-    try:
-        check_dtypes(weights, own, LoadResult(str(path), "detect weights"))
-    except ModelCheckpointError as exc:
-        raise CheckpointError(str(exc)) from None
-    model = build_model(spec)
-    model.load_state_dict(weights)
-    return model.eval(), spec
-
-
-def settings_fields() -> list[str]:
-    return [f.name for f in fields(DetectionSettings)]
+    """Model in eval mode + spec (see :func:`load_run`)."""
+    model, run = load_run(path)
+    return model, DetectorSpec.from_dict(run.model)

@@ -9,6 +9,7 @@ images are reported and skipped; the command fails only if none could be read.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from apps.data.images import decode_image
 from apps.detect.metrics import results_from_output
 from apps.detect.model import load_trained
 from apps.detect.transforms import to_image
-from apps.engine import console
 from apps.engine.distributed import resolve_device
+from apps.engine.options import OptionError
+from apps.engine.progress import console
 from apps.segment.folder import IMAGE_SUFFIXES
 from apps.segment.palette import palette
 
@@ -39,9 +41,9 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         elif p.is_file():
             paths.append(p)
         else:
-            raise SystemExit(f"error: input {item} does not exist")
+            raise OptionError(f"input {item} does not exist")
     if not paths:
-        raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) found in {inputs}")
+        raise OptionError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {inputs}")
     return paths
 
 
@@ -72,7 +74,7 @@ def draw_detections(
 
 
 @torch.no_grad()
-def run_predict(args) -> list[Path]:
+def run_predict(args: argparse.Namespace) -> list[Path]:
     """Detect in every input image; returns the written pictures."""
     device = resolve_device(args.device)
     model, spec = load_trained(args.checkpoint)
@@ -104,6 +106,6 @@ def run_predict(args) -> list[Path]:
     (out / "results.json").write_text(json.dumps(results) + "\n")
     (out / "images.json").write_text(json.dumps(listed, indent=2) + "\n")
     if not written:
-        raise SystemExit("error: no input image could be read:\n  " + "\n  ".join(failed))
+        raise OptionError("no input image could be read:\n  " + "\n  ".join(failed))
     console(f"wrote {len(written)} picture(s) and results.json to {out}")
     return written

@@ -11,6 +11,7 @@ The folder is what ``--data OUT`` of the detect app reads, and trains the same m
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from PIL import Image
@@ -18,10 +19,10 @@ from PIL import Image
 from apps.detect.coco import write_coco
 from apps.detect.data import SceneSource, scene_source
 from apps.detect.scenes import INSTANCE_CLASSES
-from apps.engine import console
+from apps.engine.progress import console
 from apps.segment.scenes import SceneConfig
 
-__all__ = ["write_scene_split", "write_scenes"]
+__all__ = ["run_scenes", "write_scene_split"]
 
 
 def write_scene_split(source: SceneSource, out: Path, split: str) -> Path:
@@ -39,7 +40,7 @@ def write_scene_split(source: SceneSource, out: Path, split: str) -> Path:
     return write_coco(out / f"instances_{split}.json", entries, instances, INSTANCE_CLASSES)
 
 
-def write_scenes(args) -> list[Path]:
+def run_scenes(args: argparse.Namespace) -> list[Path]:
     """``python -m apps.detect scenes``: the training and held-out scenes as COCO files."""
     config = SceneConfig(
         canvas=args.canvas,
