@@ -9,13 +9,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import ppma_models
 import pytest
 import torch
 from PIL import Image
 
-from apps.detect.cli import main
-from apps.detect.model import load_trained, scene_settings
+from apps.detect.cli import build_parser, main
+from apps.detect.model import load_run, load_trained, scene_settings
+from apps.detect.scenes import INSTANCE_CLASSES
 from apps.engine.checkpoint import load_training_state
+from apps.segment.cli import build_parser as segment_parser
+from apps.segment.cli import main as segment_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +114,8 @@ def test_resume_continues_exactly(trained_run, tmp_path):
     run = tmp_path / "resumed"
     _train(run, "--epochs", "2", "--stop-after-epochs", "1")
     assert [r["epoch"] for r in _records(run)] == [1]
-    _train(run, "--epochs", "2", "--resume", "auto")
+    # --resume auto restores the recorded recipe: the data, model and schedule need no repeating.
+    assert main(["train", "--out", str(run), "--resume", "auto", "--no-progress"]) == 0
     assert [r["epoch"] for r in _records(run)] == [1, 2]
     ours = load_training_state(run / "last.pt")["model"]
     reference = load_training_state(trained_run / "last.pt")["model"]
@@ -213,3 +218,52 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(tmp_path):
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["box"]["ap"] == pytest.approx(record["val_box_ap"], abs=1e-12)
     assert report["mask"]["ap"] == pytest.approx(record["val_mask_ap"], abs=1e-12)
+
+
+@pytest.mark.fashion_mnist
+def test_weights_are_read_by_ppma_models_load_model(trained_run):
+    path = trained_run / "best.safetensors"
+    model = ppma_models.load_model(path).eval()
+    ours, run = load_run(path)
+    assert model.class_names == list(INSTANCE_CLASSES) and run.app == "detect"
+    assert run.recipe["train_scenes"] == 8 and run.recipe["detector_arg"][0] == "fpn_channels=16"
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = ours([image])[0], model([image])[0]
+    for key in ("boxes", "labels", "scores", "masks"):
+        assert torch.equal(expected[key], got[key]), key
+
+
+def _train_actions(parser) -> dict:
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return {a.dest: a for a in sub.choices["train"]._actions if a.option_strings}
+
+
+def test_the_shared_options_are_the_segment_apps_options():
+    detect, segment = _train_actions(build_parser()), _train_actions(segment_parser())
+    shared = [
+        "out", "resume", "stop_after_epochs", "model_arg", "epochs", "batch_size", "lr",
+        "weight_decay", "schedule", "poly_power", "min_lr_ratio", "warmup_steps",
+        "warmup_epochs", "ema_decay", "grad_clip", "amp", "seed", "device", "threads",
+        "workers", "attention", "progress",
+    ]  # fmt: skip
+    for dest in shared:
+        a, b = detect[dest], segment[dest]
+        assert a.option_strings == b.option_strings and a.type == b.type, dest
+        assert a.nargs == b.nargs and a.choices == b.choices, dest
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--epochs", "0"), ("--lr", "nan"), ("--ema-decay", "1"), ("--warmup-epochs", "-1")],
+)
+def test_shared_options_are_refused_with_the_segment_apps_line(tmp_path, capsys, option, value):
+    lines = []
+    for app in (main, segment_main):
+        argv = ["train", "--data", "scenes", "--out", str(tmp_path / "run"), option, value]
+        with pytest.raises(SystemExit) as info:
+            app(argv)
+        assert info.value.code == 2
+        lines.append(capsys.readouterr().err.strip())
+    assert lines[0] == lines[1] and lines[0].startswith(f"error: {option} must be")
+    assert not (tmp_path / "run").exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ppma_models import CheckpointError, load_model, read_metadata, save_safetensors
 from ppma_models.detection import (
     DETECTION_MODELS,
     AlignedMultiScaleRoIAlign,
@@ -17,6 +19,8 @@ from ppma_models.detection import (
     create_detection_model,
     separable_roi_align,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import roi_align
@@ -225,3 +229,55 @@ def test_settings_are_checked_and_round_trip():
         create_detection_model("mask_rcnn_resnet50", 80)
     with pytest.raises(ValueError, match="num_classes"):
         small_model(num_classes=0)
+
+
+def _metadata(path) -> dict[str, str]:
+    """Every metadata entry of a safetensors file, ppma_models' own included."""
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def _forged(path, tmp_path, name: str, **changes: str):
+    """A copy of the safetensors file ``path`` with metadata entries replaced."""
+    save_file(load_file(path), str(tmp_path / name), metadata={**_metadata(path), **changes})
+    return tmp_path / name
+
+
+def test_safetensors_rebuild_the_detector_from_the_file_alone(tmp_path):
+    model = small_model(anchor_scale=5.0).eval()
+    path = tmp_path / "det.safetensors"
+    save_safetensors(model, path, class_names=["a", "b", "c"], metadata={"app": "{}"})
+    loaded = load_model(path).eval()
+    assert isinstance(loaded, PPMAMaskRCNN) and loaded.settings == model.settings
+    assert loaded.class_names == ["a", "b", "c"] and loaded.num_classes == 3
+    assert read_metadata(path)["app"] == "{}"
+    assert loaded.backbone_config == model.backbone_config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        expected, got = model(images)[0], loaded(images)[0]
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_forged_detector_metadata_is_refused_before_building(tmp_path):
+    path = tmp_path / "det.safetensors"
+    save_safetensors(small_model(), path)
+    settings = json.loads(_metadata(path)["detection_head"])
+    huge = _forged(path, tmp_path, "huge.safetensors",
+                   detection_head=json.dumps({**settings, "fpn_channels": 1 << 20}))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"huge.safetensors.*fpn_channels <= 65536"):
+        load_model(huge)
+    unknown = _forged(path, tmp_path, "unknown.safetensors",
+                      detection_head=json.dumps({**settings, "anchor_sizes": [32]}))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"unknown.safetensors.*anchor_sizes"):
+        load_model(unknown)
+    wider = _forged(path, tmp_path, "wider.safetensors",
+                    detection_head=json.dumps({**settings, "fpn_channels": 24}))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"wider.safetensors: the tensors do not match"):
+        load_model(wider)
+    both = _forged(path, tmp_path, "both.safetensors", segmentation_head="{}")
+    with pytest.raises(CheckpointError, match="two heads"):
+        load_model(both)
