@@ -11,6 +11,7 @@
     nox -s segment_bench   PPMA-T + UPerNet at 512x512, forward+backward, native vs reference
     nox -s detect_demo     ppma-detect: Mask R-CNN on built-in instance scenes, box and mask AP
     nox -s detect_bench    mask_rcnn_ppma_tiny at 800x1333, forward+backward, native vs reference
+    nox -s bench_onnx      ppma_models: an exported ONNX file in onnxruntime vs the native ops
     nox -s cuda_build      compile the CUDA kernels with nvcc and check that they register
 
 Every session but lint, experiments and cuda_build runs in one shared environment,
@@ -415,6 +416,13 @@ def detect_bench(session: nox.Session) -> None:
     """mask_rcnn_ppma_tiny (80 classes) on one 800x1333 image, forward+backward: time and peak
     memory of the native vs the reference PPMA ops. Writes benchmarks/detect_800x1333.{json,md}."""
     _benchmark(session, "benchmarks/detect_800x1333.py")
+
+
+@nox.session(venv_backend="none")
+def bench_onnx(session: nox.Session) -> None:
+    """PPMA-T exported to ONNX, run in onnxruntime, against PyTorch with the native ops at
+    224/512/1024 px: time and peak memory. Writes benchmarks/onnx.{json,md}."""
+    _benchmark(session, "benchmarks/onnx_cost.py")
 
 
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")

@@ -63,7 +63,10 @@ SECTIONS = (
         about=(
             "PPMA-T/S/B images/s and peak memory for inference and training steps at 224², "
             "with the native ops and with the reference ops on the same model object, plus a "
-            "1024² forward of the PPMA-T backbone where the reference materialises N×N masks."
+            "1024² forward of the PPMA-T backbone where the reference materialises N×N masks. "
+            "Given the authors' files (`-- --authors-ppma PATH/PPMA.py --authors-rmt "
+            "PATH/RMT.py`, from github.com/zhongchenzhao/PPMA), their PPMA with our weights and "
+            "their RMT run in the same interleaved rounds."
         ),
     ),
     Section(
@@ -74,6 +77,17 @@ SECTIONS = (
             "One forward + backward step of PPMA-T with UPerNet at the published widths (512 "
             "channels, auxiliary head 256, 150 classes) on a 1×3×512×512 image; each "
             "implementation runs in its own process, interleaved."
+        ),
+    ),
+    Section(
+        title="ONNX export",
+        stem="onnx",
+        command="nox -s bench_onnx",
+        about=(
+            "The PPMA-T classifier exported by `ppma_models.export_onnx` (attention as standard "
+            "ONNX operators, the reference math: docs/design.md §7.1) and run in onnxruntime's "
+            "CPU provider, against the same model in PyTorch with the native ops; one image per "
+            "run, each runtime in its own process, interleaved."
         ),
     ),
     Section(

@@ -24,22 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from process_memory import peak_rss_mib, rss_mib
+
 IMPLS = ("native", "reference")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    # VmHWM is this process's own high-water mark; ru_maxrss is carried across fork + exec and
-    # could report the parent's peak instead.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
 def measure(impl: str, size: int, channels: int, steps: int, threads: int | None) -> dict:
@@ -50,9 +37,10 @@ def measure(impl: str, size: int, channels: int, steps: int, threads: int | None
 
     if threads:
         torch.set_num_threads(threads)
+    ppma_ops.set_backend(impl)  # this process runs one implementation only
     torch.manual_seed(0)
     model = create_segmentation_model(
-        "ppma_tiny", 150, channels=channels, aux_channels=channels // 2, attention=impl
+        "ppma_tiny", 150, channels=channels, aux_channels=channels // 2
     ).train()
     # One image: a BatchNorm after the 1×1 pyramid-pooling branch has a single value per
     # channel, so batch statistics do not exist. BatchNorm layers use their running statistics
@@ -62,7 +50,7 @@ def measure(impl: str, size: int, channels: int, steps: int, threads: int | None
             module.eval()
     x = torch.randn(1, 3, size, size)
     target = torch.randint(0, 150, (1, size, size))
-    base = _rss_mib()
+    base = rss_mib()
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -78,7 +66,7 @@ def measure(impl: str, size: int, channels: int, steps: int, threads: int | None
         step()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    peak = _peak_rss_mib()
+    peak = peak_rss_mib()
     return {
         "impl": impl,
         "native_used": impl == "native" and ppma_ops.native_available(),

@@ -18,10 +18,10 @@ onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from apps.classify.export import add_export_parser as add_classify_export  # noqa: E402
-from apps.classify.export import parse_size  # noqa: E402
 from apps.classify.weights import load_classifier  # noqa: E402
 from apps.engine import options as shared  # noqa: E402
 from apps.engine.command import COMMAND_MODULES, run_command  # noqa: E402
+from apps.engine.export_command import parse_size  # noqa: E402
 from apps.engine.runspec import RunSpec  # noqa: E402
 from apps.engine.weights import weights_exporter  # noqa: E402
 from apps.segment.export import add_export_parser as add_segment_export  # noqa: E402
@@ -111,7 +111,7 @@ def test_parsers_load_no_torch_and_default_to_the_library_s_opset():
     assert run.stdout.strip() == "[]"
     from ppma_models.export import DEFAULT_OPSET
 
-    from apps.classify.export import OPSET
+    from apps.engine.export_command import OPSET
 
     assert OPSET == DEFAULT_OPSET
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from apps.classify.checkpoint_args import add_checkpoint_options
 from apps.classify.datasets import DataError
 from apps.classify.explain import EXPLAIN_EPILOG, add_explain_parser
 from apps.classify.export import EXPORT_EPILOG, add_export_parser
@@ -110,29 +111,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _add_loading(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="our best.safetensors / last.pt / run directory, or an authors' .pth",
-    )
-    p.add_argument(
-        "--no-ema",
-        action="store_true",
-        help="use the raw weights of a file that also holds EMA weights "
-        "(default: the EMA weights when present)",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="model name for an authors' checkpoint whose args do not say it "
-        "(default: the name the checkpoint records)",
-    )
-    p.add_argument(
-        "--class-names",
-        default=None,
-        help="text file, one class name per line, for authors' checkpoints "
-        "(default: the checkpoint's names, else class_0, class_1, ...)",
-    )
+    add_checkpoint_options(p)
     p.add_argument("--batch-size", type=int, default=256,
                    help="images per forward pass (default: %(default)s)")  # fmt: skip
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from apps.classify.checkpoint_args import load_from_args
 from apps.classify.datasets import (
     DataError,
     collate_skipping_failed,
@@ -22,7 +23,7 @@ from apps.classify.datasets import (
     load_split,
 )
 from apps.classify.transforms import Preprocess
-from apps.classify.weights import LoadedClassifier, load_classifier
+from apps.classify.weights import LoadedClassifier
 from apps.engine import (
     DistributedContext,
     ShardSampler,
@@ -90,12 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.split = default_eval_split(args.data)
     ctx = init_distributed(args.device)
     try:
-        loaded = load_classifier(
-            args.checkpoint,
-            weights="model" if args.no_ema else "ema",
-            model_name=args.model,
-            class_names=_read_names(args.class_names),
-        )
+        loaded = load_from_args(args)
         dataset, spec = load_split(
             args.data,
             args.split,
@@ -156,16 +152,6 @@ def _default_out(args: argparse.Namespace) -> Path:
     base = checkpoint if checkpoint.is_dir() else checkpoint.parent
     tag = Path(args.data).name if args.data not in ("fashion-mnist", "digits") else args.data
     return base / f"eval-{tag}-{args.split}"
-
-
-def _read_names(path: str | None) -> list[str] | None:
-    if path is None:
-        return None
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"--class-names {path}: {exc.strerror}") from exc
-    return [line.strip() for line in lines if line.strip()]
 
 
 def _print_summary(report: dict, names: list[str], out: Path) -> None:

@@ -14,17 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from apps.classify.checkpoint_args import add_checkpoint_options
 from apps.engine import options as shared
+from apps.engine.explain_command import add_layer_options, parse_pixel, write_explanation
 from apps.engine.options import OptionError
 
-__all__ = [
-    "EXPLAIN_EPILOG",
-    "add_explain_parser",
-    "add_layer_options",
-    "parse_index_list",
-    "parse_pixel",
-    "run_explain",
-]
+__all__ = ["EXPLAIN_EPILOG", "add_explain_parser", "run_explain"]
 
 EXPLAIN_EPILOG = """\
 examples:
@@ -38,46 +33,6 @@ attention, query; and image, pixel, output).
 """
 
 
-def parse_pixel(text: str) -> tuple[int, int]:
-    """ "ROW,COL" → (row, col), both >= 0."""
-    try:
-        row, col = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ROW,COL (two integers), got {text!r}") from None
-    if row < 0 or col < 0:
-        raise argparse.ArgumentTypeError(f"ROW and COL must be >= 0, got {text!r}")
-    return row, col
-
-
-def parse_index_list(text: str) -> list[int]:
-    """ "0,2,3" → [0, 2, 3], each >= 0."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"indices must be >= 0, got {text!r}")
-    return values
-
-
-def add_layer_options(p: argparse.ArgumentParser) -> None:
-    """--layers and --heads (``apps.segment``'s explain has them too)."""
-    p.add_argument(
-        "--layers",
-        choices=("last", "all"),
-        default="last",
-        help="attention layers to explain: the last block of each stage, or every block "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--heads",
-        type=parse_index_list,
-        default=None,
-        metavar="I,J,...",
-        help="heads to draw, e.g. 0,1; the .npz keeps every head (default: all)",
-    )
-
-
 def add_explain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "explain",
@@ -88,29 +43,7 @@ def add_explain_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
         "the polyline masks the query sees and its attention map.",
     )
     p.add_argument("image", help="image file")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="our best.safetensors / last.pt / run directory, or an authors' .pth",
-    )
-    p.add_argument(
-        "--no-ema",
-        action="store_true",
-        help="use the raw weights of a file that also holds EMA weights "
-        "(default: the EMA weights when present)",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="model name for an authors' checkpoint whose args do not say it "
-        "(default: the name the checkpoint records)",
-    )
-    p.add_argument(
-        "--class-names",
-        default=None,
-        help="text file, one class name per line, for authors' checkpoints "
-        "(default: the checkpoint's names, else class_0, class_1, ...)",
-    )
+    add_checkpoint_options(p)
     p.add_argument(
         "--pixel",
         type=parse_pixel,
@@ -130,20 +63,14 @@ def run_explain(args: argparse.Namespace) -> int:
     # Imported when the command runs: the CLI builds this module's parser, and --help and
     # option errors must answer without loading torch.
     import torch
-    from ppma_models.explain import explain, write_explanation_png
+    from ppma_models.explain import explain
 
+    from apps.classify.checkpoint_args import load_from_args
     from apps.classify.datasets import DataError, read_image
-    from apps.classify.evaluate import _read_names
     from apps.classify.transforms import Preprocess
-    from apps.classify.weights import load_classifier
     from apps.engine.distributed import resolve_device
 
-    loaded = load_classifier(
-        args.checkpoint,
-        weights="model" if args.no_ema else "ema",
-        model_name=args.model,
-        class_names=_read_names(args.class_names),
-    )
+    loaded = load_from_args(args)
     device = resolve_device(args.device)
     model = loaded.model.to(device).eval()
     path = Path(args.image)
@@ -164,12 +91,7 @@ def run_explain(args: argparse.Namespace) -> int:
         display=shown.permute(1, 2, 0).expand(-1, -1, 3).clamp(0, 1).numpy(),
     )  # explain runs the model without recording gradients
     out = Path(args.out) if args.out else Path(f"explain-{path.stem}")
-    out.mkdir(parents=True, exist_ok=True)
-    heads = args.heads
-    if heads is not None and not any(h < layer.heads for layer in result.layers for h in heads):
-        raise OptionError(f"--heads {heads}: no layer has these heads")
-    png = write_explanation_png(result, out / "explain.png", heads=heads)
-    npz = result.save_npz(out / "explain.npz")
+    png, npz = write_explanation(result, out, args.heads)
     probs = torch.from_numpy(result.output).double().softmax(0)
     top = int(probs.argmax())
     print(

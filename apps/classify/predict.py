@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
+from apps.classify.checkpoint_args import load_from_args
 from apps.classify.datasets import IMAGE_EXTENSIONS, DataError, read_image
-from apps.classify.evaluate import _read_names
 from apps.classify.transforms import Preprocess
-from apps.classify.weights import load_classifier
 from apps.engine import progress_bar, progress_enabled
 from apps.engine.distributed import resolve_device
 
@@ -38,12 +37,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 @torch.no_grad()
 def run_predict(args: argparse.Namespace) -> int:
-    loaded = load_classifier(
-        args.checkpoint,
-        weights="model" if args.no_ema else "ema",
-        model_name=args.model,
-        class_names=_read_names(args.class_names),
-    )
+    loaded = load_from_args(args)
     device = resolve_device(args.device)
     model = loaded.model.to(device).eval()
     preprocess = Preprocess(loaded.input_size, loaded.mean, loaded.std, channels=loaded.in_chans)

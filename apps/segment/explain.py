@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from apps.classify.explain import add_layer_options, parse_pixel
 from apps.engine import options as shared
+from apps.engine.explain_command import add_layer_options, parse_pixel, write_explanation
 from apps.engine.options import OptionError
 
 __all__ = ["add_explain_parser", "run_explain", "window_around"]
@@ -62,7 +62,7 @@ def run_explain(args: argparse.Namespace) -> Path:
     # Imported when the command runs: the CLI builds this module's parser, and --help and
     # option errors must answer without loading torch.
     import numpy as np
-    from ppma_models.explain import explain, write_explanation_png
+    from ppma_models.explain import explain
 
     from apps.engine.distributed import resolve_device
     from apps.segment.folder import read_image
@@ -95,12 +95,9 @@ def run_explain(args: argparse.Namespace) -> Path:
         display=crop / 255.0,
     )
     out = Path(args.out) if args.out else Path(f"explain-{path.stem}")
-    out.mkdir(parents=True, exist_ok=True)
-    heads = args.heads
-    if heads is not None and not any(h < layer.heads for layer in result.layers for h in heads):
-        raise OptionError(f"--heads {heads}: no layer has these heads")
-    png = write_explanation_png(result, out / "explain.png", heads=heads)
-    npz = result.save_npz(out / "explain.npz", window=np.array([top, left, win_h, win_w]))
+    png, npz = write_explanation(
+        result, out, args.heads, window=np.array([top, left, win_h, win_w])
+    )
     label = int(result.output[:, row - top, col - left].argmax())
     print(
         f"{path} pixel ({row}, {col}): {spec.class_names[label]}; "

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from apps.classify.export import add_onnx_options, report_export
 from apps.engine import options as shared
+from apps.engine.export_command import add_onnx_options, write_onnx
 
 __all__ = ["add_export_parser", "run_export"]
 
@@ -38,7 +38,6 @@ def run_export(args: argparse.Namespace) -> Path:
     # Imported when the command runs: the CLI builds this module's parser, and --help and
     # option errors must answer without loading torch.
     from ppma_models import IMAGENET_MEAN, IMAGENET_STD
-    from ppma_models.export import export_onnx
 
     from apps.segment.model import load_trained
 
@@ -50,13 +49,4 @@ def run_export(args: argparse.Namespace) -> Path:
         "mean": json.dumps(list(IMAGENET_MEAN)),
         "std": json.dumps(list(IMAGENET_STD)),
     }
-    path = export_onnx(
-        model,
-        args.onnx,
-        input_size=size,
-        dynamic=not args.static,
-        opset=args.opset,
-        metadata=metadata,
-    )
-    report_export(path, model, size, dynamic=not args.static)
-    return path
+    return write_onnx(model, args, size, metadata)

@@ -1,6 +1,8 @@
 """Whole-model benchmark: PPMA-T/S/B with the native vs the reference attention ops.
 
     python packages/ppma-models/benchmarks/bench_models.py [--out benchmarks] [--quick]
+        [--authors-ppma PPMA/classification/models/PPMA.py]
+        [--authors-rmt PPMA/classification/models/RMT.py]
     (or: nox -s bench_models)
 
 Measures, on this machine:
@@ -12,7 +14,12 @@ Measures, on this machine:
 * one dense-size forward: a 1024×1024 image through the PPMA-T backbone (features_only),
   time and peak memory, native vs reference, each in a subprocess with an address-space limit
   so a configuration that does not fit fails alone instead of taking the machine down; if
-  the reference does not fit, smaller sizes are tried and reported.
+  the reference does not fit, smaller sizes are tried and reported;
+* with ``--authors-ppma`` / ``--authors-rmt`` (files of the authors' public repository,
+  github.com/zhongchenzhao/PPMA, imported at run time: see ``peers.py``), the authors'
+  ``PPMAViT_T/S/B`` carrying the same weights as ours (their logits are compared first) and
+  their ``RMT_T/S/B``, timed in the same interleaved rounds as ours. Without the files these
+  rows are simply absent.
 
 Writes ``models.json`` and ``models.md`` into --out.
 """
@@ -31,6 +38,14 @@ import time
 from pathlib import Path
 
 import torch
+from peers import (
+    PEERS,
+    build_peer,
+    file_record,
+    load_authors_file,
+    logits_agreement,
+    transfer_weights,
+)
 
 IMPLS = ("native", "reference")
 
@@ -57,6 +72,9 @@ def _peak_rss_mb() -> float:
 def _build(spec: dict):
     from ppma_models import create_model
 
+    if spec["impl"] in PEERS:
+        module = load_authors_file(spec["peer_path"], spec["impl"])
+        return build_peer(module, spec["impl"], spec["model"])
     torch.manual_seed(0)
     return create_model(spec["model"], features_only=spec["mode"] == "dense")
 
@@ -93,7 +111,8 @@ def child(spec: dict) -> dict:
     import ppma_ops
 
     warnings.simplefilter("ignore")
-    ppma_ops.set_backend(spec["impl"])  # this process runs one implementation only
+    if spec["impl"] in ppma_ops.BACKENDS:
+        ppma_ops.set_backend(spec["impl"])  # this process runs one implementation only
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     if spec.get("mem_limit_gb"):
         limit = int(spec["mem_limit_gb"] * 2**30)
@@ -137,26 +156,58 @@ def run_child(spec: dict, mem_limit_gb: float, timeout_s: float) -> dict:
     return {"status": f"failed (rc {proc.returncode}): {err[:300]}"}
 
 
-def time_interleaved(model_name: str, mode: str, batch: int, size: int, repeats: int) -> dict:
-    """Step times per implementation, alternating implementations on one model."""
-    import ppma_ops
+def build_contenders(model_name: str, peer_paths: dict[str, str], size: int):
+    """Our model and the authors' models given in peer_paths (label → file).
+
+    Returns ({label: (model, ppma_ops backend or None)}, agreement): ours runs under both
+    backends on one object; when the authors' PPMA is given, ours carries its weights and
+    ``agreement`` compares the two models' logits (else None).
+    """
     from ppma_models import create_model
 
     torch.manual_seed(0)
-    model = create_model(model_name)
+    ours = create_model(model_name)
+    contenders = {impl: (ours, impl) for impl in IMPLS}
+    agreement = None
+    for label, path in peer_paths.items():
+        peer = build_peer(load_authors_file(path, label), label, model_name)
+        if label == "authors_ppma":
+            transfer_weights(peer, ours)
+            agreement = logits_agreement(peer, ours, size)
+            if agreement["max_abs_diff"] > 1e-4 * max(agreement["max_abs_logit"], 1.0):
+                raise SystemExit(
+                    f"{path}: {model_name} and the authors' model disagree with the same "
+                    f"weights (max |logit difference| {agreement['max_abs_diff']:.3g}); is "
+                    "this their classification PPMA.py?"
+                )
+        contenders[label] = (peer, None)
+    return contenders, agreement
+
+
+def time_interleaved(contenders: dict, mode: str, batch: int, size: int, repeats: int) -> dict:
+    """Step times per contender (see build_contenders), alternating them round by round."""
+    import contextlib
+
+    import ppma_ops
+
     spec = {"mode": mode, "batch": batch, "size": size}
-    step = _step_fn(model, spec)
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-    for impl in IMPLS:  # warm-up both
-        with ppma_ops.use_backend(impl):
-            step()
+    steps = {label: _step_fn(model, spec) for label, (model, _) in contenders.items()}
+
+    def backend(label: str):
+        impl = contenders[label][1]
+        return ppma_ops.use_backend(impl) if impl else contextlib.nullcontext()
+
+    labels = list(contenders)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for label in labels:  # warm-up each
+        with backend(label):
+            steps[label]()
     for r in range(repeats):
-        order = IMPLS if r % 2 == 0 else IMPLS[::-1]
-        for impl in order:
-            with ppma_ops.use_backend(impl):
+        for label in labels if r % 2 == 0 else labels[::-1]:
+            with backend(label):
                 t0 = time.perf_counter()
-                step()
-                times[impl].append(time.perf_counter() - t0)
+                steps[label]()
+                times[label].append(time.perf_counter() - t0)
     return times
 
 
@@ -214,6 +265,7 @@ def to_markdown(report: dict) -> str:
         "",
         "Peak MB = peak resident memory of a fresh process running one step (model, data and "
         "activations; the part above the process's size after building the model in brackets).",
+        *peer_markdown(report),
         "",
         "## Dense-size forward: PPMA-T backbone (features_only), batch 1",
         "",
@@ -228,6 +280,49 @@ def to_markdown(report: dict) -> str:
         verdict = {True: "met", False: "NOT met", None: "not comparable"}[target["met"]]
         lines.append(f"- {name}: {target['value']} (target {target['target']}) → {verdict}")
     return "\n".join(lines) + "\n"
+
+
+def peer_markdown(report: dict) -> list[str]:
+    """The section on the authors' models (empty when the run had none)."""
+    peers = list(report.get("peers") or {})
+    rows = [r for r in report["throughput"] if all(p in r for p in peers)]
+    if not peers or not rows:
+        return []
+    names = [PEERS[p][1] for p in peers]
+    lines = [
+        "",
+        "## The authors' models, timed in the same interleaved rounds",
+        "",
+        "| model | step | batch | ours, native img/s | ours, reference img/s | "
+        + " | ".join(f"{n} img/s" for n in names)
+        + " | "
+        + " | ".join(f"ours / {n}" for n in names)
+        + " | "
+        + " | ".join(f"{n} peak MB" for n in names)
+        + " |",
+        "|---" * (5 + 3 * len(peers)) + "|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['mode']} | {row['batch']} | "
+            f"{row['native']['images_per_s']:.2f} | {row['reference']['images_per_s']:.2f} | "
+            + " | ".join(f"{row[p]['images_per_s']:.2f}" for p in peers)
+            + " | "
+            + " | ".join(f"**{row['peer_speedups'][p]:.2f}×**" for p in peers)
+            + " | "
+            + " | ".join(_mb(row[p].get("memory")) for p in peers)
+            + " |"
+        )
+    lines += ["", "Same weights in ours and the authors' PPMA (eval-mode logits, one batch):", ""]
+    for name, a in report.get("peer_agreement", {}).items():
+        lines.append(
+            f"- {name}: max |difference| {a['max_abs_diff']:.2g} for logits up to "
+            f"{a['max_abs_logit']:.2g} (batch {a['batch']}, {a['size']}²)"
+        )
+    lines += ["", "Files imported:", ""]
+    lines += [f"- {PEERS[p][1]}: `{Path(r['path']).name}`, SHA-256 `{r['sha256'][:16]}…`"
+              for p, r in report["peers"].items()]  # fmt: skip
+    return lines
 
 
 def _mb(mem: dict | None) -> str:
@@ -258,7 +353,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script")
+    for label in PEERS:
+        parser.add_argument(
+            f"--{label.replace('_', '-')}",
+            metavar="PATH",
+            help=f"{label.split('_')[1].upper()}.py of the authors' repository "
+            "(github.com/zhongchenzhao/PPMA, classification/models/): adds its models as peers",
+        )
     args = parser.parse_args(argv)
+    args.peer_paths = {label: getattr(args, label) for label in PEERS if getattr(args, label)}
     if args.quick:
         args.models, args.batch, args.size, args.repeats = ["ppma_tiny"], 2, 64, 1
         args.train_batch = 2
@@ -269,23 +372,29 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def measure_throughput(report: dict, args: argparse.Namespace, name: str, mode: str) -> None:
     """One throughput row (both implementations, with their peak memory) into the report."""
     batch = args.batch if mode == "inference" else args.train_batch
-    times = time_interleaved(name, mode, batch, args.size, args.repeats)
+    contenders, agreement = build_contenders(name, args.peer_paths, args.size)
+    if agreement is not None:
+        report["peer_agreement"][name] = agreement
+    times = time_interleaved(contenders, mode, batch, args.size, args.repeats)
     row = {"model": name, "mode": mode, "batch": batch}
-    for impl in IMPLS:
-        med = statistics.median(times[impl])
-        spec = {"model": name, "impl": impl, "mode": mode, "batch": batch, "size": args.size}
-        row[impl] = {
-            "times_s": times[impl],
+    for label in contenders:
+        med = statistics.median(times[label])
+        spec = {"model": name, "impl": label, "mode": mode, "batch": batch, "size": args.size,
+                "peer_path": args.peer_paths.get(label)}  # fmt: skip
+        row[label] = {
+            "times_s": times[label],
             "median_s": med,
             "images_per_s": batch / med,
             "memory": run_child(spec, args.mem_limit_gb, timeout_s=3600),
         }
-    row["speedup"] = row["native"]["images_per_s"] / row["reference"]["images_per_s"]
+    native = row["native"]["images_per_s"]
+    row["speedup"] = native / row["reference"]["images_per_s"]
+    row["peer_speedups"] = {p: native / row[p]["images_per_s"] for p in args.peer_paths}
     report["throughput"].append(row)
-    native, ref = row["native"]["images_per_s"], row["reference"]["images_per_s"]
     print(
-        f"{name} {mode}: native {native:.2f} img/s, reference {ref:.2f} img/s "
-        f"({row['speedup']:.2f}×)",
+        f"{name} {mode}: "
+        + ", ".join(f"{label} {row[label]['images_per_s']:.2f} img/s" for label in contenders)
+        + f" (native / reference {row['speedup']:.2f}×)",
         flush=True,
     )
 
@@ -335,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         "throughput": [],
         "dense": [],
+        "peers": {label: file_record(path) for label, path in args.peer_paths.items()},
+        "peer_agreement": {},
     }
     print(json.dumps(report["machine"]), flush=True)
 
@@ -386,9 +497,36 @@ def write_report(report: dict, out: Path, sizes: list[int]) -> None:
                 "target": "≤ 1/3",
                 "met": None,  # the reference could not run at this size
             }
+    targets.update(peer_targets(report))
     report["targets"] = targets
     (out / "models.json").write_text(json.dumps(report, indent=1))
     (out / "models.md").write_text(to_markdown(report))
+
+
+#: The project's speed targets against the peers: (model, step, peer) → minimum ratio.
+PEER_TARGETS = {
+    ("ppma_tiny", "inference", "authors_ppma"): 3.0,
+    ("ppma_tiny", "inference", "authors_rmt"): 1.6,
+    ("ppma_tiny", "train", "authors_ppma"): 2.0,
+    ("ppma_tiny", "train", "authors_rmt"): 1.4,
+}
+
+
+def peer_targets(report: dict) -> dict:
+    """The peer targets whose rows this run measured."""
+    targets = {}
+    for row in report["throughput"]:
+        for peer, ratio in row.get("peer_speedups", {}).items():
+            minimum = PEER_TARGETS.get((row["model"], row["mode"], peer))
+            if minimum is not None and row["batch"] == 16 and report["settings"]["size"] == 224:
+                step = "inference" if row["mode"] == "inference" else "training step"
+                name = f"{row['model']} {step} vs {PEERS[peer][1]} (native, images/s ratio)"
+                targets[name] = {
+                    "value": f"{ratio:.2f}×",
+                    "target": f"≥ {minimum:.1f}×",
+                    "met": ratio >= minimum,
+                }
+    return targets
 
 
 if __name__ == "__main__":

@@ -82,6 +82,42 @@ def test_forward_intermediates_signature_and_values():
     torch.testing.assert_close(inter[-1].permute(0, 3, 1, 2), features)
 
 
+def test_signatures_and_attributes_match_timm_s_convnext():
+    """Code written for timm's models calls these by position and reads these attributes."""
+    import inspect
+
+    ours = ppma_models.create_model("ppma_tiny", num_classes=5)
+    theirs = timm.create_model("convnext_atto", num_classes=5)
+    for method in ("forward_intermediates", "prune_intermediate_layers", "reset_classifier"):
+        mine = list(inspect.signature(getattr(ours, method)).parameters)
+        other = list(inspect.signature(getattr(theirs, method)).parameters)
+        assert mine[: len(other)] == other, method
+    assert ours.num_features == 512 and ours.head_hidden_size == 1024
+    with torch.no_grad():
+        features = ours.forward_features(X)
+        assert ours.forward_head(features, pre_logits=True).shape == (2, 1024)
+        ours.reset_classifier(3, reset_other=True)  # the head is the average of the features
+        assert ours.head_hidden_size == 512 and ours(X).shape == (2, 3)
+        pooled = ours.forward_head(features, pre_logits=True)
+    torch.testing.assert_close(pooled, features.mean(dim=(2, 3)))
+
+
+def test_prune_intermediate_layers_keeps_what_the_indices_need():
+    torch.manual_seed(3)
+    model = timm.create_model("ppma_tiny", num_classes=10).eval()
+    with torch.no_grad():
+        expected = model.forward_intermediates(X, (0, 1), intermediates_only=True)
+    take = model.prune_intermediate_layers((0, 1))
+    assert take == [0, 1]
+    assert len(model.stages) == 2 and model.head is None
+    assert [i["reduction"] for i in model.feature_info] == [4, 8]
+    with torch.no_grad():
+        got = model.forward_intermediates(X, take, intermediates_only=True)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert model.prune_intermediate_layers(1) == [1]  # an int: the last n of what is left
+
+
 def test_state_dict_saved_by_timm_loads_in_ppma_models_and_back(tmp_path):
     torch.manual_seed(1)
     model = timm.create_model("ppma_tiny", num_classes=7).eval()

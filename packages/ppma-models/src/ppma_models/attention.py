@@ -80,9 +80,13 @@ class MaskedAttention(nn.Module):
             t.to(dtype) for t in (q, k, self._split_heads(v), log_alpha, log_beta)
         )
         out = self.attend(q, k, v_heads, log_alpha, log_beta)
-        out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         lepe = depthwise_conv(v, self.lepe.weight, self.lepe.bias)
-        return self.out_proj(out + lepe)
+        # Merging the heads back to channels last is the LePE addition itself: with the
+        # contiguous LePE map as first operand the sum is written channels last in one pass.
+        merged = torch.add(
+            lepe.view(b, h, w, self.heads, self.head_dim), out.permute(0, 2, 3, 1, 4)
+        )
+        return self.out_proj(merged.reshape(b, h, w, c))
 
 
 class PolylineAttention(MaskedAttention):

@@ -52,16 +52,9 @@ class PPMABlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         x = residual_depthwise_conv(x, self.cpe)  # a fresh tensor this block owns
+        # Without a graph to record, the residual sums go into that tensor in place.
+        inplace = not torch.is_grad_enabled()
         y = self.attn(self.attn_norm(x), rotation)
-        if self.attn_layer_scale is not None:
-            y = self.attn_layer_scale * y
-        x = _add_residual(x, self.drop_path(y))
+        x = self.drop_path.add_branch(x, y, self.attn_layer_scale, inplace=inplace)
         y = self.ffn(self.ffn_norm(x))
-        if self.ffn_layer_scale is not None:
-            y = self.ffn_layer_scale * y
-        return _add_residual(x, self.drop_path(y))
-
-
-def _add_residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + y; in place when no graph is recorded (x is then a block-owned temporary)."""
-    return x + y if torch.is_grad_enabled() else x.add_(y)
+        return self.drop_path.add_branch(x, y, self.ffn_layer_scale, inplace=inplace)

@@ -56,7 +56,10 @@ class DecayField(nn.Module):
         """x: (B, H, W, C) → (log_alpha, log_beta), each (B, heads, H, W), entries < 0."""
         b, h, w, c = x.shape
         delta = self.proj(x.reshape(b, h, w, self.heads, self.head_dim))  # (B, H, W, heads, 2)
-        rate = -torch.exp(self.A_log)
-        log_alpha = rate * F.softplus(delta[..., 0] + self.dt_bias)
-        log_beta = rate * F.softplus(delta[..., 1] + self.dt_bias)
-        return log_alpha.permute(0, 3, 1, 2), log_beta.permute(0, 3, 1, 2)
+        # One layout change of this small tensor to (2, B, heads, H, W): both log decays then
+        # come out contiguous, the layout the attention ops read (and save for backward).
+        delta = delta.permute(4, 0, 3, 1, 2).contiguous()
+        rate = -torch.exp(self.A_log)[:, None, None]
+        log_decays = rate * F.softplus(delta + self.dt_bias[:, None, None])
+        log_alpha, log_beta = log_decays.unbind(0)
+        return log_alpha, log_beta

@@ -27,6 +27,8 @@ class ClassifierHead(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) → the pooled (B, hidden) vector."""
+        if self.proj is None:  # reset(..., reset_other=True): plain average pooling
+            return x.mean(dim=(1, 2))
         h = self.norm(self.proj(x).permute(0, 3, 1, 2))
         return F.silu(h).mean(dim=(2, 3))
 
@@ -34,10 +36,17 @@ class ClassifierHead(nn.Module):
         pooled = self.pool(x)
         return pooled if pre_logits else self.fc(pooled)
 
-    def reset(self, num_classes: int) -> None:
-        """Replace the final classifier (e.g. for fine-tuning on another label set)."""
+    def reset(self, num_classes: int, reset_other: bool = False) -> None:
+        """Replace the final classifier (e.g. for fine-tuning on another label set).
+
+        reset_other: also drop the projection, BatchNorm and Swish before the pooling, so
+        the head averages the last stage's C channels (timm's meaning).
+        """
         self.num_classes = num_classes
-        device = self.proj.weight.device
+        device = next((p.device for p in self.parameters()), None)
+        if reset_other and self.proj is not None:
+            self.hidden = self.proj.in_features
+            self.proj = self.norm = None
         if num_classes > 0:
             self.fc = nn.Linear(self.hidden, num_classes, device=device)
             nn.init.trunc_normal_(self.fc.weight, std=0.02)

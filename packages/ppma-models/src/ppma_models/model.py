@@ -94,6 +94,9 @@ class PPMA(nn.Module):
             self.out_norms = None
             self.head = ClassifierHead(config.dims[-1], num_classes, config.head_hidden)
             self.num_classes = num_classes
+        # timm's names: the channels of forward_features and of forward_head(pre_logits=True).
+        self.num_features = config.dims[-1]
+        self.head_hidden_size = config.head_hidden if self.head is not None else self.num_features
         # Model-wide init runs last and overrides the submodules' own (docs/design.md §2.5).
         self.apply(_init_weights)
 
@@ -129,11 +132,22 @@ class PPMA(nn.Module):
         """Channels of the maps returned in features mode, in order."""
         return [self.config.dims[i] for i in self.out_indices]
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(
+        self, num_classes: int, global_pool: str | None = None, reset_other: bool = False
+    ) -> None:
+        """A new final layer for ``num_classes`` (0: pooled features), with timm's signature.
+
+        global_pool: PPMA's head always averages, so only None, "" or "avg" are taken.
+        reset_other: also drop the head's projection to 1024 channels (and its BatchNorm and
+        Swish): the pooled features are then the last stage's ``num_features`` channels.
+        """
+        if global_pool not in (None, "", "avg"):
+            raise ValueError(f"global_pool: PPMA's head averages; got {global_pool!r}")
         if self.head is None:
             raise RuntimeError("reset_classifier: a features_only model has no classifier")
-        self.head.reset(num_classes)
+        self.head.reset(num_classes, reset_other=reset_other)
         self.num_classes = num_classes
+        self.head_hidden_size = self.head.hidden
 
     # ------------------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -182,35 +196,39 @@ class PPMA(nn.Module):
             raise RuntimeError("forward_head: a features_only model has no classifier head")
         return self.head(x.permute(0, 2, 3, 1), pre_logits=pre_logits)
 
+    def _take_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        """Stage indices from timm's ``indices``: a list (negative counts from the end), an
+        int n for the last n stages, or None for all."""
+        n = len(self.stages)
+        if indices is None:
+            return list(range(n))
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices as a count must be in [1, {n}], got {indices}")
+            return list(range(n - indices, n))
+        wanted = [int(i) % n if -n <= int(i) < n else int(i) for i in indices]
+        if not wanted or any(not 0 <= i < n for i in wanted):
+            raise ValueError(f"indices must be stage indices in [0, {n}), got {list(indices)}")
+        return wanted
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
         indices: int | Sequence[int] | None = None,
-        *,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs, timm style.
+        """Stage outputs, with timm's signature.
 
         indices: stage indices, or an int n for the last n stages (default: all).
         norm: apply the per-stage LayerNorm (features-mode models only).
         output_fmt: "NCHW" or "NHWC". Returns the list of intermediates, or
         (final NCHW features, intermediates) unless ``intermediates_only``.
         """
+        wanted = self._take_indices(indices)
         n = len(self.stages)
-        if indices is None:
-            wanted = list(range(n))
-        elif isinstance(indices, int):
-            if not 0 < indices <= n:
-                raise ValueError(f"indices as a count must be in [1, {n}], got {indices}")
-            wanted = list(range(n - indices, n))
-        else:
-            wanted = [int(i) % n if -n <= int(i) < n else int(i) for i in indices]
-            bad = [i for i in wanted if not 0 <= i < n]
-            if bad:
-                raise ValueError(f"indices must be stage indices in [0, {n}), got {list(indices)}")
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         if norm:
@@ -228,6 +246,33 @@ class PPMA(nn.Module):
         if intermediates_only:
             return feats
         return final.permute(0, 3, 1, 2), feats
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop what ``forward_intermediates(x, indices)`` does not need, as timm's models do:
+        the stages after the last index and (``prune_head``) the classifier head. Returns the
+        stage indices to take.
+
+        prune_norm: accepted for timm's signature; PPMA has no norm between its last stage
+        and the head, and a features-mode model keeps the LayerNorms of the kept stages.
+        """
+        take = self._take_indices(indices)
+        keep = max(take) + 1
+        self.stages = self.stages[:keep]
+        self.feature_info = self.feature_info[:keep]
+        if self.out_norms is not None:
+            self.out_norms = nn.ModuleDict(
+                {k: m for k, m in self.out_norms.items() if int(k) < keep}
+            )
+        self.out_indices = tuple(i for i in self.out_indices if i < keep)
+        if prune_head:
+            self.head = None
+            self.num_classes = 0
+        return take
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:

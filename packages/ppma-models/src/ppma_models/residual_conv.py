@@ -23,6 +23,6 @@ def residual_depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     gradients flow to the conv weight exactly as for the unfused form.
     """
     kh, kw = conv.kernel_size
-    weight = conv.weight.clone()
-    weight[:, 0, kh // 2, kw // 2] += 1
-    return depthwise_conv(x, weight, conv.bias)
+    centre = torch.zeros((kh, kw), dtype=conv.weight.dtype, device=conv.weight.device)
+    centre[kh // 2, kw // 2] = 1
+    return depthwise_conv(x, conv.weight + centre, conv.bias)

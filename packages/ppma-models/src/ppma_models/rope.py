@@ -28,11 +28,25 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
+def _is_dense(x: torch.Tensor) -> bool:
+    """True when x's elements fill its storage span exactly once (a permuted contiguous
+    tensor, for instance), so a tensor with x's strides can be allocated and written."""
+    dims = sorted((st, n) for st, n in zip(x.stride(), x.shape, strict=True) if n != 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
 class _ComplexRotate(torch.autograd.Function):
     """y = rotation · x on complex pairs, written to a fresh contiguous tensor.
 
     Reading a strided x (e.g. heads split out of a channels-last projection) and writing
-    contiguously does the layout change the attention kernels need in the same pass.
+    contiguously does the layout change the attention kernels need in the same pass. The
+    backward does the reverse: it writes the gradient in x's own layout, so the gradient of
+    the projection that produced x needs no further copy.
     """
 
     @staticmethod
@@ -41,14 +55,22 @@ class _ComplexRotate(torch.autograd.Function):
         out = torch.empty(pairs.shape, dtype=pairs.dtype, device=pairs.device)
         torch.mul(pairs, rotation, out=out)
         ctx.save_for_backward(rotation)
+        ctx.x_layout = (x.shape, x.stride() if _is_dense(x) else None)
         return torch.view_as_real(out).flatten(-2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (rotation,) = ctx.saved_tensors
+        shape, stride = ctx.x_layout
+        if stride is None:
+            grad_x = torch.empty(shape, dtype=grad.dtype, device=grad.device)
+        else:
+            grad_x = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device)
         # Multiplication by r is a real-linear map whose adjoint is multiplication by conj(r).
         pairs = torch.view_as_complex(grad.contiguous().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(pairs * rotation.conj()).flatten(-2), None
+        out = torch.view_as_complex(grad_x.unflatten(-1, (-1, 2)))
+        torch.mul(pairs, rotation.conj(), out=out)
+        return grad_x, None
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
