@@ -367,8 +367,8 @@ def segment_bench(session: nox.Session) -> None:
 # per process learned more per image than 8 or 16. Two single-threaded DDP processes, as the
 # segment demo. docs/demos.md has what else was tried.
 DETECT_DEMO = [
-    "--data", "scenes", "--train-scenes", "7000", "--val-scenes", "500", "--epochs", "3",
-    "--batch-size", "4", "--lr", "2e-3", "--warmup-steps", "100", "--ema-decay", "0.999",
+    "--data", "scenes", "--train-scenes", "7500", "--val-scenes", "500", "--epochs", "3",
+    "--batch-size", "4", "--lr", "2.5e-3", "--warmup-steps", "100", "--ema-decay", "0.999",
     "--no-progress", "--backbone", "ppma_nano",
     "--model-arg", "dims=32,64,128", "depths=1,2,2", "heads=2,4,4", "mlp_ratios=3,3,3",
     "attention_kinds=X,X,V", "layer_scale=false,false,false",

@@ -40,7 +40,7 @@ from apps.engine.options import OptionError
 from apps.engine.progress import console, progress_enabled
 from apps.engine.settings import Choice, runtime_rows
 from apps.engine.task import TrainingRun
-from apps.engine.trainer import Trainer
+from apps.engine.trainer import EvalFn, StepFn, Trainer
 
 __all__ = ["LOSS_NAMES", "RECIPE_KEYS", "DetectTask", "make_train_step", "run_train"]
 
@@ -56,7 +56,7 @@ RECIPE_KEYS = (
 )  # fmt: skip
 
 
-def make_train_step():
+def make_train_step() -> StepFn:
     """The Trainer's ``train_step``: the sum of the detector's losses; each is logged."""
 
     def train_step(model, batch, device):
@@ -135,7 +135,9 @@ def _train_loader(
     )
 
 
-def _make_evaluate(args: argparse.Namespace, spec: DetectorSpec, sources: SourcePair):
+def _make_evaluate(
+    args: argparse.Namespace, spec: DetectorSpec, sources: SourcePair
+) -> EvalFn | None:
     """The Trainer's ``evaluate``: COCO AP on the validation images, or None without any."""
     if sources.val is None:
         return None
