@@ -24,6 +24,7 @@ COMMAND_MODULES = {
     "predict": "predict",
     "explain": "explain",
     "export": "export",
+    "scenes": "scene_files",  # the detect app's built-in scenes written as a COCO dataset
 }
 
 

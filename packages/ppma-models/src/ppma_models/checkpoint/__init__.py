@@ -22,7 +22,13 @@ from __future__ import annotations
 
 from .errors import CheckpointError, CheckpointWarning
 from .loading import INPUT_CONV, WEIGHT_CHOICES, adapt_input_channels, check_dtypes, load_checkpoint
-from .metadata import CONFIG_LIMITS, RESERVED_METADATA, SAFETENSORS_FORMAT, config_problem
+from .metadata import (
+    CONFIG_LIMITS,
+    RESERVED_METADATA,
+    SAFETENSORS_FORMAT,
+    config_problem,
+    detection_problem,
+)
 from .reading import DEFAULT_ALLOWED_GLOBALS, LoadResult, read_checkpoint, read_metadata
 from .rebuilding import load_model
 from .saving import save_safetensors, save_upstream
@@ -40,6 +46,7 @@ __all__ = [
     "adapt_input_channels",
     "check_dtypes",
     "config_problem",
+    "detection_problem",
     "load_checkpoint",
     "load_model",
     "read_checkpoint",

@@ -183,20 +183,26 @@ def _read_for_ppma(
     return state, result
 
 
-def _read_for_segmentation(
-    model: SegmentationModel, path: str | Path, allowed_globals: Sequence[type]
+def _read_whole_model(
+    model: torch.nn.Module, path: str | Path, allowed_globals: Sequence[type]
 ) -> tuple[dict[str, torch.Tensor], LoadResult]:
+    """A segmentation model's or detector's whole state, from our safetensors files only."""
     state, result = read_checkpoint(path, allowed_globals=allowed_globals)
     if result.kind != "safetensors":
+        other = (
+            "load_checkpoint(model.backbone, path)"
+            if isinstance(model, SegmentationModel)
+            else "ppma_models.detection_convert.load_detection_checkpoint(model, path)"
+        )
         raise CheckpointError(
-            f"{result.path}: a SegmentationModel loads ppma_models safetensors files; to start "
-            "from this file's backbone weights use load_checkpoint(model.backbone, path)"
+            f"{result.path}: a {type(model).__name__} loads ppma_models safetensors files "
+            f"here; for this file use {other}"
         )
     return state, result
 
 
 def load_checkpoint(
-    model: PPMA | SegmentationModel,
+    model: torch.nn.Module,
     path: str | Path,
     *,
     strict: bool = True,
@@ -221,13 +227,15 @@ def load_checkpoint(
     * integer or bool data for a float tensor raises; float data of another precision is
       converted with a :class:`CheckpointWarning` (see the module docstring).
 
-    A :class:`SegmentationModel` loads our safetensors files only (its whole state);
-    ``weights`` and ``reset_mismatched_classifier`` then do not apply.
+    A :class:`SegmentationModel` or a detector
+    (:class:`~ppma_models.detection.PPMAMaskRCNN`) loads our safetensors files only (its
+    whole state); ``weights`` and ``reset_mismatched_classifier`` then do not apply.
     """
     own = model.state_dict()
-    if isinstance(model, SegmentationModel):
-        state, result = _read_for_segmentation(model, path, allowed_globals)
-        what = f"SegmentationModel({getattr(model.backbone, 'name', None) or ''})"
+    if not isinstance(model, PPMA):
+        state, result = _read_whole_model(model, path, allowed_globals)
+        name = getattr(model, "name", None) or getattr(model.backbone, "name", None) or ""
+        what = f"{type(model).__name__}({name})"
     else:
         state, result = _read_for_ppma(model, path, weights, allowed_globals)
         state = _fit_to_ppma(model, state, own, result, reset_mismatched_classifier)

@@ -9,6 +9,9 @@ Reserved entries (all strings; JSON where structured):
   settings of its heads (channels, aux_channels, aux_in_index, pool_scales, dropout,
   fuse_kernel_size); ``num_classes`` and ``class_names`` are then the head's, and the backbone
   is the features model described by the other entries.
+* ``detection_head`` for a Mask R-CNN (:class:`ppma_models.detection.PPMAMaskRCNN`): its
+  :class:`~ppma_models.detection.DetectionSettings`; ``num_classes`` counts the object classes
+  (background not counted) and the backbone is the features model over every stage.
 
 Every other entry is the application's (``save_safetensors(metadata=...)``, read back with
 :func:`ppma_models.read_metadata`). Reading treats the metadata as hostile: each value's type
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +38,7 @@ from .errors import CheckpointError
 SAFETENSORS_FORMAT = "ppma_models"
 FORMAT_VERSION = "1"
 SEGMENTATION_HEAD = "segmentation_head"
+DETECTION_HEAD = "detection_head"
 #: Metadata keys written by ppma_models; an application's own keys must differ.
 RESERVED_METADATA = (
     "format",
@@ -45,6 +50,7 @@ RESERVED_METADATA = (
     "out_indices",
     "class_names",
     SEGMENTATION_HEAD,
+    DETECTION_HEAD,
 )
 #: Bounds on the architecture a safetensors file's metadata may describe. The shapes it implies
 #: are compared with the file's header anyway; these bounds keep that comparison (a model built
@@ -59,6 +65,9 @@ CONFIG_LIMITS: dict[str, int] = {
     "pool_levels": 16,  # len(pool_scales)
     "pool_scale": 256,  # each pooled grid size
     "kernel": 15,  # fuse_kernel_size
+    "image_side": 1 << 14,  # a detector's min_size / max_size
+    "mask_convs": 64,  # a detector's mask_head_convs
+    "anchor_ratios": 16,  # a detector's aspect_ratios
 }
 
 
@@ -76,24 +85,42 @@ def _short(value: object) -> str:
 
 
 # ----------------------------------------------------------------------------------- writing
+def _detector_type() -> type | None:
+    """:class:`~ppma_models.detection.PPMAMaskRCNN` once its module is loaded, else None (no
+    detector exists then, and torchvision stays unimported)."""
+    module = sys.modules.get("ppma_models.detection")
+    return None if module is None else module.PPMAMaskRCNN
+
+
+def _parts(model: nn.Module) -> tuple[PPMA, int, dict[str, str]]:
+    """(PPMA backbone, number of classes, head entries) of a model ``describe`` accepts."""
+    detector = _detector_type()
+    if isinstance(model, SegmentationModel):
+        if not isinstance(model.backbone, PPMA):
+            raise TypeError(
+                "save_safetensors: a SegmentationModel is saved with a PPMA backbone only, "
+                f"this one has a {type(model.backbone).__name__}"
+            )
+        head = {SEGMENTATION_HEAD: json.dumps(model.head_settings())}
+        return model.backbone, model.num_classes, head
+    if detector is not None and isinstance(model, detector):
+        head = {DETECTION_HEAD: json.dumps(model.settings.to_dict())}
+        return model.backbone.body, model.num_classes, head
+    if isinstance(model, PPMA):
+        return model, model.num_classes, {}
+    raise TypeError(
+        f"model must be a PPMA, a SegmentationModel or a PPMAMaskRCNN, got {type(model).__name__}"
+    )
+
+
 def describe(
-    model: PPMA | SegmentationModel,
+    model: nn.Module,
     class_names: Sequence[str] | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The metadata :func:`save_safetensors` writes for ``model`` (see the module docstring)."""
-    if isinstance(model, SegmentationModel):
-        backbone, num_classes, head = model.backbone, model.num_classes, model.head_settings()
-        if not isinstance(backbone, PPMA):
-            raise TypeError(
-                "save_safetensors: a SegmentationModel is saved with a PPMA backbone only, "
-                f"this one has a {type(backbone).__name__}"
-            )
-    elif isinstance(model, PPMA):
-        backbone, num_classes, head = model, model.num_classes, None
-    else:
-        raise TypeError(f"model must be a PPMA or a SegmentationModel, got {type(model).__name__}")
-    if class_names is not None and (head is not None or backbone.head is not None):
+    backbone, num_classes, head = _parts(model)
+    if class_names is not None and (head or backbone.head is not None):
         if len(class_names) != num_classes:
             raise ValueError(
                 f"class_names has {len(class_names)} entries but the model has {num_classes} "
@@ -108,8 +135,7 @@ def describe(
         "features_only": json.dumps(backbone.features_only),
         "out_indices": json.dumps(list(backbone.out_indices)),
     }
-    if head is not None:
-        info[SEGMENTATION_HEAD] = json.dumps(head)
+    info.update(head)
     if class_names is not None:
         info["class_names"] = json.dumps(list(class_names))
     for key, value in (metadata or {}).items():
@@ -228,6 +254,46 @@ def head_problem(data: object, num_maps: int) -> str | None:
     )
 
 
+#: DetectionSettings fields that size the detector's layers or inputs -> their bound.
+_DETECTION_BOUNDS = {
+    "fpn_channels": "width",
+    "box_head_width": "width",
+    "mask_head_channels": "width",
+    "mask_head_convs": "mask_convs",
+    "min_size": "image_side",
+    "max_size": "image_side",
+}
+
+
+def detection_problem(data: object) -> str | None:
+    """What makes stored detector settings unusable (types, :data:`CONFIG_LIMITS`, the
+    settings' own checks), or None. Imports :mod:`ppma_models.detection` (torchvision)."""
+    from ..detection import DetectionSettings
+
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {_short(data)}"
+    lim = CONFIG_LIMITS
+    ratios = data.get("aspect_ratios", ())
+    bounds = [
+        (not _is_int(data.get(k)) or data[k] <= lim[bound], f"{k} <= {lim[bound]}")
+        for k, bound in _DETECTION_BOUNDS.items()
+    ]
+    bounds.append(
+        (
+            isinstance(ratios, list) and len(ratios) <= lim["anchor_ratios"],
+            f"a list of at most {lim['anchor_ratios']} aspect_ratios",
+        )
+    )
+    problem = _limits_problem(bounds)
+    if problem is not None:
+        return problem
+    try:
+        DetectionSettings.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
 @dataclass(frozen=True)
 class StoredModel:
     """The model a safetensors file's metadata describes."""
@@ -239,16 +305,23 @@ class StoredModel:
     name: str | None
     class_names: list[str] | None
     segmentation_head: dict[str, object] | None = None
+    detection_head: dict[str, object] | None = None  # DetectionSettings, as a dict
 
-    def build(self) -> PPMA | SegmentationModel:
+    def build(self) -> nn.Module:
         """The described model, freshly initialised (on the default device)."""
+        has_head = self.segmentation_head is not None or self.detection_head is not None
         backbone = PPMA(
             self.config,
-            num_classes=self.num_classes if self.segmentation_head is None else 0,
+            num_classes=0 if has_head else self.num_classes,
             features_only=self.features_only,
             out_indices=self.out_indices,
             name=self.name,
         )
+        if self.detection_head is not None:
+            from ..detection import DetectionSettings, PPMAMaskRCNN
+
+            settings = DetectionSettings.from_dict(self.detection_head)
+            return PPMAMaskRCNN(backbone, self.num_classes, settings, name=self.name)
         if self.segmentation_head is None:
             return backbone
         return create_segmentation_model(backbone, self.num_classes, **self.segmentation_head)
@@ -295,23 +368,30 @@ def _check_format(path: str, meta: Mapping[str, str]) -> None:
         )
 
 
-def _stored_head(path: str, meta: Mapping[str, str], values: Mapping[str, object]) -> dict | None:
-    """The checked segmentation head settings, or None for a PPMA file."""
-    if SEGMENTATION_HEAD not in meta:
-        return None
-    head = _metadata_json(path, meta, SEGMENTATION_HEAD)
+def _stored_heads(
+    path: str, meta: Mapping[str, str], values: Mapping[str, object]
+) -> tuple[dict | None, dict | None]:
+    """The checked (segmentation head, detection head) settings; (None, None) for a PPMA."""
+    found = [key for key in (SEGMENTATION_HEAD, DETECTION_HEAD) if key in meta]
+    if not found:
+        return None, None
+    if len(found) > 1:
+        raise CheckpointError(f"{path}: the metadata describes two heads {found}")
+    (key,) = found
+    head = _metadata_json(path, meta, key)
     if values["features_only"] is not True or values["num_classes"] < 1:
         raise CheckpointError(
-            f"{path}: a segmentation model needs a features_only backbone and num_classes >= 1, "
+            f"{path}: a {key} needs a features_only backbone and num_classes >= 1, "
             f"the metadata has features_only={_short(values['features_only'])}, "
             f"num_classes={_short(values['num_classes'])}"
         )
-    problem = head_problem(head, len(values["out_indices"]))
+    if key == SEGMENTATION_HEAD:
+        problem = head_problem(head, len(values["out_indices"]))
+    else:
+        problem = detection_problem(head)
     if problem is not None:
-        raise CheckpointError(
-            f"{path}: the metadata's {SEGMENTATION_HEAD} is not usable: {problem}"
-        )
-    return head
+        raise CheckpointError(f"{path}: the metadata's {key} is not usable: {problem}")
+    return (head, None) if key == SEGMENTATION_HEAD else (None, head)
 
 
 def stored_model(path: str, meta: Mapping[str, str]) -> StoredModel:
@@ -333,8 +413,8 @@ def stored_model(path: str, meta: Mapping[str, str]) -> StoredModel:
     bad = [f"{k}={_short(shown[k])}" for k, ok in checks.items() if not ok]
     if bad:
         raise CheckpointError(f"{path}: invalid metadata value(s): {', '.join(bad)}")
-    head = _stored_head(path, meta, values)
-    has_classes = head is not None or not values["features_only"]
+    segmentation, detection = _stored_heads(path, meta, values)
+    has_classes = segmentation is not None or detection is not None or not values["features_only"]
     if names is not None and has_classes and len(names) != values["num_classes"]:
         raise CheckpointError(
             f"{path}: the metadata lists {len(names)} class names for "
@@ -347,5 +427,6 @@ def stored_model(path: str, meta: Mapping[str, str]) -> StoredModel:
         tuple(values["out_indices"]),
         meta.get("model_name") or None,
         names,
-        head,
+        segmentation,
+        detection,
     )

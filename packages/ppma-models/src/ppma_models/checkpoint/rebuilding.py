@@ -75,10 +75,11 @@ def _upstream_model(
 
 def load_model(
     path: str | Path, *, allowed_globals: Sequence[type] = ()
-) -> PPMA | SegmentationModel:
+) -> PPMA | SegmentationModel | torch.nn.Module:
     """Rebuild a model from a file alone.
 
-    Works for our safetensors files — a :class:`PPMA` or a :class:`SegmentationModel`, with
+    Works for our safetensors files — a :class:`PPMA`, a :class:`SegmentationModel` or a
+    Mask R-CNN detector (:class:`ppma_models.detection.PPMAMaskRCNN`), with
     ``model.class_names`` set when saved — and for the authors' classification checkpoints
     whose ``args.model`` is a registered model's upstream name (PPMAViT_T/S/B, see
     :func:`ppma_models.get_pretrained_cfg`). A safetensors file's metadata and shapes are

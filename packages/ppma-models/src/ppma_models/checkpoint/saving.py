@@ -15,7 +15,7 @@ from .metadata import describe, stored_model
 
 
 def save_safetensors(
-    model: PPMA | SegmentationModel,
+    model: PPMA | SegmentationModel | torch.nn.Module,
     path: str | Path,
     *,
     class_names: Sequence[str] | None = None,
@@ -23,8 +23,9 @@ def save_safetensors(
 ) -> None:
     """Write the model's state dict (our key names) and what is needed to rebuild it.
 
-    model: a :class:`PPMA` (classifier or features model) or a :class:`SegmentationModel` on
-    a PPMA backbone, as :func:`ppma_models.create_segmentation_model` builds it.
+    model: a :class:`PPMA` (classifier or features model), a :class:`SegmentationModel` on
+    a PPMA backbone, as :func:`ppma_models.create_segmentation_model` builds it, or a
+    detector (:class:`ppma_models.detection.PPMAMaskRCNN`; its settings are stored).
     class_names: stored with the model (one per class); ``load_model`` sets
     ``model.class_names``. metadata: the application's own entries, stored as strings and
     read back by :func:`ppma_models.read_metadata`; ppma_models' keys are reserved.
