@@ -204,6 +204,15 @@ def test_training_losses_and_inference_outputs():
         assert all(1 <= label <= 3 for label in det["labels"].tolist())
 
 
+def test_state_dict_is_in_the_default_layout_for_any_safetensors_writer(tmp_path):
+    from safetensors.torch import save_file
+
+    model = small_model()
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    save_file(state, tmp_path / "plain.safetensors")  # refuses non-contiguous tensors
+
+
 def test_pipeline_sized_training_keeps_the_image_size():
     model = small_model(train_resize=False).train()
     images, targets = model.transform([torch.rand(3, 96, 96)], _targets(1))
