@@ -23,22 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from process_memory import peak_rss_mib, rss_mib
+
 IMPLS = ("native", "reference")
 STEM = "detect_800x1333"
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    # VmHWM is this process's own high-water mark (ru_maxrss can carry the parent's).
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
 def _inputs(height: int, width: int):
@@ -73,7 +61,7 @@ def measure(impl: str, height: int, width: int, steps: int, threads: int | None)
     torch.manual_seed(0)
     model = create_detection_model("mask_rcnn_ppma_tiny", 80).train()
     image, target = _inputs(height, width)
-    base = _rss_mib()
+    base = rss_mib()
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -92,7 +80,7 @@ def measure(impl: str, height: int, width: int, steps: int, threads: int | None)
         "native_used": impl == "native" and ppma_ops.native_available(),
         "wall_s": wall,
         "cpu_s": cpu,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "model_rss_mib": base,
         "threads": torch.get_num_threads(),
     }

@@ -80,6 +80,17 @@ SECTIONS = (
         ),
     ),
     Section(
+        title="Detection at 800×1333 (Mask R-CNN on PPMA-T)",
+        stem="detect_800x1333",
+        command="nox -s detect_bench",
+        about=(
+            "One training step (forward + backward) of `mask_rcnn_ppma_tiny` (80 classes, "
+            "mmdetection's 1x settings) on one 800×1333 image, the paper's COCO size, with the "
+            "native and with the reference PPMA ops; each implementation in its own process, "
+            "interleaved."
+        ),
+    ),
+    Section(
         title="ONNX export",
         stem="onnx",
         command="nox -s bench_onnx",
