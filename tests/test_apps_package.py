@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = {"ppma-classify": "apps.classify.cli:main", "ppma-segment": "apps.segment.cli:main"}
+SCRIPTS = {
+    "ppma-classify": "apps.classify.cli:main",
+    "ppma-segment": "apps.segment.cli:main",
+    "ppma-detect": "apps.detect.cli:main",
+}
 
 
 def _installed_scripts() -> dict[str, str]:
