@@ -365,9 +365,10 @@ def segment_bench(session: nox.Session) -> None:
 # mask head and 32 RoIs sampled per image (the mask head's convolutions were a third of the
 # step; halving both made it 1.5-1.9x faster, which pays for the larger images). Batches of 4
 # per process learned more per image than 8 or 16. Two single-threaded DDP processes, as the
-# segment demo. docs/demos.md has what else was tried.
+# segment demo; 7,500 scenes x 4 epochs take ~11 minutes on a quiet 2-core machine.
+# docs/demos.md has what else was tried.
 DETECT_DEMO = [
-    "--data", "scenes", "--train-scenes", "7500", "--val-scenes", "500", "--epochs", "3",
+    "--data", "scenes", "--train-scenes", "7500", "--val-scenes", "500", "--epochs", "4",
     "--batch-size", "4", "--lr", "2.5e-3", "--warmup-steps", "100", "--ema-decay", "0.999",
     "--no-progress", "--backbone", "ppma_nano",
     "--model-arg", "dims=32,64,128", "depths=1,2,2", "heads=2,4,4", "mlp_ratios=3,3,3",
