@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
-from apps.segment.scenes import SCENE_CLASSES, SceneConfig
+from apps.segment.scenes import SCENE_CLASSES, SceneConfig, SceneGenerator
 
 __all__ = ["INSTANCE_CLASSES", "Instance", "InstanceScene", "InstanceSceneGenerator"]
 
@@ -69,45 +68,19 @@ class InstanceSceneGenerator:
         seed: int = 0,
         min_visible: float = MIN_VISIBLE,
     ) -> None:
-        images, labels = np.asarray(images), np.asarray(labels)
-        if images.ndim != 3 or images.dtype != np.uint8 or len(images) == 0:
-            raise ValueError(
-                f"images must be a non-empty uint8 array (n, h, w), got {images.dtype} "
-                f"{images.shape}"
-            )
-        if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= 10:
-            raise ValueError(f"labels must be ({len(images)},) classes in 0..9")
+        # The segmentation scenes draw the canvases (same inputs checked, same random draws,
+        # same pixels); this class turns what they pasted into instances.
+        self.drawing = SceneGenerator(images, labels, config, seed)
         if not 0.0 <= min_visible <= 1.0:
             raise ValueError(f"min_visible must be in [0, 1], got {min_visible}")
-        self.images, self.labels = images, labels.astype(np.int64)
-        self.config = config or SceneConfig()
-        self.seed, self.min_visible = int(seed), float(min_visible)
+        self.min_visible = float(min_visible)
+
+    @property
+    def config(self) -> SceneConfig:
+        return self.drawing.config
 
     def scene(self, index: int) -> InstanceScene:
-        cfg, size = self.config, self.config.canvas
-        # The random draws below are the segmentation scenes', in the same order.
-        rng = np.random.default_rng([self.seed, int(index)])
-        canvas = rng.normal(0.0, cfg.noise, (size, size)).clip(0, 255)
-        owner = np.zeros((size, size), np.int32)  # 1 + index of the item seen at each pixel
-        pasted: list[tuple[int, int]] = []  # (label, own foreground pixels)
-        for _ in range(rng.integers(cfg.min_items, cfg.max_items + 1)):
-            item = int(rng.integers(len(self.images)))
-            side = int(rng.integers(cfg.min_size, cfg.max_size + 1))
-            pixels = np.asarray(
-                Image.fromarray(self.images[item]).resize((side, side), Image.BILINEAR)
-            )
-            margin = int(cfg.max_outside * side)
-            top = int(rng.integers(-margin, max(size - side + margin, -margin) + 1))
-            left = int(rng.integers(-margin, max(size - side + margin, -margin) + 1))
-            y0, x0 = max(top, 0), max(left, 0)
-            y1, x1 = min(top + side, size), min(left + side, size)
-            if y1 <= y0 or x1 <= x0:
-                continue
-            patch = pixels[y0 - top : y1 - top, x0 - left : x1 - left]
-            foreground = patch > cfg.threshold
-            canvas[y0:y1, x0:x1][foreground] = patch[foreground]
-            owner[y0:y1, x0:x1][foreground] = len(pasted) + 1
-            pasted.append((int(self.labels[item]) + 1, int(foreground.sum())))
+        canvas, owner, pasted = self.drawing.paste(index)
         instances = []
         for k, (label, own) in enumerate(pasted):
             mask = owner == k + 1

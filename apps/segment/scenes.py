@@ -91,12 +91,16 @@ class SceneGenerator:
         self.config = config or SceneConfig()
         self.seed = int(seed)
 
-    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def paste(self, index: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+        """Draw scene ``index``: the float canvas (canvas, canvas); the owner map, int32, 1 + the
+        paste order of the item visible at each pixel (0: background); and per pasted item, in
+        paste order, (label 1..10, its own foreground pixel count before any occlusion)."""
         cfg = self.config
         rng = np.random.default_rng([self.seed, int(index)])
         size = cfg.canvas
         canvas = rng.normal(0.0, cfg.noise, (size, size)).clip(0, 255)
-        mask = np.zeros((size, size), np.uint8)
+        owner = np.zeros((size, size), np.int32)
+        pasted: list[tuple[int, int]] = []
         for _ in range(rng.integers(cfg.min_items, cfg.max_items + 1)):
             item = int(rng.integers(len(self.images)))
             side = int(rng.integers(cfg.min_size, cfg.max_size + 1))
@@ -114,5 +118,11 @@ class SceneGenerator:
             patch = pixels[y0 - top : y1 - top, x0 - left : x1 - left]
             foreground = patch > cfg.threshold
             canvas[y0:y1, x0:x1][foreground] = patch[foreground]
-            mask[y0:y1, x0:x1][foreground] = self.labels[item] + 1
-        return np.rint(canvas).astype(np.uint8), mask
+            owner[y0:y1, x0:x1][foreground] = len(pasted) + 1
+            pasted.append((int(self.labels[item]) + 1, int(foreground.sum())))
+        return canvas, owner, pasted
+
+    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        canvas, owner, pasted = self.paste(index)
+        label_of_owner = np.array([0, *(label for label, _ in pasted)], np.uint8)
+        return np.rint(canvas).astype(np.uint8), label_of_owner[owner]
