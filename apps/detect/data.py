@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from apps.data.fashion_mnist import load_fashion_mnist
 from apps.data.images import decode_image
@@ -36,7 +36,6 @@ from apps.segment.scenes import SceneConfig
 __all__ = [
     "CocoSource",
     "DetectionSamples",
-    "EpochShuffleSampler",
     "SceneSource",
     "SourcePair",
     "build_sources",
@@ -181,20 +180,6 @@ def collate(batch: list) -> tuple[torch.Tensor, list[torch.Tensor], list[dict]]:
     (:func:`apps.engine.batching.batch_length`) counts images."""
     indices, images, targets = zip(*batch, strict=True)
     return torch.tensor(indices), list(images), list(targets)
-
-
-class EpochShuffleSampler(DistributedSampler):
-    """DistributedSampler (shuffled, equal shards) that also tells the dataset the epoch."""
-
-    def __init__(self, dataset: DetectionSamples, rank: int, world_size: int, seed: int):
-        super().__init__(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
-        )
-        self.samples = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.samples.epoch = epoch
 
 
 @dataclass

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 
 from apps.detect.data import (
     DetectionSamples,
-    EpochShuffleSampler,
     SourcePair,
     build_sources,
     collate,
@@ -33,6 +32,7 @@ from apps.detect.metrics import ground_truth
 from apps.detect.model import APP, DetectorSpec, build_model, read_run_spec, scene_settings
 from apps.detect.settings import choose_batch_size, choose_epochs, choose_warmup
 from apps.detect.transforms import TrainAugment
+from apps.engine.batching import EpochShuffleSampler
 from apps.engine.distributed import DistributedContext
 from apps.engine.driver import run_training
 from apps.engine.model_args import model_overrides, parse_model_args

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import SequentialSampler, Subset
+from torch.utils.data import DistributedSampler, SequentialSampler, Subset
 
 from apps.engine.seeding import capture_rng_state, restore_rng_state
 
 __all__ = [
     "EpochPlan",
+    "EpochShuffleSampler",
     "batch_length",
     "default_batch_size",
     "plan_epoch",
@@ -141,3 +142,18 @@ def unreadable_in_batch(loader: Any, position: int) -> list[str] | None:
     finally:
         restore_rng_state(state)
     return [_sample_name(dataset, index) for index in failed]
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """DistributedSampler (shuffled, equal shards) that also tells the dataset the epoch, for
+    datasets whose augmentation is seeded by (seed, epoch, index): set on ``dataset.epoch``."""
+
+    def __init__(self, dataset: Any, rank: int, world_size: int, seed: int) -> None:
+        super().__init__(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
+        self.samples = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.samples.epoch = epoch

@@ -2,7 +2,7 @@
 
 A *source* yields raw samples -- uint8 image (H, W) or (H, W, 3) and int64 mask (H, W) -- and
 :class:`SegmentationSamples` turns them into normalised tensors, applying the training
-augmentation with a generator seeded by (seed, epoch, index). :class:`EpochShuffleSampler`
+augmentation with a generator seeded by (seed, epoch, index). :class:`apps.engine.batching.EpochShuffleSampler`
 shards and shuffles for ``torchrun`` and passes the epoch on to the dataset.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from apps.data.fashion_mnist import load_fashion_mnist
 from apps.engine.options import OptionError
@@ -25,7 +25,6 @@ from apps.segment.settings import DEFAULT_VAL_FRACTION
 from apps.segment.transforms import TrainAugment, to_tensors
 
 __all__ = [
-    "EpochShuffleSampler",
     "FolderSource",
     "SceneSource",
     "SegmentationSamples",
@@ -108,20 +107,6 @@ class SegmentationSamples(Dataset):
             generator = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, index))
             x, y = self.augment(x, y, generator)
         return x, y
-
-
-class EpochShuffleSampler(DistributedSampler):
-    """DistributedSampler (shuffled, equal shards) that also tells the dataset the epoch."""
-
-    def __init__(self, dataset: SegmentationSamples, rank: int, world_size: int, seed: int):
-        super().__init__(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
-        )
-        self.samples = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.samples.epoch = epoch
 
 
 @dataclass

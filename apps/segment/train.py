@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from apps.engine.batching import EpochShuffleSampler
 from apps.engine.distributed import DistributedContext
 from apps.engine.driver import run_training
 from apps.engine.model_args import model_overrides
@@ -29,7 +30,7 @@ from apps.engine.progress import console, progress_enabled
 from apps.engine.settings import Choice, runtime_rows
 from apps.engine.task import TrainingRun
 from apps.engine.trainer import Trainer
-from apps.segment.data import EpochShuffleSampler, SegmentationSamples, SourcePair, build_sources
+from apps.segment.data import SegmentationSamples, SourcePair, build_sources
 from apps.segment.evaluate import evaluate_segmentation
 from apps.segment.metrics import correct_pixels
 from apps.segment.model import APP, ModelSpec, build_model, count_parameters, read_run_spec
