@@ -2,8 +2,9 @@
 
 A *source* yields raw samples -- uint8 image (H, W) or (H, W, 3) and int64 mask (H, W) -- and
 :class:`SegmentationSamples` turns them into normalised tensors, applying the training
-augmentation with a generator seeded by (seed, epoch, index). :class:`apps.engine.batching.EpochShuffleSampler`
-shards and shuffles for ``torchrun`` and passes the epoch on to the dataset.
+augmentation with a generator seeded by (seed, epoch, index).
+:class:`apps.engine.batching.EpochShuffleSampler` shards and shuffles for ``torchrun`` and
+passes the epoch on to the dataset.
 """
 
 from __future__ import annotations
