@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .decay import DecayField
+from .linear import Linear
 from .residual_conv import depthwise_conv
 from .rope import apply_rotary
 
@@ -38,12 +39,12 @@ class MaskedAttention(nn.Module):
         self.dim = dim
         self.heads = heads
         self.head_dim = dim // heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
         # LePE: depthwise 5×5 conv on v, added to the attention output.
         self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         self.decay = DecayField(dim, heads)
 
     def extra_repr(self) -> str:

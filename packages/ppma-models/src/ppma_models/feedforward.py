@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .residual_conv import residual_depthwise_conv
 
 
@@ -17,8 +18,8 @@ class ConvFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

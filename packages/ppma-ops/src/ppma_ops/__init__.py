@@ -6,6 +6,7 @@ Public ops (q, k: (B, heads, H, W, d); v, x: (B, heads, H, W, c); log decays: (B
 - :func:`criss_cross_attention` criss-cross polyline attention (docs/design.md §2.4)
 - :func:`polyline_scan`         y = L·x (or Lᵀ·x) in O(N·c)
 - :func:`depthwise_conv2d`      the blocks' depthwise convolutions on (B, H, W, C) maps
+- :func:`linear`                the blocks' projections (oneDNN's product where MKL's is slow)
 
 Each runs the fused native kernel when the compiled library is loaded, and the pure-PyTorch
 reference (:mod:`ppma_ops.reference`) otherwise, or when the reference backend is selected:
@@ -24,6 +25,7 @@ from __future__ import annotations
 from . import reference
 from ._native import native_available, native_load_error
 from .backend import BACKEND_ENV, BACKENDS, get_backend, set_backend, use_backend
+from .onednn_linear import linear
 from .ops import criss_cross_attention, depthwise_conv2d, polyline_attention, polyline_scan
 from .value_checks import (
     VALUE_CHECKS_ENV,
@@ -39,6 +41,7 @@ __all__ = [
     "criss_cross_attention",
     "depthwise_conv2d",
     "get_backend",
+    "linear",
     "native_available",
     "native_load_error",
     "polyline_attention",
