@@ -41,10 +41,14 @@ def _leaves(*tensors):
     return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
 
 
+# (x shape, out features): small, flat, 5-D, and one wide enough for oneDNN's weight gradient.
+SHAPES = [((2, 5, 7, 24), 40), ((300, 64), 40), ((1, 3, 3, 3, 8), 40), ((2, 50, 128), 160)]
+
+
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(2, 5, 7, 24), (300, 64), (1, 3, 3, 3, 8)])
-def test_values_and_gradients_match_float64(shape, bias):
-    x, w, b = _problem(shape, bias=bias)
+@pytest.mark.parametrize(("shape", "out_features"), SHAPES)
+def test_values_and_gradients_match_float64(shape, out_features, bias):
+    x, w, b = _problem(shape, out_features, bias=bias)
     grad = torch.randn(*shape[:-1], w.shape[0])
     ours = _leaves(x, w, b)
     oracle = _leaves(*(t.double() if t is not None else None for t in (x, w, b)))
@@ -56,6 +60,28 @@ def test_values_and_gradients_match_float64(shape, bias):
     for got, want in zip(ours, oracle, strict=True):
         if got is not None:
             torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize(("shape", "out_features"), SHAPES[:2])
+def test_gelu_activation_matches_float64(shape, out_features, grad):
+    x, w, b = _problem(shape, out_features)
+    ours = _leaves(x, w, b) if grad else (x, w, b)
+    oracle = _leaves(x.double(), w.double(), b.double())
+    y = ppma_ops.linear(*ours, activation="gelu")
+    y64 = F.gelu(F.linear(*oracle))
+    torch.testing.assert_close(y, y64.float(), rtol=1e-5, atol=1e-5)
+    if grad:
+        y.sum().backward()
+        y64.sum().backward()
+        for got, want in zip(ours, oracle, strict=True):
+            torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_activation_is_refused():
+    x, w, b = _problem()
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ppma_ops.linear(x, w, b, activation="relu")
 
 
 def test_strided_input_and_partial_gradients():
@@ -85,11 +111,17 @@ def test_second_derivatives_match_f_linear():
 
 
 @pytest.mark.skipif(not ONEDNN_HERE, reason="oneDNN's product is taken on AVX-512 CPUs only")
-def test_float32_takes_onednn_on_avx512_cpus():
-    x, w, b = _leaves(*_problem())
+@pytest.mark.parametrize(("shape", "out_features", "onednn_weight_grad"),
+                         [((2, 5, 7, 24), 40, False), ((2, 50, 128), 160, True)])  # fmt: skip
+def test_float32_takes_onednn_on_avx512_cpus(shape, out_features, onednn_weight_grad):
+    x, w, b = _leaves(*_problem(shape, out_features))
     seen = _ops_seen(lambda: ppma_ops.linear(x, w, b).sum().backward())
     assert seen.count("mkldnn::_linear_pointwise") == 2  # forward and input gradient
     assert "aten::addmm" not in seen
+    assert ("aten::mkldnn_linear_backward_weights" in seen) == onednn_weight_grad
+    with torch.no_grad():
+        fused = _ops_seen(lambda: ppma_ops.linear(x, w, b, activation="gelu"))
+    assert "mkldnn::_linear_pointwise" in fused and "aten::gelu" not in fused
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .linear import Linear
@@ -23,5 +22,5 @@ class ConvFeedForward(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.fc1(x))
+        h = self.fc1(x, activation="gelu")
         return self.fc2(residual_depthwise_conv(h, self.dwconv))

@@ -12,5 +12,6 @@ class Linear(nn.Linear):
     which takes oneDNN's faster product on CPUs where MKL's is slow. x: (..., in) → (..., out).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ppma_ops.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, *, activation: str | None = None) -> torch.Tensor:
+        """activation: None or "gelu" (applied to the output, fused where possible)."""
+        return ppma_ops.linear(x, self.weight, self.bias, activation=activation)
