@@ -7,7 +7,8 @@
     (3, 224, 224)
 
 The ops run on ppma_ops' backend (``ppma_ops.use_backend("reference")`` for the plain-PyTorch
-reference). See the package README for checkpoints (the authors' .pth files and our
+reference); ``compile_model(model)`` is ``torch.compile`` with the settings they need. See
+the package README for checkpoints (the authors' .pth files and our
 safetensors, for classifiers and segmentation models alike).
 """
 
@@ -23,6 +24,7 @@ from .checkpoint import (
     save_safetensors,
     save_upstream,
 )
+from .compiled import compile_model
 from .config import PPMAConfig
 from .export import check_onnx, export_onnx
 from .model import PPMA
@@ -53,6 +55,7 @@ __all__ = [
     "PretrainedCfg",
     "SegmentationModel",
     "UPerHead",
+    "compile_model",
     "create_model",
     "create_segmentation_model",
     "get_config",

@@ -71,15 +71,16 @@ class MaskedAttention(nn.Module):
         b, h, w, c = x.shape
         v = self.v_proj(x)
         log_alpha, log_beta = self.decay(x)
-        q = apply_rotary(self._split_heads(self.q_proj(x)), rotation)
-        # k is scaled by d^-1/2 (as upstream); folded into its rotation to save a pass.
-        k = apply_rotary(self._split_heads(self.k_proj(x)), rotation * self.head_dim**-0.5)
+        q, k = self.q_proj(x), self.k_proj(x)
         # Under bf16/fp16 autocast the projections come out in low precision while the decay
-        # head may not; the ops take one dtype (and accumulate in float32 regardless).
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), log_alpha.dtype)
-        q, k, v_heads, log_alpha, log_beta = (
-            t.to(dtype) for t in (q, k, self._split_heads(v), log_alpha, log_beta)
-        )
+        # head may not; the ops take one dtype (and compute in float32 regardless). Converting
+        # before the rotation lets it take its fast complex form.
+        dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), log_alpha.dtype)
+        q = apply_rotary(self._split_heads(q.to(dtype)), rotation)
+        # k is scaled by d^-1/2 (as upstream); folded into its rotation to save a pass.
+        k = apply_rotary(self._split_heads(k.to(dtype)), rotation * self.head_dim**-0.5)
+        v_heads = self._split_heads(v).to(dtype)
+        log_alpha, log_beta = log_alpha.to(dtype), log_beta.to(dtype)
         out = self.attend(q, k, v_heads, log_alpha, log_beta)
         lepe = depthwise_conv(v, self.lepe.weight, self.lepe.bias)
         # Merging the heads back to channels last is the LePE addition itself: with the

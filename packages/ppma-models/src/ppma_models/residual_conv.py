@@ -12,6 +12,11 @@ def depthwise_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Depthwise "same" convolution: x (B, H, W, C), weight (C, 1, kh, kw) → (B, H, W, C)."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            b = None if bias is None else bias.float()
+            return ppma_ops.depthwise_conv2d(x.float(), weight.float(), b).to(dtype)
     return ppma_ops.depthwise_conv2d(x, weight, bias)
 
 

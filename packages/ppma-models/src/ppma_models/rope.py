@@ -78,16 +78,20 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
     Pair (x_2m, x_2m+1) is read as x_2m + i·x_2m+1 and multiplied by rotation[..., m]:
     (x_2m·cos − x_2m+1·sin, x_2m+1·cos + x_2m·sin), the upstream rotate-every-two formula.
-    One complex multiply is ~10× faster than the gather/stack form on the CPU. The result
-    is contiguous whatever the layout of x.
+    One complex multiply is ~10× faster than the gather/stack form on the CPU, and its
+    result is contiguous whatever the layout of x. bf16/fp16 (no complex counterpart on every
+    backend) and torch.compile (Inductor generates no code for complex tensors, but fuses the
+    real-valued form into one kernel) use the real-valued form; compiled, it is asked for a
+    contiguous result too, which that kernel then writes directly.
     """
-    if x.dtype in (torch.float32, torch.float64) and x.stride(-1) == 1:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and x.dtype in (torch.float32, torch.float64) and x.stride(-1) == 1:
         complex_dtype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
         return _ComplexRotate.apply(x, rotation.to(complex_dtype))
-    # bf16/fp16 have no complex counterpart on every backend: the real-valued form.
     cos = rotation.real.repeat_interleave(2, dim=-1).to(x.dtype)
     sin = rotation.imag.repeat_interleave(2, dim=-1).to(x.dtype)
-    return x * cos + rotate_every_two(x) * sin
+    y = x * cos + rotate_every_two(x) * sin
+    return y.contiguous() if compiling else y
 
 
 class FlatRotaryEmbedding(nn.Module):
