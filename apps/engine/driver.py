@@ -18,6 +18,7 @@ from apps.engine.checkpoint import load_training_state
 from apps.engine.distributed import DistributedContext, init_distributed
 from apps.engine.optimizer import build_adamw
 from apps.engine.options import SHARED_RECIPE_KEYS, OptionError, out_problem
+from apps.engine.precision import resolve_amp
 from apps.engine.progress import console
 from apps.engine.runspec import RunSpec
 from apps.engine.schedule import WarmupSchedule
@@ -149,12 +150,15 @@ def _trainer(
         recipe={key: getattr(args, key, None) for key in recipe_keys(task)},
         sources={name: choice.source for name, choice in run.choices.items()},
     )
+    amp, amp_note = resolve_amp(args.amp, ctx.device)
+    if args.amp:
+        console(amp_note, is_main=ctx.is_main)
     config = TrainerConfig(
         out_dir=Path(args.out),
         epochs=args.epochs,
         seed=args.seed,
         grad_clip=args.grad_clip or None,
-        amp=args.amp,
+        amp=amp,
         ema_decay=args.ema_decay or None,
         progress=args.progress,
         best_metric=run.best_metric,

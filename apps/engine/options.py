@@ -191,8 +191,8 @@ def add_optimisation_options(
     o.add_argument("--grad-clip", type=float, default=defaults.grad_clip,
                    help="max global gradient norm, 0 = off (default: %(default)s)")  # fmt: skip
     o.add_argument("--amp", action="store_true",
-                   help="bf16 autocast (CPU or CUDA); on the CPU it pays off only for large "
-                        "models (default: off)")  # fmt: skip
+                   help="bf16 autocast; on a CPU only where it has bf16 arithmetic (AVX-512 "
+                        "BF16, AMX, Arm BF16), float32 elsewhere (default: off)")  # fmt: skip
     o.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights, the data order, the augmentation and any "
                         "held-out split (default: %(default)s)")  # fmt: skip
