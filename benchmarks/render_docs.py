@@ -59,14 +59,16 @@ SECTIONS = (
     Section(
         title="Whole models (ppma_models)",
         stem="models",
-        command="nox -s bench_models",
+        command=(
+            "nox -s bench_models -- --authors-ppma PATH/PPMA.py --authors-rmt PATH/RMT.py"
+        ),
         about=(
             "PPMA-T/S/B images/s and peak memory for inference and training steps at 224², "
             "with the native ops and with the reference ops on the same model object, plus a "
             "1024² forward of the PPMA-T backbone where the reference materialises N×N masks. "
-            "Given the authors' files (`-- --authors-ppma PATH/PPMA.py --authors-rmt "
-            "PATH/RMT.py`, from github.com/zhongchenzhao/PPMA), their PPMA with our weights and "
-            "their RMT run in the same interleaved rounds."
+            "Given the authors' files (the two optional arguments above, "
+            "`classification/models/` of github.com/zhongchenzhao/PPMA), their PPMA with our "
+            "weights and their RMT run in the same interleaved rounds."
         ),
     ),
     Section(
