@@ -59,9 +59,7 @@ SECTIONS = (
     Section(
         title="Whole models (ppma_models)",
         stem="models",
-        command=(
-            "nox -s bench_models -- --authors-ppma PATH/PPMA.py --authors-rmt PATH/RMT.py"
-        ),
+        command=("nox -s bench_models -- --authors-ppma PATH/PPMA.py --authors-rmt PATH/RMT.py"),
         about=(
             "PPMA-T/S/B images/s and peak memory for inference and training steps at 224², "
             "with the native ops and with the reference ops on the same model object, plus a "
