@@ -17,14 +17,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ppma_models
 import torch
 from ppma_models import CheckpointError
 from ppma_models.checkpoint import LoadResult, check_dtypes
 
-from apps.engine.checkpoint import atomic_path
+from apps.engine.checkpoint import atomic_path, load_training_state, load_weights
+from apps.engine.runspec import RunSpec
+
+Spec = TypeVar("Spec")
 
 __all__ = [
     "app_metadata",
@@ -111,3 +114,49 @@ def load_state_checked(
     check_dtypes(weights, model.state_dict(), LoadResult(str(path), "weights"))
     model.load_state_dict(weights)
     return model
+
+
+def load_run(
+    path: str | Path,
+    *,
+    app: str,
+    read_run_spec: Callable[[object, Path], RunSpec],
+    parse_spec: Callable[[Any], Spec],
+    build: Callable[[Spec], torch.nn.Module],
+    stored_problem: Callable[[torch.nn.Module, Spec], str | None],
+) -> tuple[torch.nn.Module, RunSpec]:
+    """The model (in eval mode) and the run spec of an app's checkpoint.
+
+    path: a run directory (its best.safetensors), a ``.safetensors`` weights file (our layout,
+    or the earlier one: the state dict with the run's meta as JSON) or a ``.pt`` training
+    state (its EMA weights when present). read_run_spec turns the stored meta into the run
+    spec (older layouts included); parse_spec reads the model spec from ``run.model``; build
+    makes the model it describes; stored_problem says what is wrong with a model
+    ``ppma_models.load_model`` rebuilt from our layout (None when it is the recorded one).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    state = weights = None
+    if not is_safetensors(path):
+        state = load_training_state(path)
+        meta = state.get("meta")
+    elif (meta := app_metadata(path, app)) is None:  # the earlier layout
+        weights, meta = load_weights(path)
+    run = read_run_spec(meta, path)
+    try:
+        spec = parse_spec(run.model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if state is not None:
+        weights = state_weights(state, isinstance(state.get("ema"), dict), path)
+    if weights is not None:
+        model = load_state_checked(lambda: build(spec), weights, path)
+    else:
+        model = ppma_models.load_model(path)
+        problem = stored_problem(model, spec)
+        if problem is not None:
+            raise CheckpointError(f"{path}: {problem}")
+    return model.eval(), run

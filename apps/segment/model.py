@@ -18,17 +18,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import ppma_models
 import torch
 from ppma_models import CheckpointError, SegmentationModel, create_segmentation_model
 from ppma_models.checkpoint import CONFIG_LIMITS
 from ppma_models.registry import get_config
 
-from apps.engine.checkpoint import load_training_state, load_weights
 from apps.engine.model_args import overrides_problem
 from apps.engine.runspec import RUN_FORMAT, RunSpec, is_run_spec
 from apps.engine.values import is_int, is_rate, short
-from apps.engine.weights import app_metadata, is_safetensors, load_state_checked, state_weights
+from apps.engine.weights import load_run as load_app_run
 
 __all__ = [
     "APP",
@@ -153,57 +151,19 @@ def read_run_spec(meta: object, path: Path) -> RunSpec:
     return RunSpec.from_meta(meta, str(path))
 
 
-def _model_spec(run: RunSpec, path: Path) -> ModelSpec:
-    try:
-        return ModelSpec.from_dict(run.model)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-
-
-def _from_training_state(path: Path) -> tuple[SegmentationModel, RunSpec]:
-    """A ``.pt`` training state: its EMA weights when present, else its model weights."""
-    state = load_training_state(path)
-    run = read_run_spec(state.get("meta"), path)
-    spec = _model_spec(run, path)
-    weights = state_weights(state, isinstance(state.get("ema"), dict), path)
-    return load_state_checked(lambda: build_model(spec), weights, path), run
-
-
-def _from_safetensors(path: Path) -> tuple[SegmentationModel, RunSpec]:
-    """Our weights file: ppma_models' layout with the run spec under ``segment``, or the
-    layout of runs written before (the state dict with the run's meta as JSON)."""
-    meta = app_metadata(path, APP)
-    if meta is None:  # the earlier layout
-        weights, meta = load_weights(path)
-        run = read_run_spec(meta, path)
-        spec = _model_spec(run, path)
-        return load_state_checked(lambda: build_model(spec), weights, path), run
-    run = read_run_spec(meta, path)
-    spec = _model_spec(run, path)
-    model = ppma_models.load_model(path)
-    if not isinstance(model, SegmentationModel) or model.num_classes != spec.num_classes:
-        raise CheckpointError(
-            f"{path}: the stored model is not the recorded {spec.num_classes}-class segmentation "
-            "model"
-        )
-    return model, run
-
-
-def _resolve(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    return path
+def _stored_problem(model: torch.nn.Module, spec: ModelSpec) -> str | None:
+    if isinstance(model, SegmentationModel) and model.num_classes == spec.num_classes:
+        return None
+    return f"the stored model is not the recorded {spec.num_classes}-class segmentation model"
 
 
 def load_run(path: str | Path) -> tuple[SegmentationModel, RunSpec]:
     """The model (in eval mode) and the run spec of a run directory (its best.safetensors),
     a ``.safetensors`` weights file or a ``.pt`` training state (EMA weights when present)."""
-    path = _resolve(path)
-    model, run = _from_safetensors(path) if is_safetensors(path) else _from_training_state(path)
-    return model.eval(), run
+    return load_app_run(
+        path, app=APP, read_run_spec=read_run_spec, parse_spec=ModelSpec.from_dict,
+        build=build_model, stored_problem=_stored_problem,
+    )  # fmt: skip
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
