@@ -44,6 +44,11 @@ def _onednn_product(
     return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, post_op, [], algorithm)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., K) as contiguous (M, K) rows: oneDNN takes row-major rows only."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
 def _weight_and_bias_grads(
     grad: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor, want_bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -81,7 +86,7 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        flat = x.reshape(-1, x.shape[-1]).contiguous()  # oneDNN takes row-major rows only
+        flat = _rows(x)
         ctx.save_for_backward(flat, weight)
         ctx.input_shape = x.shape
         ctx.has_bias = bias is not None
@@ -91,7 +96,7 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         flat, weight = ctx.saved_tensors
-        grad_flat = grad_out.reshape(-1, weight.shape[0]).contiguous()
+        grad_flat = _rows(grad_out)
         want_x, want_w, want_b = ctx.needs_input_grad
         grad_x = grad_w = grad_b = None
         if want_x:
@@ -135,7 +140,6 @@ def linear(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
     if gelu and not needs_grad:
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        return _onednn_product(flat, weight, bias, gelu=True).view(*x.shape[:-1], -1)
+        return _onednn_product(_rows(x), weight, bias, gelu=True).view(*x.shape[:-1], -1)
     y = _OneDNNLinear.apply(x, weight, bias)
     return F.gelu(y) if gelu else y
