@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ppma_models.registry import get_config
 
 from apps.classify.cli import EPILOGS, build_parser
 from apps.classify.predict import format_table
@@ -44,8 +45,15 @@ def test_measured_size_is_the_median_of_readable_images(tmp_path):
     assert measure_image_size(mixed[::-1], sample=10) == (40, 60)
 
 
-def test_model_stride_follows_the_number_of_stages():
-    assert [model_stride(n) for n in (1, 2, 3, 4)] == [4, 8, 16, 32]
+def test_model_stride_follows_the_stages_and_the_stem():
+    tiny = get_config("ppma_tiny")
+    assert model_stride(tiny) == 32
+    assert model_stride(tiny.replace(stem_stride=2)) == 16
+    three = tiny.replace(dims=(64, 128, 256), depths=(1, 1, 1), heads=(2, 4, 8),
+                         mlp_ratios=(3, 3, 3), attention_kinds=("X", "X", "V"),
+                         layer_scale=(False, False, False))  # fmt: skip
+    assert model_stride(three) == 16
+    assert model_stride(three.replace(stem_stride=2)) == 8
 
 
 @pytest.mark.parametrize(

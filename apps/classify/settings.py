@@ -26,6 +26,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from ppma_models import PPMAConfig
+
 from apps.classify.transforms import SMALL_INPUT_LIMIT
 from apps.engine.batching import EpochPlan, default_batch_size
 from apps.engine.schedule import warmup_steps
@@ -77,9 +79,9 @@ def measure_image_size(paths: Sequence[str], sample: int = SIZE_SAMPLE) -> tuple
     return statistics.median_low(h for _, h in sizes), statistics.median_low(w for w, _ in sizes)
 
 
-def model_stride(num_stages: int) -> int:
-    """Total downsampling of a PPMA trunk: the stem's 4, then 2 per further stage."""
-    return 4 * 2 ** (num_stages - 1)
+def model_stride(config: PPMAConfig) -> int:
+    """Total downsampling of a PPMA trunk: the stem's (4, or 2), then 2 per further stage."""
+    return config.strides[-1]
 
 
 def resolve_input_size(

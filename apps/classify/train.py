@@ -210,7 +210,7 @@ def _resolve(
         measured = rules.measure_image_size([path for path, _ in data.train.samples])
     size = rules.resolve_input_size(
         args.input_size, builtin_size=builtin, measured=measured,
-        stride=rules.model_stride(config.num_stages), pretrained=bool(args.pretrained),
+        stride=rules.model_stride(config), pretrained=bool(args.pretrained),
     )  # fmt: skip
     batch = rules.resolve_batch_size(args.batch_size, -(-len(data.train) // world_size))
     args.input_size, args.batch_size = size.value, batch.value

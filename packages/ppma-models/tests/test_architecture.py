@@ -200,6 +200,26 @@ def test_features_at_odd_size_are_normalised_stage_outputs():
         assert torch.allclose(f, expect.permute(0, 3, 1, 2), atol=1e-5)
 
 
+def test_stem_stride_2_doubles_every_grid_with_the_same_parameters():
+    base = seeded_model("ppma_nano", features_only=True).eval()
+    fine = create_model("ppma_nano", features_only=True, stem_stride=2).eval()
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    assert {k: v.shape for k, v in fine.state_dict().items()} == shapes
+    fine.load_state_dict(base.state_dict())
+    x = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        feats = fine(x)
+        # Only the first convolution's stride differs: at stride 1 its output holds the
+        # stride-2 output at every other pixel.
+        assert torch.allclose(fine.stem.conv1(x)[..., ::2, ::2], base.stem.conv1(x), atol=1e-6)
+    sizes = [(49, 66), (25, 33), (13, 17), (7, 9)]  # ⌈·/2⌉ then halving with rounding up
+    assert [tuple(f.shape[2:]) for f in feats] == sizes
+    assert [i["reduction"] for i in fine.feature_info] == [2, 4, 8, 16]
+    assert fine.config.strides == (2, 4, 8, 16) and base.config.strides == (4, 8, 16, 32)
+    with pytest.raises(ValueError, match=r"stem_stride must be one of \(2, 4\), got 8"):
+        create_model("ppma_nano", stem_stride=8)
+
+
 def test_features_subset_and_intermediates_options():
     model = create_model("ppma_nano", features_only=True, out_indices=(3, 1))
     assert model.out_indices == (1, 3) and set(model.out_norms) == {"1", "3"}

@@ -201,6 +201,17 @@ def test_safetensors_round_trip_rebuilds_the_model(tmp_path):
         save_safetensors(model, tmp_path / "x.safetensors", class_names=["a", "b"])
 
 
+def test_safetensors_round_trip_keeps_the_stem_stride(tmp_path):
+    model = seeded_model("ppma_nano", num_classes=3, in_chans=1, stem_stride=2).eval()
+    path = tmp_path / "fine.safetensors"
+    save_safetensors(model, path)
+    rebuilt = load_model(path).eval()
+    assert rebuilt.config.stem_stride == 2 and rebuilt.stem.conv1.stride == (1, 1)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
 def test_pretrained_with_other_class_count_keeps_a_fresh_classifier(tmp_path):
     source = seeded_model("ppma_nano", num_classes=1000)
     path = tmp_path / "nano1000.safetensors"

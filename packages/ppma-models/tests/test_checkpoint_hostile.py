@@ -209,6 +209,7 @@ def test_huge_config_in_metadata_is_refused_before_allocating(
         ({"config": {"depths": [1000] * 4}}, r"outside the limits \(at most 512 blocks"),
         ({"config": {"dims": []}}, r"outside the limits \(1 to 8 stages"),
         ({"config": {"mlp_ratios": [-3, 3, 3, 3]}}, r"outside the limits \(0 < mlp_ratios <= 64"),
+        ({"config": {"stem_stride": 3}}, r"outside the limits \(stem_stride in \(2, 4\)"),
     ],
 )
 def test_bad_metadata_is_one_error_naming_the_file(tmp_path, good_file, change, message):

@@ -14,15 +14,19 @@ from .rope import FlatRotaryEmbedding
 
 
 class Stem(nn.Module):
-    """Output stride 4: four 3×3 convs (strides 2, 1, 2, 1) with BatchNorm, GELU between.
+    """Four 3×3 convs (strides 2, 1, 2, 1) with BatchNorm, GELU between: output stride 4.
+    With ``stride=2`` the first runs at stride 1 (same parameters, twice the resolution).
 
-    x: (B, in_chans, H, W) → (B, ⌈⌈H/2⌉/2⌉, ⌈⌈W/2⌉/2⌉, dim) channels last.
+    x: (B, in_chans, H, W) → (B, ⌈H/stride⌉, ⌈W/stride⌉, dim) channels last (rounding up at
+    each stride-2 step).
     """
 
-    def __init__(self, in_chans: int, dim: int) -> None:
+    def __init__(self, in_chans: int, dim: int, stride: int = 4) -> None:
         super().__init__()
+        if stride not in (2, 4):
+            raise ValueError(f"Stem stride must be 2 or 4, got {stride}")
         half = dim // 2
-        self.conv1 = nn.Conv2d(in_chans, half, 3, stride=2, padding=1)
+        self.conv1 = nn.Conv2d(in_chans, half, 3, stride=stride // 2, padding=1)
         self.norm1 = nn.BatchNorm2d(half)
         self.conv2 = nn.Conv2d(half, half, 3, stride=1, padding=1)
         self.norm2 = nn.BatchNorm2d(half)

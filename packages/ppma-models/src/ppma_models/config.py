@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 #: Attention kinds per stage, as written in the paper's table: "X" criss-cross, "V" vanilla.
 ATTENTION_KINDS = ("X", "V")
+#: Downsampling of the stem: the paper's 4, or 2 (its first convolution at stride 1).
+STEM_STRIDES = (2, 4)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class PPMAConfig:
     layer_scale_init: float = 1e-6
     head_hidden: int = 1024
     in_chans: int = 3
+    stem_stride: int = 4
 
     def __post_init__(self) -> None:
         n = len(self.dims)
@@ -54,12 +57,19 @@ class PPMAConfig:
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.stem_stride not in STEM_STRIDES:
+            raise ValueError(f"stem_stride must be one of {STEM_STRIDES}, got {self.stem_stride}")
         if self.in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
 
     @property
     def num_stages(self) -> int:
         return len(self.dims)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Downsampling of each stage's output relative to the input: stem_stride · 2^i."""
+        return tuple(self.stem_stride * 2**i for i in range(self.num_stages))
 
     @property
     def head_dims(self) -> tuple[int, ...]:

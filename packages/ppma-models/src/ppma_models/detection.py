@@ -361,7 +361,7 @@ class PPMAFeaturePyramid(nn.Module):
     @property
     def strides(self) -> list[int]:
         """Stride of each output level ("0", "1", ..., "pool")."""
-        strides = [4 * 2**i for i in self.body.out_indices]
+        strides = [self.body.config.strides[i] for i in self.body.out_indices]
         return [*strides, strides[-1] * 2]
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:

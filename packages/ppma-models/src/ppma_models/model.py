@@ -22,7 +22,8 @@ class PPMA(nn.Module):
 
     Classifier mode (default): ``forward(x)`` → logits (B, num_classes).
     Features mode (``features_only=True``): no head; ``forward(x)`` → list of NCHW maps, one
-    per entry of ``out_indices`` (default: every stage; stage i has stride 4·2^i and
+    per entry of ``out_indices`` (default: every stage; stage i has stride
+    ``config.strides[i]`` = stem_stride·2^i, 4·2^i by default, and
     ``config.dims[i]`` channels), each through its own LayerNorm.
 
     Input x: (B, in_chans, H, W), any H, W ≥ 1 (odd sizes round up at each stride-2 step).
@@ -58,7 +59,7 @@ class PPMA(nn.Module):
         self.out_indices = out_indices
         self.in_chans = config.in_chans
 
-        self.stem = Stem(config.in_chans, config.dims[0])
+        self.stem = Stem(config.in_chans, config.dims[0], config.stem_stride)
         # Stochastic depth rises linearly from 0 over all blocks of all stages.
         total = sum(config.depths)
         rates = torch.linspace(0, config.drop_path_rate, total, device="cpu").tolist()
@@ -81,7 +82,7 @@ class PPMA(nn.Module):
             )
             start += depth
         self.feature_info = [
-            {"num_chs": config.dims[i], "reduction": 4 * 2**i, "module": f"stages.{i}"}
+            {"num_chs": config.dims[i], "reduction": config.strides[i], "module": f"stages.{i}"}
             for i in range(n)
         ]
         if features_only:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PPMAConfig
+from ..config import STEM_STRIDES, PPMAConfig
 from ..model import PPMA
 from ..segmentation import SegmentationModel, create_segmentation_model
 from .errors import CheckpointError
@@ -159,6 +159,7 @@ _CONFIG_FIELDS: dict[str, tuple[Callable[[object], bool], bool, str]] = {
     "layer_scale_init": (_is_real, False, "a number"),
     "head_hidden": (_is_int, False, "an integer"),
     "in_chans": (_is_int, False, "an integer"),
+    "stem_stride": (_is_int, False, "an integer"),
 }
 _REQUIRED_CONFIG = ("dims", "depths", "heads", "mlp_ratios", "attention_kinds")
 _REQUIRED_METADATA = ("format_version", "config", "num_classes", "features_only", "out_indices")
@@ -203,6 +204,7 @@ def config_problem(data: object) -> str | None:
             (sum(data["depths"]) <= lim["blocks"], f"at most {lim['blocks']} blocks in all"),
             (all(1 <= w <= lim["width"] for w in widths), f"dims, head_hidden <= {lim['width']}"),
             (1 <= data.get("in_chans", 3) <= lim["in_chans"], f"in_chans <= {lim['in_chans']}"),
+            (data.get("stem_stride", 4) in STEM_STRIDES, f"stem_stride in {STEM_STRIDES}"),
             (
                 all(0 < r <= lim["mlp_ratio"] for r in data["mlp_ratios"]),
                 f"0 < mlp_ratios <= {lim['mlp_ratio']}",
