@@ -336,6 +336,23 @@ def test_eval_report_matches_independent_computation(digits_run, tmp_path, capsy
     assert report["weights"] == "ours (safetensors)"
 
 
+def test_flip_eval_scores_the_mean_of_both_views_probabilities(digits_run, tmp_path, capsys):
+    argv = ["eval", "--checkpoint", str(digits_run / "best.safetensors"), "--data", "digits",
+            "--out", str(tmp_path / "eval"), "--json", "--flip", *FAST]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    images, labels = _digits_test_images()
+    loaded = load_classifier(digits_run / "best.safetensors")
+    x = (torch.from_numpy(images).double()[:, None] / 255 - loaded.mean[0]) / loaded.std[0]
+    model = loaded.model.double()
+    with torch.no_grad():
+        probs = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)).numpy() / 2
+    assert report["flip"] is True
+    assert report["top1"] == pytest.approx((probs.argmax(1) == labels).mean())
+    loss = -np.log(probs[np.arange(len(labels)), labels]).mean()
+    assert report["loss"] == pytest.approx(loss, rel=1e-4)
+
+
 def test_eval_of_training_state_uses_ema_unless_told(digits_run, tmp_path):
     ema = load_classifier(digits_run / "last.pt")
     raw = load_classifier(digits_run / "last.pt", weights="model")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from ppma_models.registry import get_config
 
+from apps.classify import train as train_module
 from apps.classify.cli import EPILOGS, build_parser
 from apps.classify.predict import format_table
 from apps.classify.settings import (
@@ -179,3 +180,21 @@ def test_predict_table_columns_line_up_with_their_headers():
         for start, cell in zip(starts, cells, strict=True):
             assert row[start:].startswith(cell), (row, cell)
             assert start == 0 or row[start - 1] == " "
+
+
+@pytest.mark.parametrize(
+    "options, crop, hflip",
+    [
+        (["--hflip"], True, True),
+        (["--augment", "flip", "--hflip"], False, True),
+        (["--augment", "flip"], False, False),  # digits: no flips unless asked for
+        (["--augment", "none", "--hflip"], False, False),
+    ],
+)
+def test_augment_choice_sets_the_training_crops_and_flips(options, crop, hflip):
+    args = build_parser().parse_args(["train", "--data", "digits", *options])
+    args.input_size = 8
+    data = train_module._load_data(args, {})
+    train_module._set_transforms(args, data)
+    assert (data.train.transform.crop, data.train.transform.hflip) == (crop, hflip)
+    assert data.val.transform.train is False

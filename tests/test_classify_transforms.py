@@ -38,7 +38,7 @@ def test_small_train_crop_is_a_shift_of_the_padded_image():
 def test_flip_happens_only_when_allowed():
     torch.manual_seed(1)
     image = torch.rand(1, 8, 8)
-    flips = Preprocess((8, 8), (0.0,), (1.0,), train=True, hflip=True, augment=True)
+    flips = Preprocess((8, 8), (0.0,), (1.0,), train=True, hflip=True, crop=True)
     outs = [flips(image) for _ in range(40)]
     # With pad 1 a flipped crop is a crop of the flipped image.
     padded_flip = torch.nn.functional.pad(image.flip(-1), (1, 1, 1, 1))
@@ -60,6 +60,18 @@ def test_flip_happens_only_when_allowed():
             for dy in range(3)
             for dx in range(3)
         )
+
+
+def test_flips_without_crops_keep_every_pixel_in_place():
+    torch.manual_seed(2)
+    image = torch.rand(1, 8, 8)
+    flip_only = Preprocess((8, 8), (0.0,), (1.0,), train=True, hflip=True, crop=False)
+    outs = [flip_only(image) for _ in range(40)]
+    flipped = sum(torch.equal(o, image.flip(-1)) for o in outs)
+    assert 5 < flipped < 35
+    assert sum(torch.equal(o, image) for o in outs) == 40 - flipped
+    plain = Preprocess((8, 8), (0.0,), (1.0,), train=True, hflip=False, crop=False)
+    assert all(torch.equal(plain(image), image) for _ in range(5))
 
 
 def test_large_inputs_get_resized_crops_and_centre_crops():

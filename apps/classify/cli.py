@@ -172,10 +172,11 @@ def _add_augmentation(o: argparse._ArgumentGroup) -> None:
     )
     o.add_argument(
         "--augment",
-        choices=("auto", "none"),
+        choices=("auto", "flip", "none"),
         default="auto",
         help="auto: pad+crop(+flip) for inputs up to 64 px, random-resized crop "
-        "(+flip) for larger ones; none: no augmentation (default: %(default)s)",
+        "(+flip) for larger ones; flip: horizontal flips only; none: no augmentation "
+        "(default: %(default)s)",
     )
     flip = o.add_mutually_exclusive_group()
     flip.add_argument(
@@ -183,7 +184,7 @@ def _add_augmentation(o: argparse._ArgumentGroup) -> None:
         dest="hflip",
         action="store_true",
         default=None,
-        help="random horizontal flips (default: on, off for digits)",
+        help="random horizontal flips with --augment auto or flip (default: on, off for digits)",
     )
     flip.add_argument(
         "--no-hflip", dest="hflip", action="store_false", default=None,
@@ -224,6 +225,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--out",
         default=None,
         help="report directory (default: eval-<data>-<split> next to the checkpoint)",
+    )
+    e.add_argument(
+        "--flip",
+        action="store_true",
+        help="also run each mirrored image and average the softmax probabilities (flip "
+        "test-time augmentation; for models trained with flips)",
     )
     e.add_argument("--json", action="store_true",
                    help="print the JSON report on stdout (default: a table)")  # fmt: skip

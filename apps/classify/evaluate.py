@@ -44,8 +44,13 @@ def evaluate_classifier(
     ctx: DistributedContext,
     *,
     show_progress: bool = False,
+    flip: bool = False,
 ) -> dict:
-    """Counts summed over ranks: confusion matrix, top-1/top-5 hits, cross-entropy."""
+    """Counts summed over ranks: confusion matrix, top-1/top-5 hits, cross-entropy.
+
+    ``flip``: also run each mirrored image and score the mean of the two softmax
+    probabilities (flip test-time augmentation); the loss is that mean's cross-entropy.
+    """
     n = len(loaded.class_names)
     model = loaded.model.to(ctx.device).eval()
     confusion = torch.zeros(n, n, dtype=torch.float64, device=ctx.device)
@@ -56,6 +61,9 @@ def evaluate_classifier(
             continue
         x, y = (t.to(ctx.device) for t in batch)
         logits = model(x).float()
+        if flip:  # log of the mean probability: argmax, top-k and loss of the average
+            mirrored = model(x.flip(-1)).float()
+            logits = (logits.log_softmax(1).exp() + mirrored.log_softmax(1).exp()).mul(0.5).log()
         pred = logits.argmax(1)
         confusion.index_put_((y, pred), torch.ones_like(y, dtype=torch.float64), accumulate=True)
         topk = logits.topk(k, dim=1).indices
@@ -117,7 +125,7 @@ def run_eval(args: argparse.Namespace) -> int:
             collate_fn=collate_skipping_failed,
         )
         show = progress_enabled(args.progress, ctx.is_main)
-        report = evaluate_classifier(loaded, loader, ctx, show_progress=show)
+        report = evaluate_classifier(loaded, loader, ctx, show_progress=show, flip=args.flip)
         if not ctx.is_main:
             return 0
         report = {
@@ -125,6 +133,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "weights": loaded.source,
             "data": args.data,
             "split": args.split,
+            "flip": args.flip,
             **report,
         }
         out = Path(args.out) if args.out else _default_out(args)

@@ -225,11 +225,11 @@ def _resolve(
 def _set_transforms(args: argparse.Namespace, data: _Data) -> dict[str, Any]:
     spec, in_chans = data.spec, data.in_chans
     spec.input_size = (args.input_size, args.input_size)
-    hflip = spec.hflip if args.hflip is None else args.hflip
+    hflip = (spec.hflip if args.hflip is None else args.hflip) and args.augment != "none"
     common = {"size": spec.input_size, "mean": spec.mean * (in_chans // len(spec.mean)),
               "std": spec.std * (in_chans // len(spec.std)), "channels": in_chans}  # fmt: skip
     data.train.transform = Preprocess(
-        **common, train=True, hflip=hflip, augment=args.augment != "none"
+        **common, train=True, hflip=hflip, crop=args.augment == "auto"
     )
     if data.val is not None:
         data.val.transform = Preprocess(**common, train=False)

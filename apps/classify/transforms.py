@@ -3,7 +3,8 @@
 Small inputs (<= 64 px, e.g. 28x28 Fashion-MNIST): random crop from a zero-padded image
 (pad = size / 14, i.e. shifts of up to 2 px at 28 px) plus optional horizontal flip -- the
 classic CIFAR/MNIST recipe, mild enough for short schedules and keeping the object
-visible. Large inputs (ImageNet-like photos): random resized crop (area 25-100 %, aspect
+visible. Flips alone (``crop=False``) regularise less, which suits schedules of a few
+epochs. Large inputs (ImageNet-like photos): random resized crop (area 25-100 %, aspect
 3/4-4/3) plus flip for training, and resize-shorter-side to size/0.875 then centre crop for
 evaluation.
 
@@ -44,7 +45,8 @@ def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class Preprocess:
     """uint8/float (C, H, W) image -> normalised float (C, size, size) for the model.
 
-    train: apply augmentation; hflip: allow horizontal flips (off for e.g. digits);
+    train: apply augmentation: ``crop`` (random crops, see above) and ``hflip`` (random
+    horizontal flips; off for e.g. digits);
     channels: the model's input channels (grey images are repeated to RGB, RGB images are
     reduced to luminance), None to keep the image's own.
     """
@@ -54,7 +56,7 @@ class Preprocess:
     std: Sequence[float]
     train: bool = False
     hflip: bool = True
-    augment: bool = True
+    crop: bool = True
     channels: int | None = None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -70,12 +72,12 @@ class Preprocess:
                     f"image has {image.shape[0]} channels, model expects {self.channels}"
                 )
         small = max(self.size) <= SMALL_INPUT_LIMIT
-        if self.train and self.augment:
+        if self.train and self.crop:
             image = self._crop_small(image) if small else self._random_resized_crop(image)
-            if self.hflip and torch.rand(()) < 0.5:
-                image = image.flip(-1)
         else:
             image = _resize(image, self.size) if small else self._centre_crop(image)
+        if self.train and self.hflip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
         image = image.contiguous()
         mean = torch.tensor(self.mean, dtype=image.dtype).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=image.dtype).view(-1, 1, 1)
