@@ -230,7 +230,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--flip",
         action="store_true",
         help="also run each mirrored image and average the softmax probabilities (flip "
-        "test-time augmentation; for models trained with flips)",
+        "test-time augmentation; for models trained with flips) (default: off)",
     )
     e.add_argument("--json", action="store_true",
                    help="print the JSON report on stdout (default: a table)")  # fmt: skip
