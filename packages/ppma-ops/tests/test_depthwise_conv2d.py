@@ -38,8 +38,9 @@ def _native(x, weight, bias):
 @st.composite
 def conv_problems(draw):
     b, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
-    # 32 floats / 16 doubles make one register block: 35 and 40 also take the tail path.
-    c = draw(st.sampled_from([1, 3, 8, 16, 35, 40]))
+    # A register block is 4 vectors (AVX2: 32 floats / 16 doubles; AVX-512: 64 / 32), then
+    # single vectors, then single channels: 35, 40 and 83 take every path on either ISA.
+    c = draw(st.sampled_from([1, 3, 8, 16, 35, 40, 83]))
     kh, kw = draw(st.sampled_from([1, 3, 5, 7])), draw(st.sampled_from([1, 3, 5, 7]))
     with_bias = draw(st.booleans())
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))

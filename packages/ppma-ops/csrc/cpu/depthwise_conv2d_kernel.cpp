@@ -21,9 +21,12 @@ namespace {
 using at::vec::Vectorized;
 
 // Channels per register block: four vectors of accumulators (32 floats or 16 doubles on
-// AVX2). Channels past the last whole block are done one at a time.
+// AVX2, 64 floats on AVX-512). Channels past the last whole block go one vector at a time,
+// then one channel at a time: small models have 16 to 48 channels, fewer than one block.
 template <typename T>
 constexpr int64_t kChannelBlock = 4 * Vectorized<T>::size();
+template <typename T>
+constexpr int64_t kVector = Vectorized<T>::size();
 
 // Work (multiply-adds) below which a parallel chunk is not worth a thread.
 constexpr int64_t kGrainMacs = 1 << 15;
@@ -120,7 +123,7 @@ void correlate(const at::Tensor& x_t, const at::Tensor& taps_t, const at::Tensor
   const T* taps = taps_t.data_ptr<T>();
   const T* bias = bias_t.defined() ? bias_t.data_ptr<T>() : nullptr;
   T* out = out_t.data_ptr<T>();
-  constexpr int64_t K = kChannelBlock<T>;
+  constexpr int64_t K = kChannelBlock<T>, V = kVector<T>;
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, W * C * kh * kw));
   at::parallel_for(0, B * H, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -133,6 +136,9 @@ void correlate(const at::Tensor& x_t, const at::Tensor& taps_t, const at::Tensor
         int64_t c = 0;
         for (; c + K <= C; c += K)
           correlate_pixel<T, K>(x, origin + c, taps + c, bias ? bias + c : nullptr, o + c, C, W,
+                                kw, rows, cols);
+        for (; c + V <= C; c += V)
+          correlate_pixel<T, V>(x, origin + c, taps + c, bias ? bias + c : nullptr, o + c, C, W,
                                 kw, rows, cols);
         for (; c < C; ++c)
           correlate_pixel<T, 1>(x, origin + c, taps + c, bias ? bias + c : nullptr, o + c, C, W,
@@ -148,7 +154,7 @@ void taps_grad(const at::Tensor& gy_t, const at::Tensor& x_t, at::Tensor& grad_t
   const int64_t kh = grad_taps_t.size(0), kw = grad_taps_t.size(1), taps = kh * kw;
   const T* gy = gy_t.data_ptr<T>();
   const T* x = x_t.data_ptr<T>();
-  constexpr int64_t K = kChannelBlock<T>;
+  constexpr int64_t K = kChannelBlock<T>, V = kVector<T>;
   // Rows are split into a number of chunks that depends on the shape only (at most 32, each
   // at least kGrainMacs of work), each chunk sums into its own buffer, and the buffers are
   // added in chunk order: the same bits whatever the thread count.
@@ -164,6 +170,7 @@ void taps_grad(const at::Tensor& gy_t, const at::Tensor& x_t, at::Tensor& grad_t
       for (int64_t r = chunk * chunk_rows; r < r1; ++r) {
         int64_t c = 0;
         for (; c + K <= C; c += K) taps_grad_row<T, K>(gy + c, x + c, p + c, r, H, W, C, kh, kw);
+        for (; c + V <= C; c += V) taps_grad_row<T, V>(gy + c, x + c, p + c, r, H, W, C, kh, kw);
         for (; c < C; ++c) taps_grad_row<T, 1>(gy + c, x + c, p + c, r, H, W, C, kh, kw);
       }
     }
