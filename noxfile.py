@@ -242,7 +242,7 @@ def bench_models(session: nox.Session) -> None:
     _benchmark(session, "packages/ppma-models/benchmarks/bench_models.py")
 
 
-# The recipe recorded in the README (Segmentation app). A three-stage ppma_nano (64x64 scenes ->
+# The recipe recorded in docs/demos.md (Segmentation). A three-stage ppma_nano (64x64 scenes ->
 # 16x16, 8x8 and 4x4 token grids: criss-cross, criss-cross, vanilla; a fourth stage would be
 # 2x2) under UPerNet(48) with the auxiliary head on stage 2. The head fuses its levels with a
 # 1x1 conv instead of UPerNet's 3x3 (that conv was over a third of the multiply-adds; the 1x1
@@ -251,10 +251,10 @@ def bench_models(session: nox.Session) -> None:
 # added. Two single-threaded DDP processes: at these sizes the two cores do ~25% more work that
 # way than one process with two threads. Batches of 12 per process (lr scaled with the batch)
 # train ~19% more images/s than batches of 8 (per-step overheads of a small model). 40,000
-# scenes x 3 epochs is what fits the 20 minutes; README "Demo result" has what else was tried.
+# scenes x 4 epochs take ~9-12 minutes; docs/demos.md has what else was tried.
 SEGMENT_DEMO = [
     "--data", "scenes", "--canvas", "64", "--train-scenes", "40000", "--val-scenes", "500",
-    "--epochs", "3", "--batch-size", "12", "--channels", "48", "--aux-channels", "32",
+    "--epochs", "4", "--batch-size", "12", "--channels", "48", "--aux-channels", "32",
     "--fuse-kernel", "1", "--head-dropout", "0",
     "--lr", "3e-3", "--schedule", "poly", "--warmup-steps", "100", "--ema-decay", "0.999",
     "--scale-range", "1", "1", "--no-progress", "--backbone", "ppma_nano",
