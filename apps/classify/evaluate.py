@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def evaluate_classifier(
         logits = model(x).float()
         if flip:  # log of the mean probability: argmax, top-k and loss of the average
             mirrored = model(x.flip(-1)).float()
-            logits = (logits.log_softmax(1).exp() + mirrored.log_softmax(1).exp()).mul(0.5).log()
+            both = torch.logaddexp(logits.log_softmax(1), mirrored.log_softmax(1))
+            logits = both - math.log(2.0)
         pred = logits.argmax(1)
         confusion.index_put_((y, pred), torch.ones_like(y, dtype=torch.float64), accumulate=True)
         topk = logits.topk(k, dim=1).indices
