@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .block import PPMABlock
+from .config import STEM_STRIDES
 from .rope import FlatRotaryEmbedding
 
 
@@ -23,8 +24,8 @@ class Stem(nn.Module):
 
     def __init__(self, in_chans: int, dim: int, stride: int = 4) -> None:
         super().__init__()
-        if stride not in (2, 4):
-            raise ValueError(f"Stem stride must be 2 or 4, got {stride}")
+        if stride not in STEM_STRIDES:
+            raise ValueError(f"Stem stride must be one of {STEM_STRIDES}, got {stride}")
         half = dim // 2
         self.conv1 = nn.Conv2d(in_chans, half, 3, stride=stride // 2, padding=1)
         self.norm1 = nn.BatchNorm2d(half)
